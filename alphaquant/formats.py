@@ -1,0 +1,63 @@
+"""Names and properties of every format AlphaQuant stores (bit layouts: csrc/include/alphaquant/formats.h)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INT_FORMATS = tuple(f"int{b}" for b in range(1, 9))
+FLOAT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1")
+ALL_FORMATS = INT_FORMATS + FLOAT_FORMATS
+
+
+@dataclass(frozen=True)
+class FloatFormatInfo:
+    ebits: int
+    mbits: int
+    bias: int
+    max_value: float
+    has_nan: bool
+    has_inf: bool
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.ebits + self.mbits
+
+
+FLOAT_INFO = {
+    "fp8_e4m3": FloatFormatInfo(4, 3, 7, 448.0, True, False),
+    "fp8_e5m2": FloatFormatInfo(5, 2, 15, 57344.0, True, True),
+    "fp6_e3m2": FloatFormatInfo(3, 2, 3, 28.0, False, False),
+    "fp6_e2m3": FloatFormatInfo(2, 3, 1, 7.5, False, False),
+    "fp4_e2m1": FloatFormatInfo(2, 1, 1, 6.0, False, False),
+}
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in ALL_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; allowed: {', '.join(ALL_FORMATS)}")
+    return fmt
+
+
+def is_float_format(fmt: str) -> bool:
+    return check_format(fmt) in FLOAT_FORMATS
+
+
+def format_bits(fmt: str) -> int:
+    """Bits per stored code."""
+    check_format(fmt)
+    return FLOAT_INFO[fmt].bits if fmt in FLOAT_INFO else int(fmt[3:])
+
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(qmin, qmax) as the seed defines them."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def packed_row_bytes(k: int, bits: int) -> int:
+    """Bytes of one packed row of k codes: ceil(k * bits / 8)."""
+    return (k * bits + 7) // 8
+
+
+def holds_nonfinite(fmt: str) -> bool:
+    return fmt in ("fp8_e4m3", "fp8_e5m2")

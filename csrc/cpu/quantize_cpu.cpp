@@ -1,0 +1,221 @@
+// quantize / dequantize / fake_quantize on the CPU. Each segment of a row (segments.h) is
+// quantized into a small code buffer that stays in cache, then packed (or dequantized back for
+// fake_quantize), so the input is read once and the output written once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "alphaquant/bitstream.h"
+#include "alphaquant/op_args.h"
+#include "alphaquant/quant_math.h"
+#include "cpu/decode_table.h"
+#include "cpu/segments.h"
+
+namespace alphaquant {
+namespace {
+
+constexpr float kFloatMax = 3.402823466e38f;
+
+struct GroupParams {
+  const float* static_scale;  // nullptr: compute from the group's min/max
+  const float* static_zero;
+  float* scale_out;  // where computed scales go (nullptr for fake_quantize with static scales)
+  float* zero_out;
+};
+
+// Scale and zero point of the group [g0, g1) of `row`, computed or read; flags bad scales.
+template <class T>
+ScaleZero group_params(const FormatSpec& f, const GroupLayout& l, const GroupParams& p, const T* xrow, int64_t row,
+                       int64_t g0, int64_t g1, int& err) {
+  const int64_t si = scale_index(l, row, g0);
+  if (p.static_scale) {
+    const ScaleZero sz{p.static_scale[si], p.static_zero ? p.static_zero[si] : 0.0f};
+    if (!(sz.scale > 0.0f && sz.scale <= kFloatMax && fabsf(sz.zero) <= kFloatMax)) err |= kErrBadScale;
+    return sz;
+  }
+  float mn = INFINITY, mx = -INFINITY;
+  for (int64_t k = g0; k < g1; ++k) {
+    const float v = static_cast<float>(xrow[k]);
+    const float fv = fabsf(v) <= kFloatMax ? v : 0.0f;
+    mn = fminf(mn, fv);
+    mx = fmaxf(mx, fv);
+  }
+  GroupStats s;
+  s.mn = mn;
+  s.mx = mx;
+  const ScaleZero sz = group_scale(f, s);
+  if (p.scale_out) p.scale_out[si] = sz.scale;
+  if (p.zero_out) p.zero_out[si] = sz.zero;
+  return sz;
+}
+
+// Quantizes xrow[g0, g1) into codes[0, g1-g0); returns whether anything was NaN/Inf.
+template <class CODEC, bool STOCHASTIC, class T>
+bool quantize_group(const FormatSpec& f, const T* xrow, int64_t g0, int64_t g1, ScaleZero sz, uint64_t seed,
+                    int64_t flat0, uint8_t* codes) {
+  bool bad = false;
+  const float qmin = f.qmin(), qmax = f.qmax();
+  for (int64_t k = g0; k < g1; ++k) {
+    const float v = static_cast<float>(xrow[k]);
+    bad |= !(fabsf(v) <= kFloatMax);
+    const uint32_t noise = STOCHASTIC ? random_bits(seed, static_cast<uint64_t>(flat0 + k)) : 0u;
+    if constexpr (std::is_void_v<CODEC>) {
+      codes[k - g0] = quantize_int_code(v, sz.scale, sz.zero, qmin, qmax, noise, STOCHASTIC);
+    } else {
+      codes[k - g0] = quantize_float_code<CODEC>(v, sz.scale, noise, STOCHASTIC);
+    }
+  }
+  return bad;
+}
+
+template <class CODEC>
+void dequantize_group(const FormatSpec& f, const uint8_t* codes, int64_t n, ScaleZero sz, float* out) {
+  if constexpr (std::is_void_v<CODEC>) {
+    const float qmin = f.qmin();
+    for (int64_t i = 0; i < n; ++i) out[i] = dequantize_int_code(codes[i], sz.scale, sz.zero, qmin);
+  } else {
+    const float* table = decode_table(f);
+    for (int64_t i = 0; i < n; ++i) out[i] = table[codes[i]] * sz.scale;
+  }
+}
+
+// Runs quantization over every segment: `on_group(row, g0, g1, codes, scale_zero)` sees each
+// group's codes, `on_segment(row, k0, k1, codes)` the whole segment's. Shared by quantize
+// (packs segments) and fake_quantize (decodes groups).
+template <class CODEC, class T, class OnGroup, class OnSegment>
+int quantize_segments(const QuantizeArgs& a, const GroupParams& p, bool stochastic, uint64_t seed,
+                      OnGroup&& on_group, OnSegment&& on_segment) {
+  const GroupLayout& l = a.layout;
+  const T* x = a.x.data_ptr<T>();
+  std::atomic<int> err{0};
+  for_each_segment(l, [&](int64_t row, int64_t k0, int64_t k1) {
+    thread_local std::vector<uint8_t> codes;
+    codes.resize(k1 - k0);
+    const T* xrow = x + row * l.k;
+    int local = 0;
+    bool bad = false;
+    for (int64_t g0 = k0; g0 < k1;) {
+      const int64_t g1 = l.per_tensor ? k1 : std::min(k1, (g0 / l.group_size + 1) * l.group_size);
+      const ScaleZero sz = group_params(a.fmt, l, p, xrow, row, g0, g1, local);
+      uint8_t* c = codes.data() + (g0 - k0);
+      bad |= stochastic ? quantize_group<CODEC, true>(a.fmt, xrow, g0, g1, sz, seed, row * l.k, c)
+                        : quantize_group<CODEC, false>(a.fmt, xrow, g0, g1, sz, seed, row * l.k, c);
+      on_group(row, g0, g1, c, sz);
+      g0 = g1;
+    }
+    on_segment(row, k0, k1, codes.data());
+    if (bad && !a.fmt.holds_nonfinite()) local |= kErrNonFinite;
+    if (local) err |= local;
+  });
+  return err.load();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, const std::string& fmt,
+                                                             bool symmetric, int64_t group_size,
+                                                             const std::optional<at::Tensor>& scale,
+                                                             const std::optional<at::Tensor>& zero_point,
+                                                             bool stochastic, int64_t seed) {
+  QuantizeArgs a = prepare_quantize("quantize", x, fmt, symmetric, group_size, scale, zero_point);
+  const GroupLayout& l = a.layout;
+  const bool asym = !a.fmt.is_float() && !a.fmt.symmetric;
+  const int64_t row_bytes = packed_row_bytes(l.k, a.fmt.bits);
+  auto packed_shape = x.sizes().vec();
+  packed_shape.back() = row_bytes;
+  at::Tensor packed = at::empty(packed_shape, x.options().dtype(at::kByte));
+  const auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor scale_out = a.scale.has_value() ? a.scale->clone() : at::empty(a.scale_shape, fopts);
+  at::Tensor zero_out = asym ? (a.zero.has_value() ? a.zero->clone() : at::empty(a.scale_shape, fopts))
+                             : at::empty({0}, fopts);
+  GroupParams p{a.scale ? a.scale->data_ptr<float>() : nullptr, a.zero ? a.zero->data_ptr<float>() : nullptr,
+                a.scale ? nullptr : scale_out.data_ptr<float>(),
+                (asym && !a.zero) ? zero_out.data_ptr<float>() : nullptr};
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  int err = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "quantize_cpu", [&] {
+    dispatch_format(a.fmt, [&]<class CODEC, int BITS>() {
+      err = quantize_segments<CODEC, scalar_t>(
+          a, p, stochastic, static_cast<uint64_t>(seed), [](int64_t, int64_t, int64_t, const uint8_t*, ScaleZero) {},
+          [&](int64_t row, int64_t k0, int64_t k1, const uint8_t* c) {
+            pack_run<BITS>(dst + row * row_bytes + k0 / 8 * BITS, c, k1 - k0);
+          });
+    });
+  });
+  if (err) raise_kernel_error("quantize", err, a.fmt);
+  return {packed, scale_out, zero_out};
+}
+
+at::Tensor fake_quantize_cpu(const at::Tensor& x, const std::string& fmt, bool symmetric, int64_t group_size,
+                             const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& zero_point,
+                             bool stochastic, int64_t seed) {
+  QuantizeArgs a = prepare_quantize("fake_quantize", x, fmt, symmetric, group_size, scale, zero_point);
+  const GroupLayout& l = a.layout;
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  GroupParams p{a.scale ? a.scale->data_ptr<float>() : nullptr, a.zero ? a.zero->data_ptr<float>() : nullptr,
+                nullptr, nullptr};
+  int err = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "fake_quantize_cpu", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    dispatch_format(a.fmt, [&]<class CODEC, int BITS>() {
+      err = quantize_segments<CODEC, scalar_t>(
+          a, p, stochastic, static_cast<uint64_t>(seed),
+          [&](int64_t row, int64_t g0, int64_t g1, const uint8_t* c, ScaleZero sz) {
+            float buf[256];
+            for (int64_t s = g0; s < g1; s += 256) {
+              const int64_t n = std::min<int64_t>(256, g1 - s);
+              dequantize_group<CODEC>(a.fmt, c + (s - g0), n, sz, buf);
+              scalar_t* o = dst + row * l.k + s;
+              for (int64_t i = 0; i < n; ++i) o[i] = static_cast<scalar_t>(buf[i]);
+            }
+          },
+          [](int64_t, int64_t, int64_t, const uint8_t*) {});
+    });
+  });
+  if (err) raise_kernel_error("fake_quantize", err, a.fmt);
+  return out;
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
+                          const std::string& fmt, bool symmetric, int64_t group_size, int64_t k,
+                          at::ScalarType dtype) {
+  check_output_dtype("dequantize", dtype);
+  DequantizeArgs a = prepare_dequantize("dequantize", packed, scale, zero_point, fmt, symmetric, group_size, k);
+  const GroupLayout& l = a.layout;
+  at::Tensor out = at::empty(a.out_shape, packed.options().dtype(dtype));
+  const uint8_t* src = a.packed.data_ptr<uint8_t>();
+  const float* sc = a.scale.data_ptr<float>();
+  const float* zp = a.zero ? a.zero->data_ptr<float>() : nullptr;
+  const int64_t row_bytes = a.packed.size(-1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_cpu", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    dispatch_format(a.fmt, [&]<class CODEC, int BITS>() {
+      for_each_segment(l, [&](int64_t row, int64_t k0, int64_t k1) {
+        thread_local std::vector<uint8_t> codes;
+        codes.resize(k1 - k0);
+        unpack_run<BITS>(src + row * row_bytes + k0 / 8 * BITS, codes.data(), k1 - k0);
+        float buf[256];
+        for (int64_t s = k0; s < k1;) {
+          const int64_t g_end = l.per_tensor ? k1 : std::min(k1, (s / l.group_size + 1) * l.group_size);
+          const int64_t e = std::min<int64_t>(g_end, s + 256);
+          const int64_t si = scale_index(l, row, s);
+          dequantize_group<CODEC>(a.fmt, codes.data() + (s - k0), e - s, {sc[si], zp ? zp[si] : 0.0f}, buf);
+          scalar_t* o = dst + row * l.k + s;
+          for (int64_t i = 0; i < e - s; ++i) o[i] = static_cast<scalar_t>(buf[i]);
+          s = e;
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace alphaquant
+
+TORCH_LIBRARY_IMPL(alphaquant, CPU, m) {
+  m.impl("quantize", &alphaquant::quantize_cpu);
+  m.impl("fake_quantize", &alphaquant::fake_quantize_cpu);
+  m.impl("dequantize", &alphaquant::dequantize_cpu);
+}

@@ -1,0 +1,31 @@
+// A format chosen at run time: which codec, how many bits, and its integer or float range.
+// Kernels receive a FormatSpec by value and dispatch to the compile-time codec in formats.h.
+#pragma once
+
+#include "alphaquant/formats.h"
+
+namespace alphaquant {
+
+enum class FormatId : int {
+  kInt = 0,  // integers of 1..8 bits; `bits` and `symmetric` say which
+  kFP8E4M3 = 1,
+  kFP8E5M2 = 2,
+  kFP6E3M2 = 3,
+  kFP6E2M3 = 4,
+  kFP4E2M1 = 5,
+};
+
+struct FormatSpec {
+  FormatId id;
+  int bits;
+  bool symmetric;
+  float max_value;  // float formats: largest finite value
+
+  AQ_HD bool is_float() const { return id != FormatId::kInt; }
+  // Float formats hold NaN (and e5m2 Inf) themselves; the others reject non-finite input.
+  AQ_HD bool holds_nonfinite() const { return id == FormatId::kFP8E4M3 || id == FormatId::kFP8E5M2; }
+  AQ_HD float qmin() const { return is_float() ? -max_value : int_range(bits, symmetric).qmin; }
+  AQ_HD float qmax() const { return is_float() ? max_value : int_range(bits, symmetric).qmax; }
+};
+
+}  // namespace alphaquant

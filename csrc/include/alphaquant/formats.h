@@ -1,0 +1,201 @@
+// The bits of every AlphaQuant format, defined once for the C++ and CUDA kernels.
+//
+// Integer formats (1..8 bits) store offset-binary codes: code = q - qmin, so every code is an
+// unsigned number in [0, 2^b - 1].
+//   symmetric  : q in [-2^(b-1), 2^(b-1) - 1], code = q + 2^(b-1)   (int4: q=-8 -> 0x0, q=7 -> 0xF)
+//   asymmetric : q in [0, 2^b - 1],            code = q
+//
+// Floating-point formats (sign | exponent | mantissa, most significant bit first):
+//   fp8_e4m3  S EEEE MMM  bias 7,  max 448,   S.1111.111 is NaN, no infinity (torch float8_e4m3fn)
+//   fp8_e5m2  S EEEEE MM  bias 15, max 57344, S.11111.00 is Inf, S.11111.xx (xx != 0) is NaN
+//   fp6_e3m2  S EEE MM    bias 3,  max 28,    no NaN, no infinity
+//   fp6_e2m3  S EE MMM    bias 1,  max 7.5,   no NaN, no infinity
+//   fp4_e2m1  S EE M      bias 1,  max 6,     no NaN, no infinity  (values 0 .5 1 1.5 2 3 4 6)
+// Exponent field 0 is subnormal: value = mantissa * 2^(1 - bias - mbits).
+//
+// Packing (every format, every width b): each row is a little-endian bit stream; code i of the
+// row sits in bits [i*b, i*b + b), counted from bit 0 of the row's first byte. A row of K codes
+// takes ceil(K*b/8) bytes, so rows start on byte boundaries and can be read alone. Eight codes
+// always fill exactly b bytes, which is the unit the kernels pack and unpack:
+//   b=4  byte j = c[2j] | c[2j+1] << 4
+//   b=2  byte j = c[4j] | c[4j+1] << 2 | c[4j+2] << 4 | c[4j+3] << 6
+//   b=6  four codes in three bytes:
+//        byte 0 = c0      | c1 << 6      bits: [c1.1 c1.0 c0.5 .. c0.0]
+//        byte 1 = c1 >> 2 | c2 << 4            [c2.3 .. c2.0 c1.5 .. c1.2]
+//        byte 2 = c2 >> 4 | c3 << 2            [c3.5 .. c3.0 c2.5 c2.4]
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define AQ_HD __host__ __device__ __forceinline__
+#else
+#define AQ_HD inline
+#endif
+
+namespace alphaquant {
+
+// What a float format does with values it cannot hold.
+enum class Specials : int {
+  kNone = 0,     // fp4/fp6: finite only; overflow saturates to +-max (as ml_dtypes does)
+  kNanOnly = 1,  // e4m3fn: all-ones is NaN; overflow and Inf saturate to +-448 (as torch does)
+  kIeee = 2,     // e5m2: Inf and NaN as in IEEE 754; overflow rounds to Inf (as torch does)
+};
+
+AQ_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+AQ_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+// NaN and Inf fail this test; written as a comparison so that it vectorizes and means the
+// same on host and device.
+AQ_HD bool finite(float v) { return fabsf(v) <= 3.402823466e38f; }
+
+// 2^e for the small exponents the formats need, built from bits so it is exact everywhere.
+AQ_HD float pow2(int e) { return bits_float(static_cast<uint32_t>(e + 127) << 23); }
+
+// A small float format: EBITS exponent bits, MBITS mantissa bits, and the bias.
+template <int EBITS, int MBITS, int BIAS, Specials SPECIALS>
+struct Minifloat {
+  static constexpr int kExpBits = EBITS;
+  static constexpr int kManBits = MBITS;
+  static constexpr int kBits = 1 + EBITS + MBITS;
+  static constexpr uint32_t kSignBit = 1u << (EBITS + MBITS);
+  static constexpr uint32_t kMagMask = kSignBit - 1;
+  // Largest finite magnitude code: e4m3fn loses the all-ones code to NaN, e5m2 the top exponent.
+  static constexpr uint32_t kMaxMag = SPECIALS == Specials::kNanOnly ? kMagMask - 1
+                                      : SPECIALS == Specials::kIeee ? ((kMagMask >> MBITS) << MBITS) - 1
+                                                                    : kMagMask;
+  static constexpr uint32_t kInfMag = (kMagMask >> MBITS) << MBITS;  // only meaningful for kIeee
+  static constexpr uint32_t kNanMag = kMagMask;                        // kNanOnly and kIeee
+  static constexpr bool kHasNan = SPECIALS != Specials::kNone;
+  static constexpr int kMinNormalExp = 1 - BIAS;
+
+  static AQ_HD float decode(uint32_t code) {
+    const uint32_t mag = code & kMagMask;
+    const float sign = (code & kSignBit) ? -1.0f : 1.0f;
+    const uint32_t e = mag >> MBITS;
+    const uint32_t m = mag & ((1u << MBITS) - 1);
+    if (SPECIALS == Specials::kNanOnly && mag == kNanMag) return bits_float(0x7fc00000u);
+    if (SPECIALS == Specials::kIeee && e == (kMagMask >> MBITS)) {
+      return m == 0 ? sign * bits_float(0x7f800000u) : bits_float(0x7fc00000u);
+    }
+    if (e == 0) return sign * static_cast<float>(m) * pow2(kMinNormalExp - MBITS);
+    return sign * (1.0f + static_cast<float>(m) * pow2(-MBITS)) * pow2(static_cast<int>(e) - BIAS);
+  }
+
+  static AQ_HD float max_value() { return decode(kMaxMag); }
+
+  // float32 -> code. Round to nearest even when `noise` is 0; stochastic rounding adds
+  // `noise` (uniform random bits) below the kept mantissa bits and truncates, which rounds up
+  // with probability equal to the discarded fraction.
+  static AQ_HD uint32_t encode(float x, uint32_t noise = 0, bool stochastic = false) {
+    const uint32_t u = float_bits(x);
+    const uint32_t sign = (u >> 31) ? kSignBit : 0u;
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return kHasNan ? (sign | kNanMag) : (sign | kMaxMag);
+    if (a == 0x7f800000u) return sign | (SPECIALS == Specials::kIeee ? kInfMag : kMaxMag);
+    uint32_t mag;
+    if (a >= (static_cast<uint32_t>(kMinNormalExp + 127) << 23)) {
+      // Normal in the target: drop 23-MBITS mantissa bits of the float32 encoding.
+      constexpr int kDrop = 23 - MBITS;
+      constexpr uint32_t kDropMask = (1u << kDrop) - 1;
+      uint32_t r;
+      if (stochastic) {
+        r = a + (noise & kDropMask);
+      } else {
+        r = a + (kDropMask >> 1) + ((a >> kDrop) & 1u);
+      }
+      // Rounding can carry into the exponent, which is the correct next binade.
+      mag = (r >> kDrop) - (static_cast<uint32_t>(127 - BIAS) << MBITS);
+      if (r >= 0x7f800000u) mag = kMagMask + 1;  // overflowed float32 itself: treat as too large
+    } else {
+      // Subnormal in the target: a multiple of 2^(kMinNormalExp - MBITS). Scaling by a power of
+      // two is exact, so rounding the scaled value is rounding the original.
+      const float scaled = bits_float(a) * pow2(MBITS - kMinNormalExp);
+      float q;
+      if (stochastic) {
+        q = floorf(scaled + static_cast<float>(noise >> 8) * pow2(-24));
+      } else {
+        q = rintf(scaled);
+      }
+      mag = static_cast<uint32_t>(q);  // may be 2^MBITS: the smallest normal, encoded correctly
+    }
+    if (mag > kMaxMag) mag = SPECIALS == Specials::kIeee ? kInfMag : kMaxMag;
+    return sign | mag;
+  }
+};
+
+using FP8E4M3 = Minifloat<4, 3, 7, Specials::kNanOnly>;
+using FP8E5M2 = Minifloat<5, 2, 15, Specials::kIeee>;
+using FP6E3M2 = Minifloat<3, 2, 3, Specials::kNone>;
+using FP6E2M3 = Minifloat<2, 3, 1, Specials::kNone>;
+using FP4E2M1 = Minifloat<2, 1, 1, Specials::kNone>;
+
+// Integer range of a b-bit format, as the seed defines it.
+struct IntRange {
+  float qmin, qmax;
+};
+
+AQ_HD IntRange int_range(int bits, bool symmetric) {
+  if (symmetric) {
+    return {-static_cast<float>(1 << (bits - 1)), static_cast<float>((1 << (bits - 1)) - 1)};
+  }
+  return {0.0f, static_cast<float>((1 << bits) - 1)};
+}
+
+// Pack eight codes of BITS bits into exactly BITS bytes (the unit of the row bit stream).
+template <int BITS>
+AQ_HD uint64_t pack8(const uint8_t* codes) {
+  uint64_t v = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(codes[i]) << (i * BITS);
+  return v;
+}
+
+template <int BITS>
+AQ_HD uint8_t unpack1(uint64_t v, int i) {
+  return static_cast<uint8_t>((v >> (i * BITS)) & ((1u << BITS) - 1));
+}
+
+// Bytes of one packed row of k codes.
+AQ_HD int64_t packed_row_bytes(int64_t k, int bits) { return (k * bits + 7) / 8; }
+
+// Stateless random bits for stochastic rounding: the same (seed, element index) gives the same
+// bits on every device and in the pure-PyTorch reference (alphaquant/reference.py).
+AQ_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+AQ_HD uint32_t random_bits(uint64_t seed, uint64_t index) {
+  const uint32_t key = mix32(static_cast<uint32_t>(seed) ^ mix32(static_cast<uint32_t>(seed >> 32) +
+                                                                 static_cast<uint32_t>(index >> 32)));
+  return mix32(static_cast<uint32_t>(index) ^ key);
+}
+
+// Uniform in [0, 1) with 24 bits, exact in float32.
+AQ_HD float uniform01(uint32_t bits) { return static_cast<float>(bits >> 8) * pow2(-24); }
+
+}  // namespace alphaquant

@@ -1,0 +1,43 @@
+// Every op of the native API, in one place. Kernels register per device from csrc/cpu/ and
+// csrc/cuda/; fake (meta) kernels live in alphaquant/ops.py. Formats and layouts: see
+// csrc/include/alphaquant/formats.h.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing alphaquant._C only has to load this library; the ops register themselves below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(alphaquant, m) {
+  // codes: [..., k] uint8 (each < 2^bits) -> [..., ceil(k*bits/8)] uint8 bit stream per row.
+  m.def("pack(Tensor codes, int bits) -> Tensor");
+  // packed: [..., ceil(k*bits/8)] uint8 -> [..., k] uint8 codes.
+  m.def("unpack(Tensor packed, int bits, int k) -> Tensor");
+  // x: float -> one uint8 code per value of a float format (scale 1, no packing).
+  m.def("encode_float(Tensor x, str fmt) -> Tensor");
+  // codes: uint8 -> float values of a float format, in `dtype`.
+  m.def("decode_float(Tensor codes, str fmt, ScalarType dtype) -> Tensor");
+  // x: [..., k] float -> (packed [..., ceil(k*bits/8)] uint8, scale [..., groups] f32,
+  // zero_point [..., groups] f32 for asymmetric ints else [0]). Scales are computed from
+  // min/max unless given (static). group_size: > 0 groups, 0 per-channel, -1 per-tensor.
+  m.def(
+      "quantize(Tensor x, str fmt, bool symmetric, int group_size, Tensor? scale, Tensor? zero_point, "
+      "bool stochastic, int seed) -> (Tensor, Tensor, Tensor)");
+  // packed -> [..., k] in `dtype`.
+  m.def(
+      "dequantize(Tensor packed, Tensor scale, Tensor? zero_point, str fmt, bool symmetric, int group_size, "
+      "int k, ScalarType dtype) -> Tensor");
+  // quantize + dequantize in one pass; same shape and dtype as x.
+  m.def(
+      "fake_quantize(Tensor x, str fmt, bool symmetric, int group_size, Tensor? scale, Tensor? zero_point, "
+      "bool stochastic, int seed) -> Tensor");
+  // y = x @ dequantize(weight).T + bias. x: [..., k] float, weight packed: [n, ceil(k*bits/8)],
+  // scale/zero_point: [n, groups] (or [1, 1] per-tensor). Returns [..., n] in x's dtype.
+  m.def(
+      "linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero_point, Tensor? bias, str fmt, bool symmetric, "
+      "int group_size, int k) -> Tensor");
+}

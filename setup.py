@@ -1,0 +1,73 @@
+"""Build of AlphaQuant's native extension (alphaquant._C).
+
+C++ CPU kernels are always built; CUDA kernels when torch has CUDA and a toolkit is found.
+Switches (environment):
+  ALPHAQUANT_CUDA=1|0      force or skip the CUDA kernels (default: auto)
+  ALPHAQUANT_DEBUG_BUILD=1 compile with -O0 -g
+  ALPHAQUANT_NO_AVX2=1     do not target AVX2/FMA on x86 even if the build machine has them
+  TORCH_CUDA_ARCH_LIST     CUDA architectures (default 9.0 when no GPU is visible)
+  MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
+"""
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+
+if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"  # a wrapper nvcc on PATH would mislead torch
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def build_cuda() -> bool:
+    switch = os.environ.get("ALPHAQUANT_CUDA", "auto")
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if switch == "1" and not available:
+        raise RuntimeError("ALPHAQUANT_CUDA=1 but torch has no CUDA or no CUDA toolkit was found (set CUDA_HOME)")
+    return switch != "0" and available
+
+
+def cpu_flags() -> list[str]:
+    if os.environ.get("ALPHAQUANT_DEBUG_BUILD") == "1":
+        return ["-O0", "-g"]
+    flags = ["-O3", "-ffp-contract=off"]  # codecs must round exactly like the reference
+    if platform.machine() == "x86_64" and os.environ.get("ALPHAQUANT_NO_AVX2") != "1":
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        if " avx2" in info and " fma" in info:
+            flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+with_cuda = build_cuda()
+sources = ["csrc/ops.cpp", "csrc/op_args.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+include_dirs = [os.path.abspath("csrc/include"), os.path.abspath("csrc")]
+extra = {"cxx": cpu_flags() + ["-DPy_LIMITED_API=0x030A0000"]}
+Extension = CppExtension
+if with_cuda:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0" if not torch.cuda.is_available() else "")
+    if not os.environ["TORCH_CUDA_ARCH_LIST"]:
+        del os.environ["TORCH_CUDA_ARCH_LIST"]  # let torch detect the visible GPUs
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    debug = os.environ.get("ALPHAQUANT_DEBUG_BUILD") == "1"
+    extra["nvcc"] = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    extra["nvcc"] += ["-DALPHAQUANT_WITH_CUDA"]
+    extra["cxx"] += ["-DALPHAQUANT_WITH_CUDA"]
+    Extension = CUDAExtension
+
+setup(
+    packages=find_packages(include=["alphaquant", "alphaquant.*"]),
+    ext_modules=[
+        Extension(
+            "alphaquant._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args=extra,
+            py_limited_api=True,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
