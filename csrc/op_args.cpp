@@ -2,6 +2,7 @@
 #include "alphaquant/op_args.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <sstream>
 
@@ -231,6 +232,50 @@ void check_decode_args(const char* op, const at::Tensor& codes, const FormatSpec
     TORCH_CHECK_VALUE(top < (int64_t{1} << fmt.bits), "alphaquant.", op, ": code ", top, " is not a ",
                       format_name(fmt), " code (allowed 0..", (int64_t{1} << fmt.bits) - 1, ")");
   }
+}
+
+}  // namespace alphaquant
+
+namespace alphaquant {
+
+LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
+                          const std::string& fmt, bool symmetric, int64_t group_size, int64_t k) {
+  check_floating("linear", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "alphaquant.linear: x must have last dimension k=", k,
+                    "; got shape ", x.sizes());
+  TORCH_CHECK_VALUE(packed.dim() == 2, "alphaquant.linear: the packed weight must be 2-D [n, bytes per row]; got shape ",
+                    packed.sizes());
+  check_same_device("linear", x, packed, "packed weight");
+  DequantizeArgs d = prepare_dequantize("linear", packed, scale, zero_point, fmt, symmetric, group_size, k);
+  LinearArgs a;
+  a.fmt = d.fmt;
+  a.layout = d.layout;
+  a.packed = d.packed;
+  a.scale = d.scale;
+  a.zero = d.zero;
+  TORCH_CHECK_VALUE(x.numel() > 0, "alphaquant.linear: x is empty (shape ", x.sizes(), ")");
+  a.x2d = x.reshape({-1, k}).contiguous();
+  const int64_t n = packed.size(0);
+  if (bias.has_value()) {
+    check_same_device("linear", x, *bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, "alphaquant.linear: bias must have shape [", n,
+                      "]; got ", bias->sizes());
+    a.bias = bias->to(at::kFloat).contiguous();
+  }
+  a.out_shape = x.sizes().vec();
+  a.out_shape.back() = n;
+  a.fmt_name = fmt;
+  a.group_size_arg = group_size;
+  return a;
+}
+
+at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("alphaquant::dequantize", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const std::string&, bool, int64_t, int64_t, at::ScalarType)>();
+  return op.call(a.packed, a.scale, a.zero, a.fmt_name, a.fmt.symmetric, a.group_size_arg, a.layout.k, dtype);
 }
 
 }  // namespace alphaquant

@@ -59,3 +59,27 @@ void check_unpack_args(const char* op, const at::Tensor& packed, int64_t bits, i
 void check_decode_args(const char* op, const at::Tensor& codes, const FormatSpec& fmt);
 
 }  // namespace alphaquant
+
+namespace alphaquant {
+
+struct LinearArgs {
+  at::Tensor x2d;  // [m, k], contiguous, x's dtype
+  at::Tensor packed;  // [n, ceil(k*bits/8)] contiguous
+  FormatSpec fmt;
+  GroupLayout layout;  // of the weight [n, k]
+  at::Tensor scale;    // float32 [n, groups] or [1, 1]
+  std::optional<at::Tensor> zero;
+  std::optional<at::Tensor> bias;  // float32 [n]
+  std::vector<int64_t> out_shape;  // x.shape[:-1] + [n]
+  std::string fmt_name;            // as given, to call other ops with
+  int64_t group_size_arg;
+};
+
+LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
+                          const std::string& fmt, bool symmetric, int64_t group_size, int64_t k);
+
+// The whole weight of a linear op dequantized to `dtype` through the dispatcher (any device).
+at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype);
+
+}  // namespace alphaquant

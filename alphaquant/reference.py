@@ -1,0 +1,260 @@
+"""Pure-PyTorch reference of every native kernel: the oracle the tests hold the kernels to.
+
+Written for clarity, not speed, but operation for operation the same float32 arithmetic as
+csrc/include/alphaquant/quant_math.h, so integer and float codes match bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .formats import FLOAT_INFO, format_bits, holds_nonfinite, int_range, is_float_format
+
+_FLOAT_MAX = 3.4028234663852886e38
+_M32 = 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------- packing
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., k] -> little-endian bit stream per row, ceil(k*bits/8) bytes."""
+    k = codes.shape[-1]
+    lead = codes.shape[:-1]
+    c = codes.reshape(-1, k).to(torch.int64)
+    pad = (-k) % 8
+    c = torch.nn.functional.pad(c, (0, pad)).view(c.shape[0], -1, 8)
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    words = (c << shifts).sum(-1)  # 8 codes -> one integer of 8*bits bits
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    out = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).reshape(c.shape[0], -1)
+    return out[:, : (k * bits + 7) // 8].to(torch.uint8).reshape(*lead, -1)
+
+
+def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    lead = packed.shape[:-1]
+    p = packed.reshape(-1, packed.shape[-1]).to(torch.int64)
+    nblocks = (k + 7) // 8
+    p = torch.nn.functional.pad(p, (0, nblocks * bits - p.shape[-1])).view(p.shape[0], nblocks, bits)
+    words = (p << (torch.arange(bits, dtype=torch.int64) * 8)).sum(-1)
+    codes = (words.unsqueeze(-1) >> (torch.arange(8, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    return codes.reshape(p.shape[0], -1)[:, :k].to(torch.uint8).reshape(*lead, k)
+
+
+# ---------------------------------------------------------------- random bits
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2^32 without int64 overflow: split x into 16-bit halves.
+    lo = (x & 0xFFFF) * c
+    hi = (((x >> 16) * c) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_bits(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """The kernels' per-element random bits (formats.h: random_bits), as int64 in [0, 2^32)."""
+    seed &= (1 << 64) - 1
+    index = index.to(torch.int64)
+    hi = (index >> 32) & _M32
+    key = _mix32(((seed >> 32) + hi) & _M32)
+    key = _mix32((seed & _M32) ^ key)
+    return _mix32((index & _M32) ^ key)
+
+
+def _uniform01(bits: torch.Tensor) -> torch.Tensor:
+    return (bits >> 8).to(torch.float32) * (2.0**-24)
+
+
+# ---------------------------------------------------------------- float formats
+
+def decode_float(codes: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    info = FLOAT_INFO[fmt]
+    c = codes.to(torch.int64)
+    m_bits, e_bits = info.mbits, info.ebits
+    sign = torch.where((c >> (e_bits + m_bits)) & 1 == 1, -1.0, 1.0)
+    e = (c >> m_bits) & ((1 << e_bits) - 1)
+    m = (c & ((1 << m_bits) - 1)).to(torch.float32)
+    sub = m * 2.0 ** (1 - info.bias - m_bits)
+    norm = (1 + m * 2.0**-m_bits) * torch.pow(2.0, (e - info.bias).to(torch.float32))
+    v = sign * torch.where(e == 0, sub, norm)
+    mag = c & ((1 << (e_bits + m_bits)) - 1)
+    top = (1 << e_bits) - 1
+    if fmt == "fp8_e4m3":
+        v = torch.where(mag == 0x7F, float("nan"), v)
+    elif fmt == "fp8_e5m2":
+        v = torch.where((e == top) & (m == 0), sign * float("inf"), v)
+        v = torch.where((e == top) & (m != 0), float("nan"), v)
+    return v.to(dtype)
+
+
+def encode_float(
+    x: torch.Tensor, fmt: str, noise: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """float -> uint8 codes of a float format; stochastic rounding when ``noise`` (int64 random bits) is given."""
+    info = FLOAT_INFO[fmt]
+    e_bits, m_bits, bias = info.ebits, info.mbits, info.bias
+    xf = x.to(torch.float32)
+    u = xf.view(torch.int32).to(torch.int64) & _M32
+    sign = ((u >> 31) & 1) << (e_bits + m_bits)
+    a = u & 0x7FFFFFFF
+    mag_mask = (1 << (e_bits + m_bits)) - 1
+    if fmt == "fp8_e4m3":
+        max_mag = mag_mask - 1
+    elif fmt == "fp8_e5m2":
+        max_mag = ((mag_mask >> m_bits) << m_bits) - 1
+    else:
+        max_mag = mag_mask
+    inf_mag = (mag_mask >> m_bits) << m_bits
+    min_exp = 1 - bias
+    drop = 23 - m_bits
+    drop_mask = (1 << drop) - 1
+    if noise is None:
+        r = a + (drop_mask >> 1) + ((a >> drop) & 1)
+    else:
+        r = a + (noise & drop_mask)
+    mag_normal = (r >> drop) - ((127 - bias) << m_bits)
+    mag_normal = torch.where(r >= 0x7F800000, mag_mask + 1, mag_normal)
+    scaled = a.to(torch.int32).view(torch.float32) * (2.0 ** (m_bits - min_exp))
+    if noise is None:
+        q = torch.round(scaled)
+    else:
+        q = torch.floor(scaled + _uniform01(noise))
+    mag_sub = q.to(torch.int64)
+    mag = torch.where(a >= ((min_exp + 127) << 23), mag_normal, mag_sub)
+    mag = torch.where(mag > max_mag, inf_mag if fmt == "fp8_e5m2" else max_mag, mag)
+    is_inf = a == 0x7F800000
+    is_nan = a > 0x7F800000
+    mag = torch.where(is_inf, inf_mag if fmt == "fp8_e5m2" else max_mag, mag)
+    mag = torch.where(is_nan, mag_mask if info.has_nan else max_mag, mag)
+    return (sign | mag).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- quantize
+
+def _layout(shape, group_size: int):
+    k = shape[-1]
+    per_tensor = group_size == -1
+    g = k if (group_size <= 0 or group_size >= k) else group_size
+    return k, g, (k + g - 1) // g, per_tensor
+
+
+def _qrange(fmt: str, symmetric: bool) -> tuple[float, float]:
+    if is_float_format(fmt):
+        m = FLOAT_INFO[fmt].max_value
+        return -m, m
+    qmin, qmax = int_range(format_bits(fmt), symmetric)
+    return float(qmin), float(qmax)
+
+
+def _check_finite(x: torch.Tensor, fmt: str) -> None:
+    if not holds_nonfinite(fmt) and not torch.isfinite(x).all():
+        raise ValueError(f"input contains NaN or Inf, which {fmt} cannot represent")
+
+
+def group_scales(x: torch.Tensor, fmt: str, symmetric: bool, group_size: int):
+    """Scales and zero points (float32, [..., groups]) from each group's finite min/max."""
+    k, g, groups, per_tensor = _layout(x.shape, group_size)
+    xf = x.to(torch.float32)
+    xf = torch.where(torch.isfinite(xf), xf, torch.zeros((), dtype=torch.float32))
+    if per_tensor:
+        mn = xf.amin().reshape((1,) * x.dim())
+        mx = xf.amax().reshape((1,) * x.dim())
+    else:
+        pad = groups * g - k
+        lo = torch.nn.functional.pad(xf, (0, pad), value=float("inf"))
+        hi = torch.nn.functional.pad(xf, (0, pad), value=float("-inf"))
+        mn = lo.reshape(*x.shape[:-1], groups, g).amin(-1)
+        mx = hi.reshape(*x.shape[:-1], groups, g).amax(-1)
+    qmin, qmax = _qrange(fmt, symmetric)
+    one = torch.ones((), dtype=torch.float32)
+    if is_float_format(fmt) or symmetric:
+        amax = torch.maximum(mn.abs(), mx.abs())
+        scale = amax / torch.tensor(qmax, dtype=torch.float32)
+        scale = torch.where((scale > 0) & torch.isfinite(scale), scale, one)
+        return scale, torch.zeros_like(scale)
+    scale = (mx - mn) / torch.tensor(qmax - qmin, dtype=torch.float32)
+    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, one)
+    zero = torch.tensor(qmin, dtype=torch.float32) - mn / scale
+    return scale, zero
+
+
+def _expand(params: torch.Tensor, shape, group_size: int) -> torch.Tensor:
+    """Per-group parameters -> one per element of ``shape``."""
+    k, g, groups, per_tensor = _layout(shape, group_size)
+    if per_tensor:
+        return params.reshape(()).expand(shape)
+    return params.repeat_interleave(g, dim=-1)[..., :k]
+
+
+def quantize_codes(
+    x: torch.Tensor,
+    fmt: str,
+    symmetric: bool = True,
+    group_size: int = 128,
+    scale: Optional[torch.Tensor] = None,
+    zero_point: Optional[torch.Tensor] = None,
+    stochastic: bool = False,
+    seed: int = 0,
+):
+    """(codes uint8 [..., k] unpacked, scale, zero) exactly as the kernels compute them."""
+    _check_finite(x, fmt)
+    if scale is None:
+        scale, zero = group_scales(x, fmt, symmetric, group_size)
+    else:
+        scale = scale.to(torch.float32)
+        zero = zero_point.to(torch.float32) if zero_point is not None else torch.zeros_like(scale)
+    s = _expand(scale, x.shape, group_size)
+    z = _expand(zero, x.shape, group_size)
+    xf = x.to(torch.float32)
+    noise = None
+    if stochastic:
+        noise = random_bits(seed, torch.arange(x.numel(), dtype=torch.int64).reshape(x.shape))
+    if is_float_format(fmt):
+        codes = encode_float(xf / s, fmt, noise)
+    else:
+        qmin, qmax = _qrange(fmt, symmetric)
+        v = xf / s + z
+        q = torch.floor(v + _uniform01(noise)) if stochastic else torch.round(v)
+        codes = (q.clamp(qmin, qmax) - qmin).to(torch.uint8)
+    return codes, scale, zero
+
+
+def quantize(x, fmt, symmetric=True, group_size=128, scale=None, zero_point=None, stochastic=False, seed=0):
+    """Reference of torch.ops.alphaquant.quantize: (packed, scale, zero_point)."""
+    codes, scale, zero = quantize_codes(x, fmt, symmetric, group_size, scale, zero_point, stochastic, seed)
+    asym = not is_float_format(fmt) and not symmetric
+    return pack(codes, format_bits(fmt)), scale, (zero if asym else torch.empty(0))
+
+
+def dequantize_codes(codes, scale, zero_point, fmt, symmetric=True, group_size=128, dtype=torch.float32):
+    s = _expand(scale.to(torch.float32), codes.shape, group_size)
+    if is_float_format(fmt):
+        return (decode_float(codes, fmt) * s).to(dtype)
+    qmin, _ = _qrange(fmt, symmetric)
+    z = _expand(zero_point.to(torch.float32), codes.shape, group_size) if zero_point is not None and zero_point.numel() else 0.0
+    return ((codes.to(torch.float32) + qmin - z) * s).to(dtype)
+
+
+def dequantize(packed, scale, zero_point, fmt, symmetric=True, group_size=128, k=None, dtype=torch.float32):
+    codes = unpack(packed, format_bits(fmt), k)
+    return dequantize_codes(codes, scale, zero_point, fmt, symmetric, group_size, dtype)
+
+
+def fake_quantize(x, fmt, symmetric=True, group_size=128, scale=None, zero_point=None, stochastic=False, seed=0):
+    codes, scale, zero = quantize_codes(x, fmt, symmetric, group_size, scale, zero_point, stochastic, seed)
+    return dequantize_codes(codes, scale, zero, fmt, symmetric, group_size, x.dtype)
+
+
+def linear(x, packed, scale, zero_point, bias, fmt, symmetric=True, group_size=128, k=None):
+    """float32 dequantize-then-matmul: the oracle of torch.ops.alphaquant.linear."""
+    w = dequantize(packed.cpu(), scale.cpu(), None if zero_point is None else zero_point.cpu(), fmt,
+                   symmetric, group_size, k, torch.float32)
+    b = None if bias is None else bias.cpu().to(torch.float32)
+    return torch.nn.functional.linear(x.cpu().to(torch.float32), w, b)

@@ -1,0 +1,64 @@
+// AVX2 inner loop of the CPU linear op for integer weights of 1, 2, 4 or 8 bits.
+//
+// Eight packed bytes are widened to eight 32-bit lanes; "plane" p of those lanes, (lane >>
+// p*bits) & mask, holds codes (8/bits)*j + p for j = 0..7. Instead of reordering codes, x is
+// reordered once per call into the same plane order (permute_x), so the inner loop is
+// shift, mask, convert, fused multiply-add.
+#pragma once
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+#include <vector>
+
+namespace alphaquant {
+
+constexpr bool kHaveAvx2Linear = true;
+
+// Codes per 8-byte chunk.
+inline int64_t chunk_codes(int bits) { return 64 / bits; }
+
+// x [m, k] -> the plane order of each 8-byte chunk: out[c][p][j] = x[c*64/bits + (8/bits)*j + p].
+inline std::vector<float> permute_x(const float* x, int64_t m, int64_t k, int bits) {
+  const int64_t per = chunk_codes(bits), planes = 8 / bits;
+  std::vector<float> out(m * k);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = 0; c < k / per; ++c)
+      for (int64_t p = 0; p < planes; ++p)
+        for (int64_t j = 0; j < 8; ++j)
+          out[r * k + c * per + p * 8 + j] = x[r * k + c * per + planes * j + p];
+  return out;
+}
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// sum over [c0, c1) chunks of codes * xp for up to M rows of permuted x; acc[r] += result.
+template <int BITS, int M>
+inline void dot_chunks(const uint8_t* w, const float* xp, int64_t k, int64_t c0, int64_t c1, __m256 (&acc)[M]) {
+  constexpr int kPlanes = 8 / BITS;
+  constexpr int64_t kPer = 64 / BITS;
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  for (int64_t c = c0; c < c1; ++c) {
+    const __m256i lanes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c * 8)));
+#pragma GCC unroll 8
+    for (int p = 0; p < kPlanes; ++p) {
+      const __m256 code = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(lanes, p * BITS), mask));
+#pragma GCC unroll 16
+      for (int r = 0; r < M; ++r) {
+        acc[r] = _mm256_fmadd_ps(code, _mm256_loadu_ps(xp + r * k + c * kPer + p * 8), acc[r]);
+      }
+    }
+  }
+}
+
+}  // namespace alphaquant
+
+#else
+namespace alphaquant {
+constexpr bool kHaveAvx2Linear = false;
+}
+#endif

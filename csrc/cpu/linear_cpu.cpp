@@ -1,0 +1,178 @@
+// Low-bit linear layer on the CPU: y = x @ dequantize(W).T + bias.
+//
+// Few rows of x (decode): each thread takes a range of output features, unpacks one weight row
+// at a time into L1 and takes its dot products with every row of x, so the packed weight is
+// read once and never expanded in memory. Integer groups use
+//   sum_i (c_i + qmin - z) s x_i = s * (sum_i c_i x_i + (qmin - z) * sum_i x_i)
+// with the group sums of x computed once. Many rows: the weight is dequantized to float32 and
+// handed to ATen's GEMM, where compute dominates and the expansion is paid back.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "alphaquant/bitstream.h"
+#include "alphaquant/op_args.h"
+#include "cpu/decode_table.h"
+#include "cpu/linear_avx2.h"
+
+namespace alphaquant {
+namespace {
+
+constexpr int64_t kMaxGemvRows = 16;
+
+// sum_i a[i] * b[i] with eight independent partial sums, so the compiler can keep them in
+// one vector register.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+  }
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+template <class CODEC, int BITS>
+void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m) {
+  const GroupLayout& l = a.layout;
+  const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1);
+  const uint8_t* w = a.packed.data_ptr<uint8_t>();
+  const float* scale = a.scale.data_ptr<float>();
+  const float* zero = a.zero ? a.zero->data_ptr<float>() : nullptr;
+  const float* bias = a.bias ? a.bias->data_ptr<float>() : nullptr;
+  constexpr bool kInt = std::is_void_v<CODEC>;
+  const float qmin = a.fmt.qmin();
+  const float* table = kInt ? nullptr : decode_table(a.fmt);
+  // Group sums of x, for the integer offset term.
+  std::vector<float> xsum(kInt ? m * l.groups : 0);
+  if constexpr (kInt) {
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t g = 0; g < l.groups; ++g) {
+        const int64_t g0 = g * l.group_size, g1 = std::min(k, g0 + l.group_size);
+        float s = 0.0f;
+        for (int64_t i = g0; i < g1; ++i) s += x[r * k + i];
+        xsum[r * l.groups + g] = s;
+      }
+  }
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> codes(k);
+    std::vector<float> wrow(k);
+    float acc[kMaxGemvRows];
+    for (int64_t j = begin; j < end; ++j) {
+      unpack_run<BITS>(w + j * row_bytes, codes.data(), k);
+      if constexpr (kInt) {
+        for (int64_t i = 0; i < k; ++i) wrow[i] = static_cast<float>(codes[i]);
+      } else {
+        for (int64_t i = 0; i < k; ++i) wrow[i] = table[codes[i]];
+      }
+      for (int64_t r = 0; r < m; ++r) acc[r] = 0.0f;
+      for (int64_t g = 0; g < l.groups; ++g) {
+        const int64_t g0 = g * l.group_size, g1 = std::min(k, g0 + l.group_size);
+        const int64_t si = l.per_tensor ? 0 : j * l.groups + g;
+        const float s = scale[si];
+        const float offset = kInt ? qmin - (zero ? zero[si] : 0.0f) : 0.0f;
+        for (int64_t r = 0; r < m; ++r) {
+          float d = dot(wrow.data() + g0, x + r * k + g0, g1 - g0);
+          if constexpr (kInt) d += offset * xsum[r * l.groups + g];
+          acc[r] += s * d;
+        }
+      }
+      for (int64_t r = 0; r < m; ++r) y[r * n + j] = acc[r] + (bias ? bias[j] : 0.0f);
+    }
+  });
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// Integer weights of 1/2/4/8 bits whose rows and groups fill whole 8-byte chunks.
+template <int BITS, int M>
+void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y) {
+  const GroupLayout& l = a.layout;
+  const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1), per = 64 / BITS;
+  const uint8_t* w = a.packed.data_ptr<uint8_t>();
+  const float* scale = a.scale.data_ptr<float>();
+  const float* zero = a.zero ? a.zero->data_ptr<float>() : nullptr;
+  const float* bias = a.bias ? a.bias->data_ptr<float>() : nullptr;
+  const float qmin = a.fmt.qmin();
+  const std::vector<float> xp = permute_x(x, M, k, BITS);
+  std::vector<float> xsum(M * l.groups);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t g = 0; g < l.groups; ++g) {
+      float s = 0.0f;
+      for (int64_t i = g * l.group_size; i < std::min(k, (g + 1) * l.group_size); ++i) s += x[r * k + i];
+      xsum[r * l.groups + g] = s;
+    }
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      float out[M];
+      for (int r = 0; r < M; ++r) out[r] = bias ? bias[j] : 0.0f;
+      for (int64_t g = 0; g < l.groups; ++g) {
+        const int64_t si = l.per_tensor ? 0 : j * l.groups + g;
+        __m256 acc[M];
+        for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+        const int64_t c0 = g * l.group_size / per, c1 = std::min(k, (g + 1) * l.group_size) / per;
+        dot_chunks<BITS, M>(w + j * row_bytes, xp.data(), k, c0, c1, acc);
+        const float offset = qmin - (zero ? zero[si] : 0.0f);
+        for (int r = 0; r < M; ++r) out[r] += scale[si] * (hsum(acc[r]) + offset * xsum[r * l.groups + g]);
+      }
+      for (int r = 0; r < M; ++r) y[r * n + j] = out[r];
+    }
+  });
+}
+
+bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m) {
+  const int bits = a.fmt.bits;
+  if (a.fmt.is_float() || (bits != 1 && bits != 2 && bits != 4 && bits != 8)) return false;
+  const int64_t per = 64 / bits;
+  if (a.layout.k % per != 0 || (!a.layout.per_tensor && a.layout.group_size % per != 0)) return false;
+  bool done = false;
+  dispatch_bits(bits, [&]<int BITS>() {
+    if constexpr (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8) {
+      // Rows of x are handled four at a time: enough accumulators to hide FMA latency.
+      for (int64_t r0 = 0; r0 < m; r0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, m - r0);
+        const float* xr = x + r0 * a.layout.k;
+        std::vector<float> yr(rows * a.layout.rows);
+        switch (rows) {
+          case 1: gemv_rows_avx2<BITS, 1>(a, xr, yr.data()); break;
+          case 2: gemv_rows_avx2<BITS, 2>(a, xr, yr.data()); break;
+          case 3: gemv_rows_avx2<BITS, 3>(a, xr, yr.data()); break;
+          default: gemv_rows_avx2<BITS, 4>(a, xr, yr.data()); break;
+        }
+        std::copy(yr.begin(), yr.end(), y + r0 * a.layout.rows);
+      }
+      done = true;
+    }
+  });
+  return done;
+}
+#else
+bool try_gemv_avx2(const LinearArgs&, const float*, float*, int64_t) { return false; }
+#endif
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                      const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
+                      const std::string& fmt, bool symmetric, int64_t group_size, int64_t k) {
+  LinearArgs a = prepare_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k);
+  const int64_t m = a.x2d.size(0);
+  if (m > kMaxGemvRows) {
+    const at::Tensor w = dequantize_weight(a, at::kFloat);
+    const at::Tensor y = at::linear(a.x2d.to(at::kFloat), w, a.bias ? std::optional<at::Tensor>(*a.bias) : std::nullopt);
+    return y.to(x.scalar_type()).reshape(a.out_shape);
+  }
+  const at::Tensor xf = a.x2d.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({m, a.layout.rows}, xf.options());
+  if (!try_gemv_avx2(a, xf.data_ptr<float>(), y.data_ptr<float>(), m)) {
+    dispatch_format(a.fmt, [&]<class CODEC, int BITS>() {
+      gemv_rows<CODEC, BITS>(a, xf.data_ptr<float>(), y.data_ptr<float>(), m);
+    });
+  }
+  return y.to(x.scalar_type()).reshape(a.out_shape);
+}
+
+}  // namespace
+}  // namespace alphaquant
+
+TORCH_LIBRARY_IMPL(alphaquant, CPU, m) { m.impl("linear", &alphaquant::linear_cpu); }
