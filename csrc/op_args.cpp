@@ -24,6 +24,8 @@ std::string shape_str(at::IntArrayRef s) {
 
 FormatSpec parse_format(const std::string& name, bool symmetric) {
   if (name.size() == 4 && name.rfind("int", 0) == 0 && name[3] >= '1' && name[3] <= '8') {
+    TORCH_CHECK_VALUE(!(name[3] == '1' && symmetric), "alphaquant: int1 has no symmetric form (its symmetric ",
+                      "range [-1, 0] has qmax = 0, so max|x| / qmax is undefined); use symmetric=False");
     return {FormatId::kInt, name[3] - '0', symmetric, 0.0f};
   }
   FormatSpec f{FormatId::kInt, 0, true, 0.0f};

@@ -1,0 +1,114 @@
+// Low-bit linear layer on CUDA: y = x @ dequantize(W).T + bias.
+//
+// Up to 16 rows of x (decode): a memory-bound GEMV. One warp per output feature walks its
+// packed weight row in blocks of 8 codes (lanes take consecutive blocks, so a warp's loads are
+// contiguous), dequantizes in registers and accumulates against every row of x, which stays
+// in L1/L2. The weight is read once, packed. More rows: the weight is dequantized to x's dtype
+// and multiplied by cuBLAS (tensor cores); a fused tensor-core kernel is future work.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "alphaquant/op_args.h"
+#include "alphaquant/quant_math.h"
+#include "cuda/cuda_utils.cuh"
+
+namespace alphaquant {
+
+constexpr int kMaxGemvRows = 16;
+constexpr int kWarpsPerBlock = 8;
+
+struct GemvParams {
+  FormatSpec fmt;
+  GroupLayout l;  // of the weight [n, k]
+  int64_t m;
+  int64_t row_bytes;
+  const float* scale;
+  const float* zero;
+  const float* bias;
+  bool aligned;          // k % 8 == 0 with aligned bases
+  bool block_one_scale;  // every block of 8 codes lies in one group
+};
+
+template <class CODEC, int BITS, class T>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, T* __restrict__ y, GemvParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t j = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / 32;
+  if (j >= p.l.rows) return;  // whole warps leave together
+  const int64_t k = p.l.k;
+  const uint8_t* wrow = w + j * p.row_bytes;
+  const float qmin = p.fmt.qmin();
+  float acc[kMaxGemvRows];
+#pragma unroll
+  for (int r = 0; r < kMaxGemvRows; ++r) acc[r] = 0.0f;
+  for (int64_t kb = 8 * lane; kb < k; kb += 8 * 32) {
+    const int n = static_cast<int>(min<int64_t>(8, k - kb));
+    const uint64_t bits = load_block_bits<BITS>(wrow + kb / 8 * BITS, n == 8 ? BITS : (n * BITS + 7) / 8, p.aligned);
+    float wv[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int64_t kk = p.block_one_scale ? kb : min(kb + i, k - 1);
+      const int64_t si = p.l.per_tensor ? 0 : j * p.l.groups + kk / p.l.group_size;
+      const uint8_t c = unpack1<BITS>(bits, i);
+      if constexpr (std::is_void_v<CODEC>) {
+        wv[i] = i < n ? dequantize_int_code(c, p.scale[si], p.zero ? p.zero[si] : 0.0f, qmin) : 0.0f;
+      } else {
+        wv[i] = i < n ? CODEC::decode(c) * p.scale[si] : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kMaxGemvRows; ++r) {
+      if (r < p.m) {
+        float xv[8];
+        load8(x + r * k + kb, xv, n, p.aligned);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[r] = fmaf(wv[i], xv[i], acc[r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kMaxGemvRows; ++r) {
+    if (r < p.m) {
+      float v = acc[r];
+      for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0) y[r * p.l.rows + j] = from_float<T>(v + (p.bias ? p.bias[j] : 0.0f));
+    }
+  }
+}
+
+namespace {
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
+                       const std::string& fmt, bool symmetric, int64_t group_size, int64_t k) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  LinearArgs a = prepare_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k);
+  const int64_t m = a.x2d.size(0), n = a.layout.rows;
+  if (m > kMaxGemvRows) {
+    const at::Tensor w = dequantize_weight(a, x.scalar_type());
+    std::optional<at::Tensor> b;
+    if (a.bias) b = a.bias->to(x.scalar_type());
+    return at::linear(a.x2d, w, b).reshape(a.out_shape);
+  }
+  at::Tensor y = at::empty({m, n}, a.x2d.options());
+  const GroupLayout& l = a.layout;
+  GemvParams p{a.fmt, l, m, a.packed.size(1), a.scale.data_ptr<float>(), a.zero ? a.zero->data_ptr<float>() : nullptr,
+               a.bias ? a.bias->data_ptr<float>() : nullptr, false,
+               l.per_tensor || l.group_size >= l.k || l.group_size % 8 == 0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_cuda", [&] {
+    const scalar_t* xp = a.x2d.data_ptr<scalar_t>();
+    p.aligned = k % 8 == 0 && (reinterpret_cast<uintptr_t>(xp) & 15) == 0 &&
+                (reinterpret_cast<uintptr_t>(a.packed.data_ptr()) & 15) == 0;
+    dispatch_format(a.fmt, [&]<class CODEC, int BITS>() {
+      gemv_kernel<CODEC, BITS, scalar_t><<<ceil_div(n, kWarpsPerBlock), kWarpsPerBlock * 32, 0, current_stream()>>>(
+          xp, a.packed.data_ptr<uint8_t>(), y.data_ptr<scalar_t>(), p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return y.reshape(a.out_shape);
+}
+
+}  // namespace
+}  // namespace alphaquant
+
+TORCH_LIBRARY_IMPL(alphaquant, CUDA, m) { m.impl("linear", &alphaquant::linear_cuda); }

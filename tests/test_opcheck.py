@@ -1,0 +1,52 @@
+"""torch.library.opcheck on every op, and a guard that every op has samples and a fake kernel."""
+import pytest
+import torch
+
+import alphaquant.ops  # noqa: F401
+from conftest import DEVICES
+
+
+def _w(device):
+    w = torch.randn(24, 40, device=device)
+    return torch.ops.alphaquant.quantize(w, "int4", False, 16, None, None, False, 0)
+
+
+def samples(device):
+    x = torch.randn(6, 40, device=device)
+    codes = torch.randint(0, 8, (5, 13), dtype=torch.uint8, device=device)
+    packed, s, z = _w(device)
+    p8, s8, _ = torch.ops.alphaquant.quantize(torch.randn(24, 40, device=device), "fp8_e4m3", True, 0, None, None,
+                                              False, 0)
+    yield "pack", (codes, 3)
+    yield "unpack", (torch.ops.alphaquant.pack(codes, 3), 3, 13)
+    yield "encode_float", (x, "fp8_e5m2")
+    yield "encode_float", (x.bfloat16(), "fp4_e2m1")
+    yield "decode_float", (torch.randint(0, 64, (7,), dtype=torch.uint8, device=device), "fp6_e3m2", torch.bfloat16)
+    yield "quantize", (x, "int4", True, 16, None, None, False, 0)
+    yield "quantize", (x.half(), "int6", False, 0, None, None, True, 5)
+    yield "quantize", (x, "fp8_e4m3", True, -1, None, None, False, 0)
+    yield "quantize", (x, "int8", False, 16, torch.ones(6, 3, device=device), torch.zeros(6, 3, device=device),
+                       False, 0)
+    yield "dequantize", (packed, s, z, "int4", False, 16, 40, torch.float16)
+    yield "fake_quantize", (x.requires_grad_(), "int4", True, 16, None, None, False, 0)
+    yield "fake_quantize", (x.detach().bfloat16(), "fp4_e2m1", True, 32, None, None, True, 3)
+    yield "linear", (torch.randn(3, 40, device=device), packed, s, z, torch.randn(24, device=device), "int4", False,
+                     16, 40)
+    yield "linear", (torch.randn(2, 5, 40, device=device).bfloat16(), p8, s8, None, None, "fp8_e4m3", True, 0, 40)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_sample(device):
+    for name, args in samples(device):
+        torch.library.opcheck(getattr(torch.ops.alphaquant, name).default, args)
+
+
+def test_every_op_has_samples_and_a_fake_kernel():
+    ops = {name for name in dir(torch.ops.alphaquant) if not name.startswith("_")}
+    ops = {n for n in ops if isinstance(getattr(torch.ops.alphaquant, n), torch._ops.OpOverloadPacket)}
+    sampled = {name for name, _ in samples("cpu")}
+    assert ops == sampled, f"ops without samples: {ops - sampled}; samples of unknown ops: {sampled - ops}"
+    for name in ops:
+        qualname = f"alphaquant::{name}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta") or \
+            torch._library.simple_registry.singleton.find(qualname).fake_impl.kernel is not None, name

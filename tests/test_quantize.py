@@ -1,0 +1,157 @@
+"""quantize / dequantize / fake_quantize against the pure-PyTorch reference, bit for bit."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from alphaquant import ops, reference as ref
+from alphaquant.formats import FLOAT_FORMATS, INT_FORMATS
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SCHEMES = [(f, True) for f in INT_FORMATS if f != "int1"] + [(f, False) for f in INT_FORMATS] + [(f, True) for f in FLOAT_FORMATS]
+GROUPS = [32, 10, 0, -1]  # groups (with a short last one), unaligned groups, per-channel, per-tensor
+
+
+def _zp(z):
+    return z if z.numel() else None
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert torch.equal(x.cpu(), y.cpu())
+
+
+@pytest.mark.parametrize("fmt,sym", SCHEMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_quantize_matches_reference(fmt, sym, dtype, group_size, device):
+    x = (torch.randn(5, 77) * 3).to(dtype)
+    got = ops.quantize(x.to(device), fmt, symmetric=sym, group_size=group_size)
+    want = ref.quantize(x, fmt, sym, group_size)
+    assert_same(got, want)
+    deq = ops.dequantize(got[0], got[1], _zp(got[2]), fmt, symmetric=sym, group_size=group_size, k=77, dtype=dtype)
+    assert torch.equal(deq.cpu(), ref.dequantize(*want, fmt, sym, group_size, 77, dtype))
+    fq = ops.fake_quantize(x.to(device), fmt, symmetric=sym, group_size=group_size)
+    assert torch.equal(fq.cpu(), deq.cpu())
+
+
+@pytest.mark.parametrize("fmt,sym", [("int4", True), ("int4", False), ("int2", False), ("fp4_e2m1", True),
+                                     ("fp8_e4m3", True), ("int6", True)])
+@pytest.mark.parametrize("k", [1, 7, 17, 1025])
+def test_odd_sizes(fmt, sym, k, device):
+    x = torch.randn(3, k)
+    assert_same(ops.quantize(x.to(device), fmt, symmetric=sym, group_size=16), ref.quantize(x, fmt, sym, 16))
+
+
+@pytest.mark.parametrize("fmt,sym", [("int4", True), ("int3", False), ("fp6_e2m3", True), ("int8", False)])
+def test_stochastic_matches_reference_and_repeats(fmt, sym, device):
+    x = torch.randn(4, 100)
+    a = ops.quantize(x.to(device), fmt, symmetric=sym, group_size=32, stochastic=True, seed=123)
+    assert_same(a, ref.quantize(x, fmt, sym, 32, stochastic=True, seed=123))
+    assert_same(a, ops.quantize(x.to(device), fmt, symmetric=sym, group_size=32, stochastic=True, seed=123))
+    b = ops.quantize(x.to(device), fmt, symmetric=sym, group_size=32, stochastic=True, seed=124)
+    assert not torch.equal(a[0].cpu(), b[0].cpu())
+
+
+def test_stochastic_rounding_is_unbiased():
+    x = torch.full((1, 20000), 0.3)
+    scale = torch.ones(1, 1)
+    y = ops.fake_quantize(x, "int4", group_size=0, scale=scale, stochastic=True, seed=1)
+    assert set(y.unique().tolist()) == {0.0, 1.0}
+    assert abs(y.mean().item() - 0.3) < 0.02
+
+
+@pytest.mark.parametrize("fmt,sym", [("int4", True), ("int4", False), ("fp8_e4m3", True), ("fp4_e2m1", True)])
+@pytest.mark.parametrize("group_size", [32, 0, -1])
+def test_static_scales(fmt, sym, group_size, device):
+    x = torch.randn(6, 64)
+    _, s, z = ref.quantize(x * 2, fmt, sym, group_size)  # scales from other data: clipping happens
+    zp = _zp(z)
+    got = ops.quantize(x.to(device), fmt, symmetric=sym, group_size=group_size, scale=s.to(device),
+                       zero_point=None if zp is None else zp.to(device))
+    want = ref.quantize(x, fmt, sym, group_size, scale=s, zero_point=zp)
+    assert_same(got, want)
+
+
+def test_seed_ranges_are_as_documented():
+    x = torch.linspace(-1, 1, 64).reshape(1, 64)
+    for bits in (2, 4, 6, 8):
+        codes, s, _ = ref.quantize_codes(x, f"int{bits}", True, 0)
+        q = codes.to(torch.int64) - 2 ** (bits - 1)
+        assert q.max() == 2 ** (bits - 1) - 1 and q.min() == -(2 ** (bits - 1) - 1)
+        assert torch.allclose(s, torch.tensor([[1.0 / (2 ** (bits - 1) - 1)]]))
+        codes, s, z = ref.quantize_codes(x, f"int{bits}", False, 0)
+        assert codes.min() == 0 and codes.max() == 2**bits - 1
+        assert torch.allclose(z, torch.tensor([[0 - (-1.0) / s.item()]]))
+
+
+def test_all_zero_and_constant_groups(device):
+    x = torch.zeros(2, 64)
+    x[1] = 3.25
+    for fmt, sym in [("int4", True), ("int4", False), ("fp8_e4m3", True)]:
+        p, s, z = ops.quantize(x.to(device), fmt, symmetric=sym, group_size=32)
+        assert torch.isfinite(s).all()
+        y = ops.dequantize(p, s, _zp(z), fmt, symmetric=sym, group_size=32, k=64)
+        assert torch.equal(y[0].cpu(), torch.zeros(64))
+        if not sym:
+            assert torch.equal(y[1].cpu(), x[1])  # a constant group is exact with a zero point
+
+
+def test_non_contiguous_input(device):
+    x = torch.randn(64, 48, device=device).t()  # [48, 64], not contiguous
+    assert_same(ops.quantize(x, "int4", group_size=16), ref.quantize(x.cpu().contiguous(), "int4", True, 16))
+
+
+def test_batched_leading_dims(device):
+    x = torch.randn(2, 3, 40)
+    got = ops.quantize(x.to(device), "int4", symmetric=False, group_size=16)
+    assert got[0].shape == (2, 3, 20) and got[1].shape == (2, 3, 3)
+    assert_same(got, ref.quantize(x, "int4", False, 16))
+
+
+def test_fp8_keeps_nan_and_inf():
+    x = torch.tensor([[1.0, float("nan"), float("inf"), -2.0]])
+    y = ops.fake_quantize(x, "fp8_e5m2", group_size=0)
+    assert torch.isnan(y[0, 1]) and y[0, 2] == float("inf") and y[0, 3] == -2.0
+    y = ops.fake_quantize(x, "fp8_e4m3", group_size=0)
+    assert torch.isnan(y[0, 1]) and y[0, 2] == 2.0  # saturates to 448 * scale (scale from finite max 2/448)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4_e2m1", "fp6_e3m2"])
+def test_float_error_is_within_half_ulp_of_format(fmt):
+    x = torch.randn(8, 256)
+    y = ops.fake_quantize(x, fmt, group_size=32)
+    rel = ((x - y).norm() / x.norm()).item()
+    assert rel < {"fp8_e4m3": 0.04, "fp4_e2m1": 0.2, "fp6_e3m2": 0.08}[fmt]
+
+
+def test_fake_quantize_straight_through_gradient():
+    x = torch.randn(4, 32, requires_grad=True)
+    y = ops.fake_quantize(x, "int4", group_size=16)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scheme=st.sampled_from(SCHEMES),
+    rows=st.integers(1, 5),
+    k=st.integers(1, 200),
+    group_size=st.sampled_from([-1, 0, 1, 3, 8, 16, 33, 64, 128]),
+    scale_pow=st.integers(-20, 20),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_round_trip_fuzz(scheme, rows, k, group_size, scale_pow, seed):
+    fmt, sym = scheme
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * (2.0**scale_pow)
+    got = ops.quantize(x, fmt, symmetric=sym, group_size=group_size)
+    assert_same(got, ref.quantize(x, fmt, sym, group_size))
+    y = ops.dequantize(got[0], got[1], _zp(got[2]), fmt, symmetric=sym, group_size=group_size, k=k)
+    assert torch.equal(y, ops.fake_quantize(x, fmt, symmetric=sym, group_size=group_size))
+    # every value lands within one step of the grid (half a step for round-to-nearest ints)
+    if not fmt.startswith("fp"):
+        step = got[1].repeat_interleave(k if group_size in (-1, 0) or group_size >= k else group_size, -1)
+        step = step.expand(rows, -1)[:, :k] if group_size != -1 else got[1].reshape(()).expand(rows, k)
+        assert ((x - y).abs() <= step * 0.5 * (1 + 1e-5) + 1e-30).all()
