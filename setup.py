@@ -32,7 +32,7 @@ def build_cuda() -> bool:
 def cpu_flags() -> list[str]:
     if os.environ.get("ALPHAQUANT_DEBUG_BUILD") == "1":
         return ["-O0", "-g"]
-    flags = ["-O3", "-ffp-contract=off"]  # codecs must round exactly like the reference
+    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]  # exact IEEE rounding, vectorizable
     if platform.machine() == "x86_64" and os.environ.get("ALPHAQUANT_NO_AVX2") != "1":
         with open("/proc/cpuinfo") as f:
             info = f.read()

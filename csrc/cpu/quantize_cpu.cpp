@@ -40,8 +40,8 @@ ScaleZero group_params(const FormatSpec& f, const GroupLayout& l, const GroupPar
   for (int64_t k = g0; k < g1; ++k) {
     const float v = static_cast<float>(xrow[k]);
     const float fv = fabsf(v) <= kFloatMax ? v : 0.0f;
-    mn = fminf(mn, fv);
-    mx = fmaxf(mx, fv);
+    mn = min_of(mn, fv);
+    mx = max_of(mx, fv);
   }
   GroupStats s;
   s.mn = mn;

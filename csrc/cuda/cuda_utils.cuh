@@ -21,6 +21,9 @@ inline int grid_for(int64_t n, int threads) {
   return static_cast<int>(std::min<int64_t>(ceil_div(std::max<int64_t>(n, 1), threads), 65535 * 8));
 }
 
+// Codes in the block of 8 that starts `remaining` values before the end of the row.
+__device__ __forceinline__ int block_len(int64_t remaining) { return remaining < 8 ? static_cast<int>(remaining) : 8; }
+
 template <class T>
 __device__ __forceinline__ float to_float(T v) {
   return static_cast<float>(v);

@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
   for (int r = 0; r < kMaxGemvRows; ++r) acc[r] = 0.0f;
   for (int64_t kb = 8 * lane; kb < k; kb += 8 * 32) {
-    const int n = static_cast<int>(min<int64_t>(8, k - kb));
+    const int n = block_len(k - kb);
     const uint64_t bits = load_block_bits<BITS>(wrow + kb / 8 * BITS, n == 8 ? BITS : (n * BITS + 7) / 8, p.aligned);
     float wv[8];
 #pragma unroll

@@ -14,7 +14,7 @@ __global__ void pack_kernel(const uint8_t* __restrict__ codes, uint8_t* __restri
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < rows * blocks_per_row;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = t / blocks_per_row, j = t % blocks_per_row;
-    const int n = static_cast<int>(min<int64_t>(8, k - j * 8));
+    const int n = block_len(k - j * 8);
     uint8_t c[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) c[i] = i < n ? codes[row * k + j * 8 + i] : 0;
@@ -29,7 +29,7 @@ __global__ void unpack_kernel(const uint8_t* __restrict__ packed, uint8_t* __res
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < rows * blocks_per_row;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = t / blocks_per_row, j = t % blocks_per_row;
-    const int n = static_cast<int>(min<int64_t>(8, k - j * 8));
+    const int n = block_len(k - j * 8);
     uint8_t c[8];
     load_block<BITS>(packed + row * row_bytes + j * BITS, c, n);
 #pragma unroll

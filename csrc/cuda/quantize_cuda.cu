@@ -98,7 +98,7 @@ __global__ void quantize_groups_kernel(const T* __restrict__ x, uint8_t* __restr
     GroupStats s;
     for (int64_t k = g0 + 8 * lane; k < g1; k += 8 * team) {
       float v[8];
-      const int n = static_cast<int>(min<int64_t>(8, g1 - k));
+      const int n = block_len(g1 - k);
       load8(xrow + k, v, n, p.aligned);
 #pragma unroll
       for (int i = 0; i < 8; ++i)
@@ -117,7 +117,7 @@ __global__ void quantize_groups_kernel(const T* __restrict__ x, uint8_t* __restr
     for (int i = 0; i < 8; ++i) szs[i] = sz;
     for (int64_t k = g0 + 8 * lane; k < g1; k += 8 * team) {
       float v[8];
-      const int n = static_cast<int>(min<int64_t>(8, g1 - k));
+      const int n = block_len(g1 - k);
       load8(xrow + k, v, n, p.aligned);
       emit_block<CODEC, BITS, T, FAKE>(p, v, n, row, k, szs, packed, out);
     }
@@ -153,7 +153,7 @@ __global__ void quantize_blocks_kernel(const T* __restrict__ x, uint8_t* __restr
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < p.l.rows * blocks_per_row;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = t / blocks_per_row, k = (t % blocks_per_row) * 8;
-    const int n = static_cast<int>(min<int64_t>(8, p.l.k - k));
+    const int n = block_len(p.l.k - k);
     float v[8];
     load8(x + row * p.l.k + k, v, n, p.aligned);
     ScaleZero sz[8];
@@ -177,7 +177,7 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, T* __restr
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < p.l.rows * blocks_per_row;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = t / blocks_per_row, k = (t % blocks_per_row) * 8;
-    const int n = static_cast<int>(min<int64_t>(8, p.l.k - k));
+    const int n = block_len(p.l.k - k);
     const uint64_t bits =
         load_block_bits<BITS>(packed + row * p.row_bytes + k / 8 * BITS, n == 8 ? BITS : (n * BITS + 7) / 8, p.aligned);
     float d[8];
