@@ -207,3 +207,9 @@ def _fake_quantize_setup(ctx, inputs, output):
 torch.library.register_autograd(
     "alphaquant::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup
 )
+
+
+def _quantize_fake_shapes(rows: int, k: int, fmt: str, symmetric: bool, group_size: int):
+    """(packed, scale, zero_point or None) shapes of a [rows, k] tensor quantized with these settings."""
+    s = scale_shape((rows, k), group_size)
+    return (rows, (k * format_bits(fmt) + 7) // 8), s, (s if _is_asymmetric(fmt, symmetric) else None)

@@ -1,0 +1,71 @@
+"""QuantLinear: a linear layer whose weight lives packed in low-bit bytes."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..packed import PackedTensor
+from ..quantizers.base import BaseQuantizer
+
+
+class QuantLinear(nn.Module):
+    """y = quantize_activation(x) @ W.T + b, computed by torch.ops.alphaquant.linear.
+
+    Buffers (all of the state_dict): ``weight_packed`` uint8 [out, ceil(in*bits/8)],
+    ``weight_scale`` float32, ``weight_zero_point`` (asymmetric ints only) and ``bias``. No float
+    copy of the weight is kept. The output has the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, symmetric: bool, group_size: int,
+                 act_quantizer: Optional[BaseQuantizer] = None, bias_dtype: torch.dtype = torch.float32,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.fmt, self.symmetric, self.group_size = fmt, symmetric, group_size
+        self.act_quantizer = act_quantizer
+        packed, scale, zero = ops._quantize_fake_shapes(out_features, in_features, fmt, symmetric, group_size)
+        self.register_buffer("weight_packed", torch.zeros(packed, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(scale, dtype=torch.float32, device=device))
+        self.register_buffer("weight_zero_point",
+                             torch.zeros(zero, dtype=torch.float32, device=device) if zero else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, w_quantizer: BaseQuantizer,
+                    a_quantizer: Optional[BaseQuantizer] = None) -> "QuantLinear":
+        packed = w_quantizer.quantize_weight(linear.weight)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, packed.fmt, packed.symmetric,
+                    packed.group_size, a_quantizer, linear.weight.dtype, linear.weight.device)
+        layer.load_packed(packed)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def load_packed(self, packed: PackedTensor) -> None:
+        self.weight_packed.copy_(packed.data)
+        self.weight_scale.copy_(packed.scale)
+        if packed.zero_point is not None:
+            self.weight_zero_point.copy_(packed.zero_point)
+
+    @property
+    def packed_weight(self) -> PackedTensor:
+        return PackedTensor(self.weight_packed, self.weight_scale, self.weight_zero_point, self.fmt, self.symmetric,
+                            self.group_size, (self.out_features, self.in_features))
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.packed_weight.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = self.act_quantizer.quantize_activation(x) if self.act_quantizer is not None else x
+        y = ops.linear(xq, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias, self.fmt,
+                       symmetric=self.symmetric, group_size=self.group_size, k=self.in_features)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        act = "float" if self.act_quantizer is None else self.act_quantizer.fmt
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weight={self.fmt}"
+                f"{'' if self.symmetric else ' asym'}, group_size={self.group_size}, activations={act}, "
+                f"bias={self.bias is not None}")

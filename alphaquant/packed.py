@@ -1,0 +1,66 @@
+"""PackedTensor: a quantized tensor stored in its real low-bit bytes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import ops
+from .formats import format_bits
+
+
+@dataclass
+class PackedTensor:
+    """Packed codes plus what is needed to read them back.
+
+    data: uint8 [..., ceil(k*bits/8)] (one bit stream per row, see formats.h); scale / zero_point:
+    float32 [..., groups] ([1, ..] per tensor; zero_point None unless asymmetric int); shape: the
+    original shape; dtype: what :meth:`dequantize` returns by default.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero_point: Optional[torch.Tensor]
+    fmt: str
+    symmetric: bool
+    group_size: int
+    shape: tuple
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def bits(self) -> int:
+        return format_bits(self.fmt)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        """True storage in bytes: packed codes plus scales and zero points."""
+        n = self.data.numel() + self.scale.numel() * self.scale.element_size()
+        if self.zero_point is not None:
+            n += self.zero_point.numel() * self.zero_point.element_size()
+        return n
+
+    @property
+    def bits_per_value(self) -> float:
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        return 8.0 * self.nbytes / numel
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return ops.dequantize(self.data, self.scale, self.zero_point, self.fmt, symmetric=self.symmetric,
+                              group_size=self.group_size, k=self.shape[-1], dtype=dtype or self.dtype)
+
+    def to(self, device) -> "PackedTensor":
+        zp = None if self.zero_point is None else self.zero_point.to(device)
+        return PackedTensor(self.data.to(device), self.scale.to(device), zp, self.fmt, self.symmetric,
+                            self.group_size, self.shape, self.dtype)
+
+    def __repr__(self) -> str:
+        asym = "" if self.symmetric or self.fmt.startswith("fp") else ", asymmetric"
+        return (f"PackedTensor({self.fmt}{asym}, shape={list(self.shape)}, group_size={self.group_size}, "
+                f"{self.nbytes} bytes ({self.bits_per_value:.2f} bits/value), device={self.device})")

@@ -1,0 +1,266 @@
+"""JSON quantization plans: which layers get which scheme, applied to a whole model.
+
+A plan is {"default": {...}, "overrides": [{"pattern": "glob", ...}, ...]}. Every layer starts
+from "default"; then every override whose glob ``pattern`` matches the module's name is applied
+in order, so later overrides win over earlier ones. Keys of a scheme:
+  wq, aq            quantizer names (int2, int4, int6, int8, fp8, fp8_e4m3, fp8_e5m2, fp4, fp4_e2m1)
+                    or "none" (weights: keep the layer in float; activations: leave them float)
+  group_size        values per scale (default 128)
+  granularity       per_group (default), per_channel or per_tensor, for the weight
+  act_granularity   the same for activations (default per_group; per_channel = per token)
+  symmetric         integer symmetry (default True)
+  dtype             dtype of dequantized values: float32, float16, bfloat16 (default bfloat16)
+  act_static        calibrate static activation scales on calibration data (default False)
+  observer          minmax (default), moving_average, percentile or mse: used for act_static
+  skip              true: keep the layer in float
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from ._logging import logger
+from .nn.quant_linear import QuantLinear
+from .quantizers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
+from .quantizers.base import GRANULARITIES
+from .utils.replacement import FLOAT_NAMES, lookup
+
+SCHEME_KEYS = {"wq", "aq", "group_size", "granularity", "act_granularity", "symmetric", "dtype", "act_static",
+               "observer", "skip"}
+OBSERVERS = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
+             "percentile": PercentileObserver, "mse": MSEObserver}
+DEFAULTS = {"wq": "int8", "aq": None, "group_size": 128, "granularity": "per_group", "act_granularity": "per_group",
+            "symmetric": True, "dtype": "bfloat16", "act_static": False, "observer": "minmax", "skip": False}
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied: says which key or layer and what is allowed."""
+
+
+def load_plan(plan: Union[str, os.PathLike, dict]) -> dict:
+    """Read (from a path or a dict) and validate a plan; returns a normalized copy."""
+    if isinstance(plan, (str, os.PathLike)):
+        try:
+            with open(plan) as f:
+                plan = json.load(f)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan {plan} is not valid JSON: {e}") from e
+    if not isinstance(plan, dict):
+        raise PlanError(f"a plan must be a JSON object with 'default' and 'overrides'; got {type(plan).__name__}")
+    unknown = set(plan) - {"default", "overrides", "name", "description"}
+    if unknown:
+        raise PlanError(f"unknown top-level plan keys {sorted(unknown)}; allowed: default, overrides, name, description")
+    plan = copy.deepcopy(plan)
+    plan.setdefault("default", {})
+    plan.setdefault("overrides", [])
+    _check_scheme(plan["default"], "default")
+    if not isinstance(plan["overrides"], list):
+        raise PlanError("'overrides' must be a list of objects with a 'pattern'")
+    for i, o in enumerate(plan["overrides"]):
+        where = f"overrides[{i}]"
+        if not isinstance(o, dict) or not isinstance(o.get("pattern"), str) or not o["pattern"]:
+            raise PlanError(f"{where} needs a non-empty string 'pattern' (a glob on module names)")
+        _check_scheme({k: v for k, v in o.items() if k != "pattern"}, where)
+    return plan
+
+
+def _check_scheme(s: dict, where: str) -> None:
+    if not isinstance(s, dict):
+        raise PlanError(f"{where} must be an object")
+    unknown = set(s) - SCHEME_KEYS
+    if unknown:
+        raise PlanError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(SCHEME_KEYS)}")
+    for side in ("wq", "aq"):
+        if side in s:
+            try:
+                lookup(s[side])
+            except ValueError as e:
+                raise PlanError(f"{where}.{side}: {e}") from None
+    if "group_size" in s and (not isinstance(s["group_size"], int) or isinstance(s["group_size"], bool)
+                              or s["group_size"] <= 0):
+        raise PlanError(f"{where}.group_size must be a positive integer; got {s['group_size']!r}")
+    for key in ("granularity", "act_granularity"):
+        if key in s and s[key] not in GRANULARITIES:
+            raise PlanError(f"{where}.{key} must be one of {GRANULARITIES}; got {s[key]!r}")
+    for key in ("symmetric", "act_static", "skip"):
+        if key in s and not isinstance(s[key], bool):
+            raise PlanError(f"{where}.{key} must be true or false; got {s[key]!r}")
+    if "dtype" in s and s["dtype"] not in ("float32", "float16", "bfloat16"):
+        raise PlanError(f"{where}.dtype must be float32, float16 or bfloat16; got {s['dtype']!r}")
+    if "observer" in s and s["observer"] not in OBSERVERS:
+        raise PlanError(f"{where}.observer must be one of {sorted(OBSERVERS)}; got {s['observer']!r}")
+
+
+def resolve(plan: dict, name: str) -> dict:
+    """The scheme of module ``name``: defaults, then the plan's default, then matching overrides in order."""
+    scheme = dict(DEFAULTS)
+    scheme.update(plan["default"])
+    for o in plan["overrides"]:
+        if fnmatch.fnmatchcase(name, o["pattern"]):
+            scheme.update({k: v for k, v in o.items() if k != "pattern"})
+    return scheme
+
+
+def build_quantizers(scheme: dict):
+    """(weight quantizer or None, activation quantizer or None) for a resolved scheme."""
+    def make(side: str, granularity: str):
+        found = lookup(scheme[side])
+        if found is None:
+            return None
+        q_cls, cfg = found
+        kwargs = dict(group_size=scheme["group_size"], dtype=scheme["dtype"], granularity=granularity)
+        if scheme[side].startswith("int"):
+            kwargs["symmetric"] = scheme["symmetric"]
+        return q_cls(cfg(**kwargs))
+
+    if scheme["skip"]:
+        return None, None
+    return make("wq", scheme["granularity"]), make("aq", scheme["act_granularity"])
+
+
+@dataclass
+class LayerReport:
+    name: str
+    scheme: str
+    shape: tuple
+    bits_per_weight: float
+    bytes_before: int
+    bytes_after: int
+    sqnr_db: float
+
+
+@dataclass
+class PlanReport:
+    layers: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.layers)
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(r) for r in self.layers], "skipped": self.skipped,
+                "total": {"bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                          "compression": self.bytes_before / max(self.bytes_after, 1)}}
+
+    def format_table(self) -> str:
+        lines = [f"{'layer':<48} {'scheme':<22} {'bits/w':>7} {'before':>10} {'after':>10} {'SQNR dB':>8}"]
+        for r in self.layers:
+            lines.append(f"{r.name:<48} {r.scheme:<22} {r.bits_per_weight:>7.3f} {r.bytes_before:>10} "
+                         f"{r.bytes_after:>10} {r.sqnr_db:>8.2f}")
+        lines.append(f"{'total':<48} {'':<22} {'':>7} {self.bytes_before:>10} {self.bytes_after:>10} "
+                     f"({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)")
+        return "\n".join(lines)
+
+
+def _scheme_label(s: dict) -> str:
+    w = s["wq"] + ("" if s["symmetric"] or not s["wq"].startswith("int") else "a")
+    g = {"per_tensor": "t", "per_channel": "c"}.get(s["granularity"], str(s["group_size"]))
+    return f"w{w}/g{g} a{s['aq'] or 'float'}"
+
+
+def _sqnr_db(w: torch.Tensor, deq: torch.Tensor) -> float:
+    w = w.detach().to(torch.float32)
+    noise = (w - deq.to(torch.float32)).pow(2).sum().item()
+    signal = w.pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def plan_layers(model: nn.Module, plan: dict) -> dict:
+    """{module name: resolved scheme} for every nn.Linear / QuantLinear the plan quantizes; warns
+    about overrides that match no layer. Touches nothing."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    for i, o in enumerate(plan["overrides"]):
+        if not any(fnmatch.fnmatchcase(n, o["pattern"]) for n in names):
+            warnings.warn(f"plan overrides[{i}] pattern {o['pattern']!r} matches no linear layer", stacklevel=3)
+    out = {}
+    for n in names:
+        s = resolve(plan, n)
+        wq, _ = build_quantizers(s)  # raises on configs that cannot be built, before any layer changes
+        if wq is not None:
+            out[n] = s
+    return out
+
+
+def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
+               calibration_batches: Optional[Iterable] = None,
+               forward_fn: Optional[Callable[[nn.Module, object], object]] = None,
+               quantize_weights: bool = True) -> PlanReport:
+    """Replace the model's nn.Linear layers by QuantLinear as the plan says; returns a report.
+
+    The plan is validated and every quantizer built before any layer is replaced.
+    ``calibration_batches`` (with ``forward_fn(model, batch)``, default ``model(batch)``) are run
+    when some layer asks for ``act_static``. ``quantize_weights=False`` builds the structure only
+    (empty packed buffers), to load a saved checkpoint into.
+    """
+    plan = load_plan(plan)
+    layers = plan_layers(model, plan)
+    report = PlanReport()
+    report.skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    for name, scheme in layers.items():
+        linear = model.get_submodule(name)
+        if isinstance(linear, QuantLinear):
+            raise PlanError(f"layer {name} is already quantized; apply a plan to a float model")
+        wq, aq = build_quantizers(scheme)
+        if quantize_weights:
+            q = QuantLinear.from_linear(linear, wq, aq)
+            deq = q.dequantized_weight()
+            sqnr = _sqnr_db(linear.weight, deq)
+        else:
+            q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, wq.fmt, wq.symmetric,
+                            wq.config.op_group_size, aq, linear.weight.dtype, linear.weight.device)
+            sqnr = float("nan")
+        q.plan_scheme = scheme
+        before = linear.weight.numel() * linear.weight.element_size()
+        after = q.packed_weight.nbytes
+        report.layers.append(LayerReport(name, _scheme_label(scheme), tuple(linear.weight.shape),
+                                         8.0 * after / linear.weight.numel(), before, after, sqnr))
+        _set_module(model, name, q)
+        logger.debug("quantized %s: %s", name, _scheme_label(scheme))
+    static = [model.get_submodule(n) for n, s in layers.items() if s["act_static"] and s["aq"] not in FLOAT_NAMES]
+    if static and quantize_weights:
+        if calibration_batches is None:
+            raise PlanError(f"{len(static)} layers ask for act_static but no calibration_batches were given")
+        calibrate(model, static, calibration_batches, forward_fn)
+    return report
+
+
+def calibrate(model: nn.Module, layers: list, batches: Iterable, forward_fn=None) -> None:
+    """Observe each layer's input over ``batches``, then freeze static activation scales."""
+    hooks = []
+    for layer in layers:
+        layer.act_quantizer.attach_observer(OBSERVERS[layer.plan_scheme["observer"]]())
+        hooks.append(layer.register_forward_pre_hook(
+            lambda mod, args: mod.act_quantizer.observer.observe(args[0])))
+    try:
+        with torch.no_grad():
+            n = 0
+            for batch in batches:
+                forward_fn(model, batch) if forward_fn else model(batch)
+                n += 1
+        if n == 0:
+            raise PlanError("calibration_batches was empty")
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer in layers:
+        layer.act_quantizer.calibrate_finish()

@@ -1,0 +1,24 @@
+"""Quantizers, their configs and observers (the seed's public API)."""
+from .base import BaseQuantizer, QuantizerConfig
+from .fp4 import FP4Config, FP4Quantizer
+from .fp8 import FP8Config, FP8Quantizer
+from .int_quantizers import (
+    INT2Config,
+    INT2Quantizer,
+    INT4Config,
+    INT4Quantizer,
+    INT6Config,
+    INT6Quantizer,
+    INT8Config,
+    INT8Quantizer,
+    IntConfig,
+    IntQuantizer,
+)
+from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, ObserverBase, PercentileObserver
+
+__all__ = [
+    "BaseQuantizer", "QuantizerConfig", "IntConfig", "IntQuantizer",
+    "INT2Quantizer", "INT2Config", "INT4Quantizer", "INT4Config", "INT6Quantizer", "INT6Config",
+    "INT8Quantizer", "INT8Config", "FP4Quantizer", "FP4Config", "FP8Quantizer", "FP8Config",
+    "ObserverBase", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
+]

@@ -1,0 +1,154 @@
+"""Base configuration and quantizer classes shared by every format."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from .. import ops
+from .._logging import logger
+from ..packed import PackedTensor
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class QuantizerConfig:
+    """Fields every quantizer takes.
+
+    group_size: values per scale along the last dimension (per_group).
+    dtype: dtype that dequantized values come back in ("float32", "float16", "bfloat16").
+    granularity: "per_group", "per_channel" (one scale per row: output channel of a weight,
+      token of an activation) or "per_tensor".
+    stochastic: stochastic rounding (reproducible with ``seed``), e.g. for training.
+    """
+
+    group_size: int = 128
+    dtype: str = "bfloat16"
+    granularity: str = "per_group"
+    stochastic: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
+            raise ValueError(f"{type(self).__name__}.group_size must be a positive int; got {self.group_size!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"{type(self).__name__}.dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"{type(self).__name__}.granularity must be one of {GRANULARITIES}; got {self.granularity!r}")
+        if not isinstance(self.stochastic, bool):
+            raise ValueError(f"{type(self).__name__}.stochastic must be a bool; got {self.stochastic!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def op_group_size(self) -> int:
+        """The ops' encoding of the granularity: -1 per tensor, 0 per channel, else the group size."""
+        return {"per_tensor": -1, "per_channel": 0}.get(self.granularity, self.group_size)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class BaseQuantizer:
+    """Quantizes weights to packed storage and activations to fake-quantized tensors.
+
+    Without an observer, scales are dynamic (from each group's min/max). With one attached,
+    ``observer.observe(x)`` collects statistics and :meth:`calibrate_finish` freezes static
+    scales that every later call uses.
+    """
+
+    config_class = QuantizerConfig
+
+    def __init__(self, config: Optional[QuantizerConfig] = None):
+        config = config if config is not None else self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}; got {type(config).__name__}")
+        self.config = config
+        self.observer = None
+        self.static_scale: Optional[torch.Tensor] = None
+        self.static_zero_point: Optional[torch.Tensor] = None
+
+    # ---- what subclasses define
+    @property
+    def fmt(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def symmetric(self) -> bool:
+        return True
+
+    # ---- observers and static scales
+    def attach_observer(self, observer) -> None:
+        """Attach an observer; it is set up to collect statistics for this quantizer's format."""
+        observer.configure(self.fmt, self.symmetric, self.config.granularity, self.config.group_size)
+        self.observer = observer
+
+    def calibrate_finish(self) -> None:
+        """Freeze scales from the observer's statistics (static quantization from now on)."""
+        if self.observer is None:
+            raise RuntimeError("calibrate_finish() needs an observer: call attach_observer() first")
+        self.static_scale, self.static_zero_point = self.observer.compute_scales()
+        logger.debug("%s: static scales frozen, shape %s", type(self).__name__, tuple(self.static_scale.shape))
+
+    def set_static_scales(self, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None) -> None:
+        """Use given scales (float, > 0) from now on; shapes as an observer would produce them."""
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("static scales must be finite and > 0")
+        if not self.symmetric and zero_point is None:
+            raise ValueError("asymmetric quantizers need a zero_point with their static scale")
+        self.static_scale = scale
+        self.static_zero_point = None if zero_point is None else torch.as_tensor(zero_point, dtype=torch.float32)
+
+    @property
+    def is_static(self) -> bool:
+        return self.static_scale is not None
+
+    def _static_args(self, x: torch.Tensor):
+        """Static scales broadcast to the shape the ops expect for ``x``."""
+        if self.static_scale is None:
+            return None, None
+        target = ops.scale_shape(x.shape, self.config.op_group_size)
+        try:
+            s = self.static_scale.to(x.device).expand(target).contiguous()
+            z = None
+            if self.static_zero_point is not None and not self.symmetric:
+                z = self.static_zero_point.to(x.device).expand(target).contiguous()
+        except RuntimeError as e:
+            raise ValueError(f"static scales of shape {tuple(self.static_scale.shape)} do not fit an input of shape "
+                             f"{tuple(x.shape)} ({self.config.granularity}, group_size={self.config.group_size})") from e
+        return s, z
+
+    # ---- the two entry points of the seed
+    def quantize_weight(self, weight: torch.Tensor) -> PackedTensor:
+        """Quantize a weight to packed low-bit storage (real bits/8 bytes per value plus scales)."""
+        if not torch.is_floating_point(weight):
+            raise TypeError(f"quantize_weight expects a floating tensor; got {weight.dtype}")
+        w = weight.detach()
+        s, z = self._static_args(w)
+        packed, scale, zero = ops.quantize(w, self.fmt, symmetric=self.symmetric, group_size=self.config.op_group_size,
+                                           scale=s, zero_point=z, stochastic=self.config.stochastic,
+                                           seed=self.config.seed)
+        return PackedTensor(packed, scale, zero if zero.numel() else None, self.fmt, self.symmetric,
+                            self.config.op_group_size, tuple(w.shape), self.config.torch_dtype)
+
+    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize (one fused kernel) and return in the config's dtype; straight-through gradient."""
+        if not torch.is_floating_point(x):
+            raise TypeError(f"quantize_activation expects a floating tensor; got {x.dtype}")
+        s, z = self._static_args(x)
+        y = ops.fake_quantize(x, self.fmt, symmetric=self.symmetric, group_size=self.config.op_group_size,
+                              scale=s, zero_point=z, stochastic=self.config.stochastic, seed=self.config.seed)
+        return y.to(self.config.torch_dtype)
+
+    def dequantize(self, packed: PackedTensor) -> torch.Tensor:
+        return packed.dequantize(self.config.torch_dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"

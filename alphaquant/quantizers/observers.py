@@ -1,0 +1,228 @@
+"""Observers: collect statistics of tensors during calibration and turn them into static scales.
+
+An observer is configured by the quantizer it is attached to (format, symmetry, granularity,
+group size). Statistics are reduced over every row, so scales come out as:
+per_tensor [1], per_group [groups] (shared by all rows), per_channel [rows, 1] (rows must not
+change between batches: meant for weights).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+from ..formats import FLOAT_INFO, format_bits, int_range, is_float_format
+
+
+def scales_from_range(mn: torch.Tensor, mx: torch.Tensor, fmt: str, symmetric: bool):
+    """The seed's scale (and zero point) formulas, as the kernels apply them (quant_math.h)."""
+    mn, mx = mn.to(torch.float32), mx.to(torch.float32)
+    one = torch.ones((), dtype=torch.float32, device=mn.device)
+    if is_float_format(fmt) or symmetric:
+        qmax = FLOAT_INFO[fmt].max_value if is_float_format(fmt) else int_range(format_bits(fmt), True)[1]
+        scale = torch.maximum(mn.abs(), mx.abs()) / qmax
+        return torch.where((scale > 0) & torch.isfinite(scale), scale, one), None
+    qmin, qmax = int_range(format_bits(fmt), False)
+    scale = (mx - mn) / (qmax - qmin)
+    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, one)
+    return scale, qmin - mn / scale
+
+
+class ObserverBase:
+    """Collects per-group statistics; subclasses choose which (min/max, percentiles, MSE search)."""
+
+    def __init__(self):
+        self.fmt = "int8"
+        self.symmetric = True
+        self.granularity = "per_tensor"
+        self.group_size = 128
+        self.num_batches = 0
+
+    def configure(self, fmt: str, symmetric: bool, granularity: str, group_size: int) -> None:
+        self.fmt, self.symmetric, self.granularity, self.group_size = fmt, symmetric, granularity, group_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.num_batches = 0
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """x -> float32 [rows, groups, g] (padded with NaN), the unit every statistic reduces over."""
+        if x.numel() == 0:
+            raise ValueError("cannot observe an empty tensor")
+        x = x.detach().to(torch.float32)
+        x = x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
+        x = torch.where(torch.isfinite(x), x, torch.zeros((), device=x.device))
+        rows, k = x.shape
+        if self.granularity == "per_tensor":
+            return x.reshape(1, 1, -1)
+        if self.granularity == "per_channel":
+            return x.reshape(rows, 1, k)
+        g = min(self.group_size, k)
+        groups = (k + g - 1) // g
+        x = torch.nn.functional.pad(x, (0, groups * g - k), value=float("nan"))
+        return x.reshape(rows, groups, g)
+
+    def _reduce_dims(self):
+        # per_channel keeps rows; the others pool rows together.
+        return (2,) if self.granularity == "per_channel" else (0, 2)
+
+    def _shape(self, t: torch.Tensor) -> torch.Tensor:
+        if self.granularity == "per_tensor":
+            return t.reshape(1)
+        if self.granularity == "per_channel":
+            return t.reshape(-1, 1)
+        return t.reshape(-1)
+
+    def _range(self, x: torch.Tensor):
+        g = self._grouped(x)
+        dims = self._reduce_dims()
+        mn = torch.nan_to_num(g, nan=float("inf")).amin(dim=dims)
+        mx = torch.nan_to_num(g, nan=float("-inf")).amax(dim=dims)
+        return self._shape(mn), self._shape(mx)
+
+    def observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def min_max(self):
+        raise NotImplementedError
+
+    def compute_scales(self):
+        """(scale, zero_point or None) from what was observed."""
+        if self.num_batches == 0:
+            raise RuntimeError(f"{type(self).__name__}: nothing was observed; call observe() on calibration data first")
+        mn, mx = self.min_max()
+        return scales_from_range(mn, mx, self.fmt, self.symmetric)
+
+    def _check_same(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        if old.shape != new.shape:
+            raise ValueError(f"{type(self).__name__}: statistics of shape {tuple(new.shape)} do not match earlier "
+                             f"batches {tuple(old.shape)}; per_group needs the same last dimension and per_channel "
+                             f"the same number of rows in every batch")
+
+
+class MinMaxObserver(ObserverBase):
+    """Running min and max over every batch."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.min_val: Optional[torch.Tensor] = None
+        self.max_val: Optional[torch.Tensor] = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        mn, mx = self._range(x)
+        if self.min_val is None:
+            self.min_val, self.max_val = mn, mx
+        else:
+            self._check_same(self.min_val, mn)
+            self.min_val, self.max_val = torch.minimum(self.min_val, mn), torch.maximum(self.max_val, mx)
+        self.num_batches += 1
+
+    def min_max(self):
+        return self.min_val, self.max_val
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of each batch's min and max (robust to one outlier batch)."""
+
+    def __init__(self, momentum: float = 0.1):
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1]; got {momentum}")
+        super().__init__()
+        self.momentum = momentum
+
+    def observe(self, x: torch.Tensor) -> None:
+        mn, mx = self._range(x)
+        if self.min_val is None:
+            self.min_val, self.max_val = mn, mx
+        else:
+            self._check_same(self.min_val, mn)
+            m = self.momentum
+            self.min_val = (1 - m) * self.min_val + m * mn
+            self.max_val = (1 - m) * self.max_val + m * mx
+        self.num_batches += 1
+
+
+class PercentileObserver(MinMaxObserver):
+    """Average over batches of the lower and upper ``percentile`` of each group (clips outliers)."""
+
+    def __init__(self, percentile: float = 99.99, max_samples: int = 1 << 20):
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100]; got {percentile}")
+        super().__init__()
+        self.percentile = percentile
+        self.max_samples = max_samples
+
+    def _range(self, x: torch.Tensor):
+        g = self._grouped(x)
+        # [units, values]: one row of samples per statistic.
+        if self.granularity == "per_channel":
+            vals = g.reshape(g.shape[0], -1)
+        else:
+            vals = g.permute(1, 0, 2).reshape(g.shape[1], -1)
+        if vals.shape[1] > self.max_samples:
+            idx = torch.randperm(vals.shape[1], device=vals.device)[: self.max_samples]
+            vals = vals[:, idx]
+        q = self.percentile / 100.0
+        mx = torch.nanquantile(vals, q, dim=1)
+        mn = torch.nanquantile(vals, 1 - q, dim=1)
+        return self._shape(mn), self._shape(mx)
+
+    def observe(self, x: torch.Tensor) -> None:
+        mn, mx = self._range(x)
+        if self.min_val is None:
+            self.min_val, self.max_val = mn, mx
+        else:
+            self._check_same(self.min_val, mn)
+            n = self.num_batches
+            self.min_val = (self.min_val * n + mn) / (n + 1)
+            self.max_val = (self.max_val * n + mx) / (n + 1)
+        self.num_batches += 1
+
+
+class MSEObserver(MinMaxObserver):
+    """Searches, per group, the clipping of the min/max range that minimizes the squared error of
+    quantizing the observed data to the target format (integer or float)."""
+
+    def __init__(self, grid: int = 40, min_ratio: float = 0.3, max_rows: int = 4096):
+        super().__init__()
+        self.grid, self.min_ratio, self.max_rows = grid, min_ratio, max_rows
+
+    def reset(self) -> None:
+        super().reset()
+        self.samples: list[torch.Tensor] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        super().observe(x)
+        rows = x.detach().to(torch.float32).reshape(-1, x.shape[-1] if x.dim() else 1)
+        kept = sum(s.shape[0] for s in self.samples)
+        if kept < self.max_rows:
+            self.samples.append(rows[: self.max_rows - kept].clone())
+
+    def compute_scales(self):
+        if self.num_batches == 0:
+            raise RuntimeError("MSEObserver: nothing was observed; call observe() on calibration data first")
+        data = torch.cat(self.samples)
+        data = torch.where(torch.isfinite(data), data, torch.zeros((), device=data.device))
+        group_size = {"per_tensor": -1, "per_channel": 0}.get(self.granularity, self.group_size)
+        best_err, best_ratio = None, None
+        for i in range(self.grid + 1):
+            ratio = self.min_ratio + (1 - self.min_ratio) * i / self.grid
+            scale, zero = scales_from_range(self.min_val * ratio, self.max_val * ratio, self.fmt, self.symmetric)
+            target = ops.scale_shape(data.shape, group_size)
+            s = scale.expand(target).contiguous()
+            z = None if zero is None else zero.expand(target).contiguous()
+            fq = ops.fake_quantize(data, self.fmt, symmetric=self.symmetric, group_size=group_size, scale=s,
+                                   zero_point=z)
+            err = self._group_error((data - fq) ** 2)
+            if best_err is None:
+                best_err, best_ratio = err, torch.full_like(err, ratio)
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_ratio = torch.where(better, torch.full_like(err, ratio), best_ratio)
+        return scales_from_range(self.min_val * best_ratio, self.max_val * best_ratio, self.fmt, self.symmetric)
+
+    def _group_error(self, sq: torch.Tensor) -> torch.Tensor:
+        g = self._grouped(sq)
+        return self._shape(torch.nansum(g, dim=self._reduce_dims()))
