@@ -1,0 +1,64 @@
+"""Fused low-bit linear (torch.ops.alphaquant.linear) beside F.linear in the activation dtype.
+
+Weights are rotated among several copies so that they do not sit in the GPU's L2 between
+repeats. Prints time per call and the speedup over F.linear for each shape, batch size M and
+format. Usage: python benchmarks/bench_linear.py [--device cpu|cuda] [--shapes 4096x4096,...] [--m 1,4,16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import machine, median_time, print_table  # noqa: E402
+
+from alphaquant import ops  # noqa: E402
+
+FORMATS = [("int4", True, 128), ("int8", True, 0), ("fp8_e4m3", True, 0), ("int2", False, 64), ("fp4_e2m1", True, 32),
+           ("int6", True, 128)]
+GPU_SHAPES = "4096x4096,4096x14336,14336x4096,8192x28672"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", default=None, help="KxN list (default: Llama shapes on GPU, 4096x4096 on CPU)")
+    parser.add_argument("--m", default=None, help="batch sizes (default 1,4,16,64,128 on GPU, 1,4,16 on CPU)")
+    parser.add_argument("--formats", default=None, help="comma list among " + ",".join(f for f, _, _ in FORMATS))
+    args = parser.parse_args()
+    dev = args.device
+    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or (GPU_SHAPES if dev == "cuda" else "4096x4096")).split(",")]
+    ms = [int(m) for m in (args.m or ("1,4,16,64,128" if dev == "cuda" else "1,4,16")).split(",")]
+    formats = [f for f in FORMATS if args.formats is None or f[0] in args.formats.split(",")]
+    act = torch.bfloat16 if dev == "cuda" else torch.float32
+    reps = 50 if dev == "cuda" else 10
+    print(f"# bench_linear on {machine(dev)}, activations {act}, torch {torch.__version__}")
+    rows = []
+    for k, n in shapes:
+        copies = max(1, min(8, int(200e6 // (k * n * 2)))) if dev == "cuda" else 1
+        ws = [torch.randn(n, k, device=dev, dtype=act) for _ in range(copies)]
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=act)
+            it = iter(range(10**9))
+            t_ref = median_time(lambda: F.linear(x, ws[next(it) % copies]), dev, reps)
+            row = [f"{k}x{n}", m, f"{t_ref * 1e6:.0f}"]
+            for fmt, sym, g in formats:
+                qs = [ops.quantize(w, fmt, symmetric=sym, group_size=g) for w in ws]
+                it2 = iter(range(10**9))
+
+                def run():
+                    p, s, z = qs[next(it2) % copies]
+                    return ops.linear(x, p, s, z if z.numel() else None, None, fmt, symmetric=sym, group_size=g, k=k)
+
+                t = median_time(run, dev, reps)
+                row += [f"{t * 1e6:.0f} ({t_ref / t:.2f}x)"]
+            rows.append(row)
+    print_table(["KxN", "M", "F.linear us"] + [f"{f}{'' if s else 'a'} g{g} us (x)" for f, s, g in formats], rows)
+
+
+if __name__ == "__main__":
+    main()
