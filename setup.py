@@ -31,8 +31,10 @@ def build_cuda() -> bool:
 
 def cpu_flags() -> list[str]:
     if os.environ.get("ALPHAQUANT_DEBUG_BUILD") == "1":
-        return ["-O0", "-g"]
-    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]  # exact IEEE rounding, vectorizable
+        return ["-O0", "-g", "-fopenmp"]
+    # exact IEEE rounding (no contraction), vectorizable libm calls; -fopenmp because
+    # at::parallel_for is inlined into our code and runs serially without it
+    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     if platform.machine() == "x86_64" and os.environ.get("ALPHAQUANT_NO_AVX2") != "1":
         with open("/proc/cpuinfo") as f:
             info = f.read()
@@ -65,6 +67,7 @@ setup(
             sources,
             include_dirs=include_dirs,
             extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )
     ],

@@ -6,6 +6,10 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 #include "alphaquant/bitstream.h"
@@ -177,6 +181,27 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const std::string& fmt, bool s
   return out;
 }
 
+// Values of a whole block of 8 integer codes: (c + qmin - z) * s, the same float operations as
+// dequantize_int_code. With AVX2, widths up to 4 bits are unpacked by per-lane shifts of one
+// 32-bit word.
+template <int BITS>
+inline void int_block_values(const uint8_t* src, const uint8_t* c, float qmin, float z, float s, float* v) {
+#if defined(__AVX2__)
+  if constexpr (BITS <= 4) {
+    uint32_t word = 0;
+    std::memcpy(&word, src, BITS);
+    const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+    const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
+                                           _mm256_set1_epi32((1 << BITS) - 1));
+    const __m256 f = _mm256_cvtepi32_ps(codes);
+    _mm256_storeu_ps(v, _mm256_mul_ps(_mm256_sub_ps(_mm256_add_ps(f, _mm256_set1_ps(qmin)), _mm256_set1_ps(z)),
+                                      _mm256_set1_ps(s)));
+    return;
+  }
+#endif
+  for (int i = 0; i < 8; ++i) v[i] = (static_cast<float>(c[i]) + qmin - z) * s;
+}
+
 at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                           const std::string& fmt, bool symmetric, int64_t group_size, int64_t k,
                           at::ScalarType dtype) {
@@ -191,19 +216,37 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_cpu", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
     dispatch_format(a.fmt, [&]<class CODEC, int BITS>() {
+      const float qmin = a.fmt.qmin();
+      const float* table = decode_table(a.fmt);
       for_each_segment(l, [&](int64_t row, int64_t k0, int64_t k1) {
-        thread_local std::vector<uint8_t> codes;
-        codes.resize(k1 - k0);
-        unpack_run<BITS>(src + row * row_bytes + k0 / 8 * BITS, codes.data(), k1 - k0);
-        float buf[256];
-        for (int64_t s = k0; s < k1;) {
-          const int64_t g_end = l.per_tensor ? k1 : std::min(k1, (s / l.group_size + 1) * l.group_size);
-          const int64_t e = std::min<int64_t>(g_end, s + 256);
-          const int64_t si = scale_index(l, row, s);
-          dequantize_group<CODEC>(a.fmt, codes.data() + (s - k0), e - s, {sc[si], zp ? zp[si] : 0.0f}, buf);
-          scalar_t* o = dst + row * l.k + s;
-          for (int64_t i = 0; i < e - s; ++i) o[i] = static_cast<scalar_t>(buf[i]);
-          s = e;
+        const uint8_t* prow = src + row * row_bytes;
+        scalar_t* orow = dst + row * l.k;
+        // Blocks of 8 codes are unpacked in registers and written straight out; a block that
+        // straddles two groups (group sizes that are not multiples of 8) looks up each scale.
+        for (int64_t kb = k0; kb < k1; kb += 8) {
+          const int n = static_cast<int>(std::min<int64_t>(8, k1 - kb));
+          uint8_t c[8];
+          load_block<BITS>(prow + kb / 8 * BITS, c, n);
+          const int64_t si0 = scale_index(l, row, kb), si1 = scale_index(l, row, kb + n - 1);
+          float v[8];
+          if (n == 8 && si0 == si1) {  // the common case, in fixed-length loops that vectorize
+            const float s = sc[si0], z = zp ? zp[si0] : 0.0f;
+            if constexpr (std::is_void_v<CODEC>) {
+              int_block_values<BITS>(prow + kb / 8 * BITS, c, qmin, z, s, v);
+            } else {
+              for (int i = 0; i < 8; ++i) v[i] = table[c[i]] * s;
+            }
+            for (int i = 0; i < 8; ++i) orow[kb + i] = static_cast<scalar_t>(v[i]);
+            continue;
+          }
+          {
+            for (int i = 0; i < n; ++i) {
+              const int64_t si = scale_index(l, row, kb + i);
+              if constexpr (std::is_void_v<CODEC>) v[i] = dequantize_int_code(c[i], sc[si], zp ? zp[si] : 0.0f, qmin);
+              else v[i] = table[c[i]] * sc[si];
+            }
+          }
+          for (int i = 0; i < n; ++i) orow[kb + i] = static_cast<scalar_t>(v[i]);
         }
       });
     });

@@ -23,9 +23,16 @@ template <int BITS>
 AQ_HD void load_block(const uint8_t* src, uint8_t* codes, int n) {
   const int nbytes = n == 8 ? BITS : (n * BITS + 7) / 8;
   uint64_t v = 0;
+#if !defined(__CUDA_ARCH__)
+  if (n == 8) {
+    std::memcpy(&v, src, BITS);  // one unaligned load on little-endian hosts (x86, Arm)
+  } else
+#endif
+  {
 #pragma unroll
-  for (int b = 0; b < BITS; ++b) {
-    if (b < nbytes) v |= static_cast<uint64_t>(src[b]) << (8 * b);
+    for (int b = 0; b < BITS; ++b) {
+      if (b < nbytes) v |= static_cast<uint64_t>(src[b]) << (8 * b);
+    }
   }
 #pragma unroll
   for (int i = 0; i < 8; ++i) codes[i] = unpack1<BITS>(v, i);
