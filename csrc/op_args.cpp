@@ -272,12 +272,17 @@ LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const a
   return a;
 }
 
-at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype) {
+at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype, int64_t n0, int64_t rows) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("alphaquant::dequantize", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                          const std::string&, bool, int64_t, int64_t, at::ScalarType)>();
-  return op.call(a.packed, a.scale, a.zero, a.fmt_name, a.fmt.symmetric, a.group_size_arg, a.layout.k, dtype);
+  if (rows < 0) rows = a.layout.rows - n0;
+  auto slice = [&](const at::Tensor& t) { return a.layout.per_tensor ? t : t.narrow(0, n0, rows); };
+  std::optional<at::Tensor> zero;
+  if (a.zero) zero = slice(*a.zero);
+  return op.call(a.packed.narrow(0, n0, rows), slice(a.scale), zero, a.fmt_name, a.fmt.symmetric, a.group_size_arg,
+                 a.layout.k, dtype);
 }
 
 }  // namespace alphaquant

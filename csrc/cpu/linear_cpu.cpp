@@ -22,17 +22,26 @@ namespace {
 
 constexpr int64_t kMaxGemvRows = 16;
 
-// sum_i a[i] * b[i] with eight independent partial sums, so the compiler can keep them in
-// one vector register.
+// sum_i a[i] * b[i]: AVX2 fused multiply-adds where available, else eight independent partial
+// sums that the compiler can keep in one vector register.
 inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
+  float head = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  head = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (; i + 8 <= n; i += 8) {
     for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
   }
   float tail = 0.0f;
   for (; i < n; ++i) tail += a[i] * b[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+  return head + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
 template <class CODEC, int BITS>
@@ -158,8 +167,20 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
   LinearArgs a = prepare_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k);
   const int64_t m = a.x2d.size(0);
   if (m > kMaxGemvRows) {
-    const at::Tensor w = dequantize_weight(a, at::kFloat);
-    const at::Tensor y = at::linear(a.x2d.to(at::kFloat), w, a.bias ? std::optional<at::Tensor>(*a.bias) : std::nullopt);
+    // Dequantize a tile of output features at a time (it stays in cache) and hand it to GEMM.
+    const at::Tensor xf = a.x2d.to(at::kFloat);
+    at::Tensor y = at::empty({m, a.layout.rows}, xf.options());
+    constexpr int64_t kTile = 1024;  // 16 MiB of float32 at k = 4096: measured best of 256, 1024, all
+    for (int64_t n0 = 0; n0 < a.layout.rows; n0 += kTile) {
+      const int64_t rows = std::min(kTile, a.layout.rows - n0);
+      const at::Tensor w = dequantize_weight(a, at::kFloat, n0, rows);
+      at::Tensor yt = y.narrow(1, n0, rows);
+      if (a.bias) {
+        yt.copy_(at::addmm(a.bias->narrow(0, n0, rows), xf, w.t()));
+      } else {
+        yt.copy_(at::mm(xf, w.t()));
+      }
+    }
     return y.to(x.scalar_type()).reshape(a.out_shape);
   }
   const at::Tensor xf = a.x2d.to(at::kFloat).contiguous();

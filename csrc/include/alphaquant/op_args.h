@@ -79,7 +79,8 @@ LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const a
                           const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
                           const std::string& fmt, bool symmetric, int64_t group_size, int64_t k);
 
-// The whole weight of a linear op dequantized to `dtype` through the dispatcher (any device).
-at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype);
+// The weight of a linear op (rows [n0, n0 + rows), default all) dequantized to `dtype` through
+// the dispatcher (any device).
+at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype, int64_t n0 = 0, int64_t rows = -1);
 
 }  // namespace alphaquant
