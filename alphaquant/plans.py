@@ -204,19 +204,21 @@ def plan_layers(model: nn.Module, plan: dict) -> dict:
 def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
                calibration_batches: Optional[Iterable] = None,
                forward_fn: Optional[Callable[[nn.Module, object], object]] = None,
-               quantize_weights: bool = True) -> PlanReport:
+               quantize_weights: bool = True, progress: Optional[Callable] = None) -> PlanReport:
     """Replace the model's nn.Linear layers by QuantLinear as the plan says; returns a report.
 
     The plan is validated and every quantizer built before any layer is replaced.
     ``calibration_batches`` (with ``forward_fn(model, batch)``, default ``model(batch)``) are run
     when some layer asks for ``act_static``. ``quantize_weights=False`` builds the structure only
-    (empty packed buffers), to load a saved checkpoint into.
+    (empty packed buffers), to load a saved checkpoint into. ``progress`` wraps an iterable
+    (e.g. tqdm) to show progress over the layers.
     """
     plan = load_plan(plan)
     layers = plan_layers(model, plan)
     report = PlanReport()
     report.skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
-    for name, scheme in layers.items():
+    items = list(layers.items())
+    for name, scheme in (progress(items, desc="quantizing") if progress else items):
         linear = model.get_submodule(name)
         if isinstance(linear, QuantLinear):
             raise PlanError(f"layer {name} is already quantized; apply a plan to a float model")

@@ -1,0 +1,58 @@
+"""Accuracy measures for the command line: perplexity of a causal LM and embedding cosine
+similarity of an encoder, on text that calibration never saw."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+
+def corpus_text() -> str:
+    """English text that ships with Python (the pydoc topics, about 465k characters)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def split_text(text: str) -> tuple[str, str]:
+    """(calibration, evaluation): the first fifth and the rest, so the two never overlap."""
+    cut = len(text) // 5
+    return text[:cut], text[cut:]
+
+
+def token_windows(tokenizer, text: str, n_tokens: int, window: int) -> Iterator[torch.Tensor]:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0][:n_tokens]
+    for start in range(0, len(ids) - window + 1, window):
+        yield ids[start:start + window].unsqueeze(0)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, n_tokens: int = 4096, window: int = 512, progress=None) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of the first ``n_tokens`` tokens."""
+    total, count = 0.0, 0
+    windows = list(token_windows(tokenizer, text, n_tokens, window))
+    for ids in progress(windows, desc="perplexity") if progress else windows:
+        out = model(ids, labels=ids)
+        total += out.loss.item() * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def embeddings(model, tokenizer, sentences: list[str]) -> torch.Tensor:
+    """Mean-pooled, normalized sentence embeddings (the MiniLM recipe)."""
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+def eval_sentences(text: str, n: int = 256) -> list[str]:
+    parts = [p.strip() for p in text.split(".") if len(p.strip()) > 40]
+    return parts[:n]
+
+
+def cosine_similarity(ref: torch.Tensor, other: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(ref, other, dim=-1).mean().item()
