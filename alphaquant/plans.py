@@ -13,6 +13,7 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
   act_static        calibrate static activation scales on calibration data (default False)
   observer          minmax (default), moving_average, percentile or mse: used for act_static
   skip              true: keep the layer in float
+  clip_search       true: choose each weight group's clipping by error search (better 2-4 bit)
 """
 from __future__ import annotations
 
@@ -35,11 +36,12 @@ from .quantizers.base import GRANULARITIES
 from .utils.replacement import FLOAT_NAMES, lookup
 
 SCHEME_KEYS = {"wq", "aq", "group_size", "granularity", "act_granularity", "symmetric", "dtype", "act_static",
-               "observer", "skip"}
+               "observer", "skip", "clip_search"}
 OBSERVERS = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
              "percentile": PercentileObserver, "mse": MSEObserver}
 DEFAULTS = {"wq": "int8", "aq": None, "group_size": 128, "granularity": "per_group", "act_granularity": "per_group",
-            "symmetric": True, "dtype": "bfloat16", "act_static": False, "observer": "minmax", "skip": False}
+            "symmetric": True, "dtype": "bfloat16", "act_static": False, "observer": "minmax", "skip": False,
+            "clip_search": False}
 
 
 class PlanError(ValueError):
@@ -91,7 +93,7 @@ def _check_scheme(s: dict, where: str) -> None:
     for key in ("granularity", "act_granularity"):
         if key in s and s[key] not in GRANULARITIES:
             raise PlanError(f"{where}.{key} must be one of {GRANULARITIES}; got {s[key]!r}")
-    for key in ("symmetric", "act_static", "skip"):
+    for key in ("symmetric", "act_static", "skip", "clip_search"):
         if key in s and not isinstance(s[key], bool):
             raise PlanError(f"{where}.{key} must be true or false; got {s[key]!r}")
     if "dtype" in s and s["dtype"] not in ("float32", "float16", "bfloat16"):
@@ -118,6 +120,8 @@ def build_quantizers(scheme: dict):
             return None
         q_cls, cfg = found
         kwargs = dict(group_size=scheme["group_size"], dtype=scheme["dtype"], granularity=granularity)
+        if side == "wq":
+            kwargs["clip_search"] = scheme["clip_search"]
         if scheme[side].startswith("int"):
             kwargs["symmetric"] = scheme["symmetric"]
         return q_cls(cfg(**kwargs))

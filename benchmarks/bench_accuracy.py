@@ -1,0 +1,184 @@
+"""Accuracy and size of every preset beside the peer libraries, in one run.
+
+SmolLM2-135M: perplexity on held-out stdlib text (lower is better). all-MiniLM-L6-v2: cosine
+similarity of sentence embeddings to the float model (higher is better). Every method quantizes
+the same layers (all nn.Linear). Peers run on the CPU through their own quantizers; where a
+peer's CPU matmul is missing, its weights are quantized and dequantized by the peer itself and
+the model runs in float32 (same numbers, the peer's bits). Bits/weight counts the peer's real
+storage (codes + scales + zero points) of the linear weights.
+Usage: python benchmarks/bench_accuracy.py [--models smollm2,minilm] [--eval-tokens 4096]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import print_table  # noqa: E402
+
+from alphaquant import evaluation  # noqa: E402
+from alphaquant.cli import resolve_plan  # noqa: E402
+from alphaquant.models import load_model  # noqa: E402
+from alphaquant.plans import apply_plan  # noqa: E402
+
+PRESETS = ["w8a8", "w8a16", "fp8", "w4a16_g128", "w4a16_g128_mse", "w4a16_g32", "fp4", "w2a16"]
+
+
+def linears(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def replace_weights(model, fn) -> float:
+    """Quantize+dequantize every linear weight with a peer's ``fn(w) -> (w_hat, nbytes)``; bits/weight."""
+    total_bytes = total = 0
+    with torch.no_grad():
+        for _, m in linears(model):
+            w_hat, nbytes = fn(m.weight.data)
+            m.weight.data.copy_(w_hat.reshape(m.weight.shape).to(m.weight.dtype))
+            total_bytes += nbytes
+            total += m.weight.numel()
+    return 8.0 * total_bytes / total
+
+
+def peer_bnb(quant_type: str, blocksize: int = 64):
+    import bitsandbytes.functional as BF
+
+    def fn(w):
+        q, st = BF.quantize_4bit(w.contiguous(), blocksize=blocksize, quant_type=quant_type)
+        return BF.dequantize_4bit(q, st), q.numel() + st.absmax.numel() * st.absmax.element_size()
+    return fn
+
+
+def peer_hqq(nbits: int, group_size: int):
+    from hqq.core.quantize import Quantizer
+
+    def fn(w):
+        wq, meta = Quantizer.quantize(w, nbits=nbits, group_size=group_size, optimize=True, axis=1, device="cpu",
+                                      compute_dtype=torch.float32)
+        n = wq.numel() * wq.element_size() + (meta["scale"].numel() + meta["zero"].numel()) * 2  # fp16 in HQQLinear
+        return Quantizer.dequantize(wq, meta), n
+    return fn
+
+
+def peer_torchao(bits: int, group_size: int):
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    def run(model):
+        dtype = getattr(torch, f"int{bits}")
+        quantize_(model, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(group_size)))
+        return bits + 2 * 32 / group_size  # int codes + fp32 scale and zero point per group
+    return run
+
+
+def peer_quanto(bits: int):
+    from optimum.quanto import freeze, qint2, qint4, qint8, quantize
+
+    def run(model):
+        quantize(model, weights={2: qint2, 4: qint4, 8: qint8}[bits])
+        freeze(model)
+        total_bytes = total = 0
+        for name, t in model.state_dict().items():
+            if ".weight." in name or name.endswith(".weight._data"):
+                total_bytes += t.numel() * t.element_size()
+        for _, m in model.named_modules():
+            if type(m).__name__ == "QLinear":
+                total += m.in_features * m.out_features
+        return 8.0 * total_bytes / max(total, 1)
+    return run
+
+
+def peers(is_lm: bool):
+    out = []
+    have = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    if have("bitsandbytes"):
+        out += [("bitsandbytes NF4 b64", "replace", peer_bnb("nf4")), ("bitsandbytes FP4 b64", "replace", peer_bnb("fp4"))]
+    if have("hqq"):
+        out += [("HQQ int4 g64", "replace", peer_hqq(4, 64)), ("HQQ int2 g16", "replace", peer_hqq(2, 16))]
+    if have("torchao"):
+        out += [("torchao int4 g128", "model", peer_torchao(4, 128)), ("torchao int8 g128", "model", peer_torchao(8, 128))]
+    if have("optimum.quanto"):
+        out += [("quanto int4 g128", "model", peer_quanto(4)), ("quanto int8", "model", peer_quanto(8))]
+    return out
+
+
+def evaluate(model, tok, is_lm, text, n_tokens, ref):
+    if is_lm:
+        return evaluation.perplexity(model, tok, text, n_tokens)
+    return evaluation.cosine_similarity(ref, evaluation.embeddings(model, tok, evaluation.eval_sentences(text)))
+
+
+def run_model(name: str, path, n_tokens: int) -> list:
+    loaded = load_model(path)
+    is_lm = loaded.is_causal_lm
+    calib_text, eval_text = evaluation.split_text(evaluation.corpus_text())
+    ref = None if is_lm else evaluation.embeddings(loaded.model, loaded.tokenizer, evaluation.eval_sentences(eval_text))
+    metric = "perplexity" if is_lm else "cosine"
+    rows = []
+    t = time.time()
+    base = evaluate(loaded.model, loaded.tokenizer, is_lm, eval_text, n_tokens, ref)
+    rows.append([name, "float32", "-", 32.0, f"{base:.4f}", f"{time.time() - t:.0f}"])
+    for preset in PRESETS:
+        t = time.time()
+        model = copy.deepcopy(loaded.model)
+        plan_name, plan = resolve_plan(preset)
+        calib = None
+        if any(o.get("act_static") for o in [plan["default"], *plan["overrides"]]):
+            calib = list(evaluation.token_windows(loaded.tokenizer, calib_text, 2048, 256))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = apply_plan(model, plan, calibration_batches=calib)
+        n = sum(r.bytes_before // 4 for r in report.layers)
+        bits = 8.0 * report.bytes_after / n
+        v = evaluate(model, loaded.tokenizer, is_lm, eval_text, n_tokens, ref)
+        rows.append([name, f"alphaquant {plan_name}", metric, round(bits, 3), f"{v:.4f}", f"{time.time() - t:.0f}"])
+        print(rows[-1], flush=True)
+    for peer_name, kind, fn in peers(is_lm):
+        t = time.time()
+        model = copy.deepcopy(loaded.model)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                bits = replace_weights(model, fn) if kind == "replace" else fn(model)
+            v = evaluate(model, loaded.tokenizer, is_lm, eval_text, n_tokens, ref)
+            rows.append([name, peer_name, metric, round(bits, 3), f"{v:.4f}", f"{time.time() - t:.0f}"])
+        except Exception as e:  # a peer that fails here is reported, not hidden
+            rows.append([name, peer_name, metric, "-", f"failed: {type(e).__name__}: {str(e)[:60]}", "-"])
+        print(rows[-1], flush=True)
+    return rows
+
+
+def minilm_path() -> str:
+    import tempfile
+
+    from all_minilm_l6_v2 import extract_model
+
+    d = os.path.join(tempfile.gettempdir(), "alphaquant-minilm")
+    if not os.path.isfile(os.path.join(d, "config.json")):
+        extract_model(d)
+    return d
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="smollm2,minilm")
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for m in args.models.split(","):
+        rows += run_model("SmolLM2-135M" if m == "smollm2" else "all-MiniLM-L6-v2",
+                          None if m == "smollm2" else minilm_path(), args.eval_tokens)
+    print(f"\n# bench_accuracy, torch {torch.__version__}, {args.eval_tokens} eval tokens")
+    print_table(["model", "method", "metric", "bits/weight", "value", "s"], rows)
+
+
+if __name__ == "__main__":
+    main()
