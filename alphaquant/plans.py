@@ -14,6 +14,7 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
   observer          minmax (default), moving_average, percentile or mse: used for act_static
   skip              true: keep the layer in float
   clip_search       true: choose each weight group's clipping by error search (better 2-4 bit)
+  scale_dtype       storage of weight scales/zero points: float32 (default), float16, bfloat16
 """
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ from .quantizers.base import GRANULARITIES
 from .utils.replacement import FLOAT_NAMES, lookup
 
 SCHEME_KEYS = {"wq", "aq", "group_size", "granularity", "act_granularity", "symmetric", "dtype", "act_static",
-               "observer", "skip", "clip_search"}
+               "observer", "skip", "clip_search", "scale_dtype"}
 OBSERVERS = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
              "percentile": PercentileObserver, "mse": MSEObserver}
 DEFAULTS = {"wq": "int8", "aq": None, "group_size": 128, "granularity": "per_group", "act_granularity": "per_group",
             "symmetric": True, "dtype": "bfloat16", "act_static": False, "observer": "minmax", "skip": False,
-            "clip_search": False}
+            "clip_search": False, "scale_dtype": "float32"}
 
 
 class PlanError(ValueError):
@@ -96,8 +97,9 @@ def _check_scheme(s: dict, where: str) -> None:
     for key in ("symmetric", "act_static", "skip", "clip_search"):
         if key in s and not isinstance(s[key], bool):
             raise PlanError(f"{where}.{key} must be true or false; got {s[key]!r}")
-    if "dtype" in s and s["dtype"] not in ("float32", "float16", "bfloat16"):
-        raise PlanError(f"{where}.dtype must be float32, float16 or bfloat16; got {s['dtype']!r}")
+    for key in ("dtype", "scale_dtype"):
+        if key in s and s[key] not in ("float32", "float16", "bfloat16"):
+            raise PlanError(f"{where}.{key} must be float32, float16 or bfloat16; got {s[key]!r}")
     if "observer" in s and s["observer"] not in OBSERVERS:
         raise PlanError(f"{where}.observer must be one of {sorted(OBSERVERS)}; got {s['observer']!r}")
 
@@ -122,6 +124,7 @@ def build_quantizers(scheme: dict):
         kwargs = dict(group_size=scheme["group_size"], dtype=scheme["dtype"], granularity=granularity)
         if side == "wq":
             kwargs["clip_search"] = scheme["clip_search"]
+            kwargs["scale_dtype"] = scheme["scale_dtype"]
         if scheme[side].startswith("int"):
             kwargs["symmetric"] = scheme["symmetric"]
         return q_cls(cfg(**kwargs))
@@ -233,7 +236,8 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
             sqnr = _sqnr_db(linear.weight, deq)
         else:
             q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, wq.fmt, wq.symmetric,
-                            wq.config.op_group_size, aq, linear.weight.dtype, linear.weight.device)
+                            wq.config.op_group_size, aq, linear.weight.dtype, linear.weight.device,
+                            getattr(torch, wq.config.scale_dtype))
             sqnr = float("nan")
         q.plan_scheme = scheme
         before = linear.weight.numel() * linear.weight.element_size()

@@ -28,7 +28,7 @@ from alphaquant.cli import resolve_plan  # noqa: E402
 from alphaquant.models import load_model  # noqa: E402
 from alphaquant.plans import apply_plan  # noqa: E402
 
-PRESETS = ["w8a8", "w8a16", "fp8", "w4a16_g128", "w4a16_g128_mse", "w4a16_g32", "fp4", "w2a16"]
+PRESETS = ["w8a8", "w8a16", "fp8", "w4a16_g128", "w4a16_g128_mse", "w4a16_g64", "w4a16_g32", "fp4", "w2a16"]
 
 
 def linears(model):

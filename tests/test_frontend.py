@@ -255,3 +255,23 @@ def test_clip_search_never_worse_than_min_max(make):
     err = {cs: (make(cs).quantize_weight(w).dequantize(torch.float32) - w).norm().item() for cs in (False, True)}
     assert err[True] <= err[False] * (1 + 1e-6)
     assert err[True] < err[False] * 0.99  # with these outliers clipping really helps
+
+
+@pytest.mark.parametrize("sdt", ["float16", "bfloat16"])
+def test_half_precision_scales_are_what_is_computed_with(sdt, tmp_path):
+    w = torch.randn(32, 192)
+    q = INT4Quantizer(INT4Config(symmetric=False, group_size=64, scale_dtype=sdt))
+    p = q.quantize_weight(w)
+    assert p.scale.dtype == getattr(torch, sdt) and p.zero_point.dtype == getattr(torch, sdt)
+    assert p.bits_per_value == 4 + 2 * 16 / 64
+    want = ref.dequantize(p.data, p.scale.float(), p.zero_point.float(), "int4", False, 64, 192)
+    assert torch.equal(p.dequantize(torch.float32), want)
+    model = nn.Sequential(nn.Linear(192, 32))
+    plan = {"default": {"wq": "int4", "symmetric": False, "group_size": 64, "scale_dtype": sdt}}
+    apply_plan(model, plan)
+    x = torch.randn(2, 192)
+    y = model(x)
+    save_quantized(model, str(tmp_path / "m.safetensors"), plan)
+    fresh = nn.Sequential(nn.Linear(192, 32))
+    load_quantized(fresh, str(tmp_path / "m.safetensors"))
+    assert torch.equal(fresh(x), y)

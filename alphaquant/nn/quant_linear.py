@@ -15,22 +15,22 @@ class QuantLinear(nn.Module):
     """y = quantize_activation(x) @ W.T + b, computed by torch.ops.alphaquant.linear.
 
     Buffers (all of the state_dict): ``weight_packed`` uint8 [out, ceil(in*bits/8)],
-    ``weight_scale`` float32, ``weight_zero_point`` (asymmetric ints only) and ``bias``. No float
+    ``weight_scale`` (float32, or float16/bfloat16 by the quantizer's scale_dtype), ``weight_zero_point`` (asymmetric ints only) and ``bias``. No float
     copy of the weight is kept. The output has the input's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, symmetric: bool, group_size: int,
                  act_quantizer: Optional[BaseQuantizer] = None, bias_dtype: torch.dtype = torch.float32,
-                 device=None):
+                 device=None, scale_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.symmetric, self.group_size = fmt, symmetric, group_size
         self.act_quantizer = act_quantizer
         packed, scale, zero = ops._quantize_fake_shapes(out_features, in_features, fmt, symmetric, group_size)
         self.register_buffer("weight_packed", torch.zeros(packed, dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.ones(scale, dtype=torch.float32, device=device))
+        self.register_buffer("weight_scale", torch.ones(scale, dtype=scale_dtype, device=device))
         self.register_buffer("weight_zero_point",
-                             torch.zeros(zero, dtype=torch.float32, device=device) if zero else None)
+                             torch.zeros(zero, dtype=scale_dtype, device=device) if zero else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
 
     @classmethod
@@ -38,7 +38,7 @@ class QuantLinear(nn.Module):
                     a_quantizer: Optional[BaseQuantizer] = None) -> "QuantLinear":
         packed = w_quantizer.quantize_weight(linear.weight)
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, packed.fmt, packed.symmetric,
-                    packed.group_size, a_quantizer, linear.weight.dtype, linear.weight.device)
+                    packed.group_size, a_quantizer, linear.weight.dtype, linear.weight.device, packed.scale.dtype)
         layer.load_packed(packed)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
