@@ -14,6 +14,7 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
   observer          minmax (default), moving_average, percentile or mse: used for act_static
   skip              true: keep the layer in float
   clip_search       true: choose each weight group's clipping by error search (better 2-4 bit)
+  zero_opt          true: refine asymmetric int zero points by l_p error minimization (HQQ-style)
   scale_dtype       storage of weight scales/zero points: float32 (default), float16, bfloat16
 """
 from __future__ import annotations
@@ -37,12 +38,12 @@ from .quantizers.base import GRANULARITIES
 from .utils.replacement import FLOAT_NAMES, lookup
 
 SCHEME_KEYS = {"wq", "aq", "group_size", "granularity", "act_granularity", "symmetric", "dtype", "act_static",
-               "observer", "skip", "clip_search", "scale_dtype"}
+               "observer", "skip", "clip_search", "zero_opt", "scale_dtype"}
 OBSERVERS = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
              "percentile": PercentileObserver, "mse": MSEObserver}
 DEFAULTS = {"wq": "int8", "aq": None, "group_size": 128, "granularity": "per_group", "act_granularity": "per_group",
             "symmetric": True, "dtype": "bfloat16", "act_static": False, "observer": "minmax", "skip": False,
-            "clip_search": False, "scale_dtype": "float32"}
+            "clip_search": False, "zero_opt": False, "scale_dtype": "float32"}
 
 
 class PlanError(ValueError):
@@ -94,7 +95,7 @@ def _check_scheme(s: dict, where: str) -> None:
     for key in ("granularity", "act_granularity"):
         if key in s and s[key] not in GRANULARITIES:
             raise PlanError(f"{where}.{key} must be one of {GRANULARITIES}; got {s[key]!r}")
-    for key in ("symmetric", "act_static", "skip", "clip_search"):
+    for key in ("symmetric", "act_static", "skip", "clip_search", "zero_opt"):
         if key in s and not isinstance(s[key], bool):
             raise PlanError(f"{where}.{key} must be true or false; got {s[key]!r}")
     for key in ("dtype", "scale_dtype"):
@@ -124,6 +125,7 @@ def build_quantizers(scheme: dict):
         kwargs = dict(group_size=scheme["group_size"], dtype=scheme["dtype"], granularity=granularity)
         if side == "wq":
             kwargs["clip_search"] = scheme["clip_search"]
+            kwargs["zero_opt"] = scheme["zero_opt"]
             kwargs["scale_dtype"] = scheme["scale_dtype"]
         if scheme[side].startswith("int"):
             kwargs["symmetric"] = scheme["symmetric"]

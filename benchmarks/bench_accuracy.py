@@ -101,7 +101,8 @@ def peers(is_lm: bool):
     if have("bitsandbytes"):
         out += [("bitsandbytes NF4 b64", "replace", peer_bnb("nf4")), ("bitsandbytes FP4 b64", "replace", peer_bnb("fp4"))]
     if have("hqq"):
-        out += [("HQQ int4 g64", "replace", peer_hqq(4, 64)), ("HQQ int2 g16", "replace", peer_hqq(2, 16))]
+        out += [("HQQ int4 g128", "replace", peer_hqq(4, 128)), ("HQQ int4 g64", "replace", peer_hqq(4, 64)),
+                ("HQQ int4 g32", "replace", peer_hqq(4, 32)), ("HQQ int2 g16", "replace", peer_hqq(2, 16))]
     if have("torchao"):
         out += [("torchao int4 g128", "model", peer_torchao(4, 128)), ("torchao int8 g128", "model", peer_torchao(8, 128))]
     if have("optimum.quanto"):

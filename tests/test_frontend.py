@@ -275,3 +275,15 @@ def test_half_precision_scales_are_what_is_computed_with(sdt, tmp_path):
     fresh = nn.Sequential(nn.Linear(192, 32))
     load_quantized(fresh, str(tmp_path / "m.safetensors"))
     assert torch.equal(fresh(x), y)
+
+
+def test_zero_point_optimization_lowers_lp_error():
+    w = torch.randn(96, 256)
+    w[::7, ::5] *= 5
+    plain = INT4Quantizer(INT4Config(symmetric=False, group_size=64)).quantize_weight(w)
+    opt = INT4Quantizer(INT4Config(symmetric=False, group_size=64, zero_opt=True)).quantize_weight(w)
+    lp = lambda p: (p.dequantize(torch.float32) - w).abs().pow(0.7).sum().item()  # noqa: E731
+    assert lp(opt) < lp(plain)
+    assert torch.equal(opt.scale, plain.scale)  # only zero points move
+    with pytest.raises(ValueError, match="asymmetric integer"):
+        INT4Quantizer(INT4Config(zero_opt=True)).quantize_weight(w)

@@ -25,6 +25,8 @@ class QuantizerConfig:
     stochastic: stochastic rounding (reproducible with ``seed``), e.g. for training.
     clip_search: for weights, search per group the clipping of the range that minimizes the
       squared quantization error (quantize_weight only; costs ~20 fake-quantizations).
+    zero_opt: for asymmetric integer weights, refine zero points by l_p (p < 1) error
+      minimization (HQQ's half-quadratic method); quantize_weight only.
     scale_dtype: storage of weight scales and zero points ("float16" halves their overhead:
       int4 group 64 asymmetric takes 4.5 bits per weight instead of 5); values are quantized
       with the rounded scales, so what is stored is exactly what is computed with.
@@ -36,6 +38,7 @@ class QuantizerConfig:
     stochastic: bool = False
     seed: int = 0
     clip_search: bool = False
+    zero_opt: bool = False
     scale_dtype: str = "float32"
 
     def __post_init__(self):
@@ -147,6 +150,12 @@ class BaseQuantizer:
 
             s, z = mse_clip_scales(w, self.fmt, self.symmetric, self.config.op_group_size)
             z = z if not self.symmetric else None
+        if s is None and self.config.zero_opt:
+            if self.symmetric or self.fmt.startswith("fp"):
+                raise ValueError("zero_opt needs an asymmetric integer format (symmetric=False)")
+            from .zero_opt import optimize_zero_points
+
+            s, z = optimize_zero_points(w, self.fmt, self.config.op_group_size)
         sdt = DTYPES[self.config.scale_dtype]
         if sdt != torch.float32:
             if s is None:

@@ -1,4 +1,5 @@
-// AVX2 inner loop of the CPU linear op for integer weights of 1, 2, 4 or 8 bits.
+// AVX2 inner loop of the CPU linear op for weights of 1, 2, 4 or 8 bits (integers, and the
+// fp4/fp8 float formats through a table of their values).
 //
 // Eight packed bytes are widened to eight 32-bit lanes; "plane" p of those lanes, (lane >>
 // p*bits) & mask, holds codes (8/bits)*j + p for j = 0..7. Instead of reordering codes, x is
@@ -36,9 +37,11 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-// sum over [c0, c1) chunks of codes * xp for up to M rows of permuted x; acc[r] += result.
-template <int BITS, int M>
-inline void dot_chunks(const uint8_t* w, const float* xp, int64_t k, int64_t c0, int64_t c1, __m256 (&acc)[M]) {
+// sum over [c0, c1) chunks of value(code) * xp for up to M rows of permuted x; acc[r] +=
+// result. value(code) is the code itself for integers, table[code] (a gather) for float formats.
+template <int BITS, int M, bool TABLE>
+inline void dot_chunks(const uint8_t* w, const float* xp, int64_t k, int64_t c0, int64_t c1, __m256 (&acc)[M],
+                       const float* table = nullptr) {
   constexpr int kPlanes = 8 / BITS;
   constexpr int64_t kPer = 64 / BITS;
   const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
@@ -46,7 +49,13 @@ inline void dot_chunks(const uint8_t* w, const float* xp, int64_t k, int64_t c0,
     const __m256i lanes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c * 8)));
 #pragma GCC unroll 8
     for (int p = 0; p < kPlanes; ++p) {
-      const __m256 code = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(lanes, p * BITS), mask));
+      const __m256i idx = _mm256_and_si256(_mm256_srli_epi32(lanes, p * BITS), mask);
+      __m256 code;
+      if constexpr (TABLE) {
+        code = _mm256_i32gather_ps(table, idx, 4);
+      } else {
+        code = _mm256_cvtepi32_ps(idx);
+      }
 #pragma GCC unroll 16
       for (int r = 0; r < M; ++r) {
         acc[r] = _mm256_fmadd_ps(code, _mm256_loadu_ps(xp + r * k + c * kPer + p * 8), acc[r]);

@@ -95,8 +95,9 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Integer weights of 1/2/4/8 bits whose rows and groups fill whole 8-byte chunks.
-template <int BITS, int M>
+// Weights of 1/2/4/8 bits (integers; fp4/fp8 through their value table) whose rows and groups
+// fill whole 8-byte chunks.
+template <int BITS, int M, bool TABLE>
 void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y) {
   const GroupLayout& l = a.layout;
   const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1), per = 64 / BITS;
@@ -105,6 +106,7 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y) {
   const float* zero = a.zero ? a.zero->data_ptr<float>() : nullptr;
   const float* bias = a.bias ? a.bias->data_ptr<float>() : nullptr;
   const float qmin = a.fmt.qmin();
+  const float* table = TABLE ? decode_table(a.fmt) : nullptr;
   const std::vector<float> xp = permute_x(x, M, k, BITS);
   std::vector<float> xsum(M * l.groups);
   for (int64_t r = 0; r < M; ++r)
@@ -122,8 +124,8 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y) {
         __m256 acc[M];
         for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
         const int64_t c0 = g * l.group_size / per, c1 = std::min(k, (g + 1) * l.group_size) / per;
-        dot_chunks<BITS, M>(w + j * row_bytes, xp.data(), k, c0, c1, acc);
-        const float offset = qmin - (zero ? zero[si] : 0.0f);
+        dot_chunks<BITS, M, TABLE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
+        const float offset = TABLE ? 0.0f : qmin - (zero ? zero[si] : 0.0f);
         for (int r = 0; r < M; ++r) out[r] += scale[si] * (hsum(acc[r]) + offset * xsum[r * l.groups + g]);
       }
       for (int r = 0; r < M; ++r) y[r * n + j] = out[r];
@@ -133,7 +135,7 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y) {
 
 bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m) {
   const int bits = a.fmt.bits;
-  if (a.fmt.is_float() || (bits != 1 && bits != 2 && bits != 4 && bits != 8)) return false;
+  if (bits != 1 && bits != 2 && bits != 4 && bits != 8) return false;
   const int64_t per = 64 / bits;
   if (a.layout.k % per != 0 || (!a.layout.per_tensor && a.layout.group_size % per != 0)) return false;
   bool done = false;
@@ -144,11 +146,16 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m) {
         const int64_t rows = std::min<int64_t>(4, m - r0);
         const float* xr = x + r0 * a.layout.k;
         std::vector<float> yr(rows * a.layout.rows);
-        switch (rows) {
-          case 1: gemv_rows_avx2<BITS, 1>(a, xr, yr.data()); break;
-          case 2: gemv_rows_avx2<BITS, 2>(a, xr, yr.data()); break;
-          case 3: gemv_rows_avx2<BITS, 3>(a, xr, yr.data()); break;
-          default: gemv_rows_avx2<BITS, 4>(a, xr, yr.data()); break;
+        const bool table = a.fmt.is_float();
+        switch (rows * 2 + table) {
+          case 2: gemv_rows_avx2<BITS, 1, false>(a, xr, yr.data()); break;
+          case 3: gemv_rows_avx2<BITS, 1, true>(a, xr, yr.data()); break;
+          case 4: gemv_rows_avx2<BITS, 2, false>(a, xr, yr.data()); break;
+          case 5: gemv_rows_avx2<BITS, 2, true>(a, xr, yr.data()); break;
+          case 6: gemv_rows_avx2<BITS, 3, false>(a, xr, yr.data()); break;
+          case 7: gemv_rows_avx2<BITS, 3, true>(a, xr, yr.data()); break;
+          case 9: gemv_rows_avx2<BITS, 4, true>(a, xr, yr.data()); break;
+          default: gemv_rows_avx2<BITS, 4, false>(a, xr, yr.data()); break;
         }
         std::copy(yr.begin(), yr.end(), y + r0 * a.layout.rows);
       }
