@@ -58,6 +58,8 @@ if with_cuda:
     extra["nvcc"] += ["-DALPHAQUANT_WITH_CUDA"]
     extra["cxx"] += ["-DALPHAQUANT_WITH_CUDA"]
     Extension = CUDAExtension
+else:
+    sources += ["csrc/cuda_missing.cpp"]
 
 setup(
     packages=find_packages(include=["alphaquant", "alphaquant.*"]),

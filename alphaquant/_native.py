@@ -11,6 +11,4 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
-    import torch
-
-    return torch._C._dispatch_has_kernel_for_dispatch_key("alphaquant::quantize", "CUDA")
+    return bool(_C.WITH_CUDA)

@@ -109,3 +109,12 @@ def test_device_mismatch_is_reported():
 def test_int1_symmetric_is_rejected():
     with pytest.raises(ValueError, match="int1 has no symmetric form"):
         ops.quantize(torch.randn(4, 8), "int1")
+
+
+def test_cuda_tensors_without_cuda_kernels_get_a_clear_error():
+    from alphaquant._native import has_cuda_kernels
+
+    if has_cuda_kernels() or not torch.cuda.is_available():
+        pytest.skip("only meaningful for a CPU-only build on a machine with a GPU")
+    with pytest.raises(RuntimeError, match="no CUDA kernels"):
+        ops.quantize(torch.randn(4, 8, device="cuda"), "int4")
