@@ -170,7 +170,9 @@ def cmd_eval(args) -> int:
     is_lm = hasattr(model, "generate") and model.config.architectures and \
         any(a.endswith("ForCausalLM") for a in model.config.architectures)
     ref = None
-    if args.base is not None or not is_lm:
+    if not is_lm and args.base is None:
+        raise CliError("an encoder is evaluated by cosine similarity to its float model: pass --base MODEL")
+    if args.base is not None:
         try:
             base = load_model(args.base)
         except ModelLoadError as e:
@@ -217,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", help="perplexity (or embedding cosine) of a quantized checkpoint")
     e.add_argument("checkpoint")
-    e.add_argument("--base", help="float model to compare with (default: none for LMs, SmolLM2 otherwise)")
+    e.add_argument("--base", help="float model to compare with (required for encoders)")
     e.add_argument("--eval-tokens", type=int, default=4096)
     e.set_defaults(func=cmd_eval)
     i = sub.add_parser("inspect", help="what a packed checkpoint holds")

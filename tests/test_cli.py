@@ -89,3 +89,18 @@ def test_smollm2_default_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", out, "--max-new-tokens", "6"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_failed_write_leaves_nothing_behind(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import alphaquant.checkpoint as ckpt
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_quantized", full_disk)
+    out = tmp_path / "q"
+    assert main(["quantize", tiny_model_dir, "--out", str(out), "--no-eval"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".alphaquant-")]

@@ -287,3 +287,21 @@ def test_zero_point_optimization_lowers_lp_error():
     assert torch.equal(opt.scale, plain.scale)  # only zero points move
     with pytest.raises(ValueError, match="asymmetric integer"):
         INT4Quantizer(INT4Config(zero_opt=True)).quantize_weight(w)
+
+
+def test_checkpoint_metadata_mismatch(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = nn.Sequential(nn.Linear(64, 32))
+    plan = {"default": {"wq": "int4", "group_size": 32}}
+    apply_plan(model, plan)
+    path = str(tmp_path / "m.safetensors")
+    save_quantized(model, path, plan)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    meta["plan"] = json.dumps({"default": {"wq": "int8", "group_size": 32}})  # says int8, holds int4
+    save_file(load_file(path), path, metadata=meta)
+    with pytest.raises(ValueError, match="has fmt='int4' but the plan gives 'int8'"):
+        load_quantized(nn.Sequential(nn.Linear(64, 32)), path)
