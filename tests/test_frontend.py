@@ -305,3 +305,12 @@ def test_checkpoint_metadata_mismatch(tmp_path):
     save_file(load_file(path), path, metadata=meta)
     with pytest.raises(ValueError, match="has fmt='int4' but the plan gives 'int8'"):
         load_quantized(nn.Sequential(nn.Linear(64, 32)), path)
+
+
+@pytest.mark.slow
+def test_quant_linear_compiles_with_inductor():
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16))
+    apply_plan(model, {"default": {"wq": "int4", "aq": "int8", "group_size": 16, "dtype": "float32"}})
+    x = torch.randn(5, 64)
+    compiled = torch.compile(model, fullgraph=True)  # the default backend: inductor generates C++
+    assert torch.allclose(compiled(x), model(x))
