@@ -10,6 +10,7 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
+#include <cstring>
 #include <vector>
 
 namespace alphaquant {
@@ -61,6 +62,33 @@ inline void dot_chunks(const uint8_t* w, const float* xp, int64_t k, int64_t c0,
         acc[r] = _mm256_fmadd_ps(code, _mm256_loadu_ps(xp + r * k + c * kPer + p * 8), acc[r]);
       }
     }
+  }
+}
+
+// The same for 6-bit codes: a chunk is 8 codes in 6 bytes, in natural order (x not permuted).
+// The 48 bits are broadcast to four 64-bit lanes and shifted per lane, four codes at a time.
+template <int M, bool TABLE>
+inline void dot_chunks6(const uint8_t* w, const float* x, int64_t k, int64_t c0, int64_t c1, __m256 (&acc)[M],
+                        const float* table = nullptr) {
+  const __m256i lo_shifts = _mm256_setr_epi64x(0, 6, 12, 18);
+  const __m256i hi_shifts = _mm256_setr_epi64x(24, 30, 36, 42);
+  const __m256i mask = _mm256_set1_epi64x(63);
+  const __m256i low_dwords = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  for (int64_t c = c0; c < c1; ++c) {
+    uint64_t bits = 0;
+    std::memcpy(&bits, w + c * 6, 6);
+    const __m256i v = _mm256_set1_epi64x(static_cast<long long>(bits));
+    const __m256i lo = _mm256_permutevar8x32_epi32(_mm256_and_si256(_mm256_srlv_epi64(v, lo_shifts), mask), low_dwords);
+    const __m256i hi = _mm256_permutevar8x32_epi32(_mm256_and_si256(_mm256_srlv_epi64(v, hi_shifts), mask), low_dwords);
+    const __m256i idx = _mm256_blend_epi32(lo, hi, 0xF0);
+    __m256 code;
+    if constexpr (TABLE) {
+      code = _mm256_i32gather_ps(table, idx, 4);
+    } else {
+      code = _mm256_cvtepi32_ps(idx);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) acc[r] = _mm256_fmadd_ps(code, _mm256_loadu_ps(x + r * k + c * 8), acc[r]);
   }
 }
 

@@ -95,19 +95,19 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Weights of 1/2/4/8 bits (integers; fp4/fp8 through their value table) whose rows and groups
-// fill whole 8-byte chunks.
+// Weights of 1/2/4/6/8 bits (integers; fp4/fp6/fp8 through their value table) whose rows and
+// groups fill whole chunks (8 bytes; 6 bytes for 6-bit codes).
 template <int BITS, int M, bool TABLE>
 void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y) {
   const GroupLayout& l = a.layout;
-  const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1), per = 64 / BITS;
+  const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1), per = BITS == 6 ? 8 : 64 / BITS;
   const uint8_t* w = a.packed.data_ptr<uint8_t>();
   const float* scale = a.scale.data_ptr<float>();
   const float* zero = a.zero ? a.zero->data_ptr<float>() : nullptr;
   const float* bias = a.bias ? a.bias->data_ptr<float>() : nullptr;
   const float qmin = a.fmt.qmin();
   const float* table = TABLE ? decode_table(a.fmt) : nullptr;
-  const std::vector<float> xp = permute_x(x, M, k, BITS);
+  const std::vector<float> xp = BITS == 6 ? std::vector<float>(x, x + M * k) : permute_x(x, M, k, BITS);
   std::vector<float> xsum(M * l.groups);
   for (int64_t r = 0; r < M; ++r)
     for (int64_t g = 0; g < l.groups; ++g) {
@@ -124,7 +124,11 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y) {
         __m256 acc[M];
         for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
         const int64_t c0 = g * l.group_size / per, c1 = std::min(k, (g + 1) * l.group_size) / per;
-        dot_chunks<BITS, M, TABLE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
+        if constexpr (BITS == 6) {
+          dot_chunks6<M, TABLE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
+        } else {
+          dot_chunks<BITS, M, TABLE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
+        }
         const float offset = TABLE ? 0.0f : qmin - (zero ? zero[si] : 0.0f);
         for (int r = 0; r < M; ++r) out[r] += scale[si] * (hsum(acc[r]) + offset * xsum[r * l.groups + g]);
       }
@@ -135,12 +139,12 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y) {
 
 bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m) {
   const int bits = a.fmt.bits;
-  if (bits != 1 && bits != 2 && bits != 4 && bits != 8) return false;
-  const int64_t per = 64 / bits;
+  if (bits != 1 && bits != 2 && bits != 4 && bits != 6 && bits != 8) return false;
+  const int64_t per = bits == 6 ? 8 : 64 / bits;
   if (a.layout.k % per != 0 || (!a.layout.per_tensor && a.layout.group_size % per != 0)) return false;
   bool done = false;
   dispatch_bits(bits, [&]<int BITS>() {
-    if constexpr (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 8) {
+    if constexpr (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 6 || BITS == 8) {
       // Rows of x are handled four at a time: enough accumulators to hide FMA latency.
       for (int64_t r0 = 0; r0 < m; r0 += 4) {
         const int64_t rows = std::min<int64_t>(4, m - r0);
