@@ -18,7 +18,7 @@ import sys
 import time
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-DEFAULT_PLAN = "w4a16_g128"
+DEFAULT_PLAN = "w4a16_g64"  # the best 4-bit preset of benchmarks/RESULTS.md (4.5 bits per weight)
 
 
 class CliError(Exception):
