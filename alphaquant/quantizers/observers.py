@@ -115,8 +115,12 @@ class MinMaxObserver(ObserverBase):
             self.min_val, self.max_val = mn, mx
         else:
             self._check_same(self.min_val, mn)
-            self.min_val, self.max_val = torch.minimum(self.min_val, mn), torch.maximum(self.max_val, mx)
+            self.min_val, self.max_val = self._combine(mn, mx)
         self.num_batches += 1
+
+    def _combine(self, mn: torch.Tensor, mx: torch.Tensor):
+        """New (min, max) from the running ones and this batch's; subclasses average instead."""
+        return torch.minimum(self.min_val, mn), torch.maximum(self.max_val, mx)
 
     def min_max(self):
         return self.min_val, self.max_val
@@ -131,16 +135,9 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         super().__init__()
         self.momentum = momentum
 
-    def observe(self, x: torch.Tensor) -> None:
-        mn, mx = self._range(x)
-        if self.min_val is None:
-            self.min_val, self.max_val = mn, mx
-        else:
-            self._check_same(self.min_val, mn)
-            m = self.momentum
-            self.min_val = (1 - m) * self.min_val + m * mn
-            self.max_val = (1 - m) * self.max_val + m * mx
-        self.num_batches += 1
+    def _combine(self, mn: torch.Tensor, mx: torch.Tensor):
+        m = self.momentum
+        return (1 - m) * self.min_val + m * mn, (1 - m) * self.max_val + m * mx
 
 
 class PercentileObserver(MinMaxObserver):
@@ -168,16 +165,9 @@ class PercentileObserver(MinMaxObserver):
         mn = torch.nanquantile(vals, 1 - q, dim=1)
         return self._shape(mn), self._shape(mx)
 
-    def observe(self, x: torch.Tensor) -> None:
-        mn, mx = self._range(x)
-        if self.min_val is None:
-            self.min_val, self.max_val = mn, mx
-        else:
-            self._check_same(self.min_val, mn)
-            n = self.num_batches
-            self.min_val = (self.min_val * n + mn) / (n + 1)
-            self.max_val = (self.max_val * n + mx) / (n + 1)
-        self.num_batches += 1
+    def _combine(self, mn: torch.Tensor, mx: torch.Tensor):
+        n = self.num_batches
+        return (self.min_val * n + mn) / (n + 1), (self.max_val * n + mx) / (n + 1)
 
 
 class MSEObserver(MinMaxObserver):

@@ -38,6 +38,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
+// Eight codes -> their values: the integer itself, or a float format's table entry.
+template <bool TABLE>
+inline __m256 code_values(__m256i codes, const float* table) {
+  if constexpr (TABLE) {
+    return _mm256_i32gather_ps(table, codes, 4);
+  } else {
+    return _mm256_cvtepi32_ps(codes);
+  }
+}
+
 // sum over [c0, c1) chunks of value(code) * xp for up to M rows of permuted x; acc[r] +=
 // result. value(code) is the code itself for integers, table[code] (a gather) for float formats.
 template <int BITS, int M, bool TABLE>
@@ -50,13 +60,7 @@ inline void dot_chunks(const uint8_t* w, const float* xp, int64_t k, int64_t c0,
     const __m256i lanes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c * 8)));
 #pragma GCC unroll 8
     for (int p = 0; p < kPlanes; ++p) {
-      const __m256i idx = _mm256_and_si256(_mm256_srli_epi32(lanes, p * BITS), mask);
-      __m256 code;
-      if constexpr (TABLE) {
-        code = _mm256_i32gather_ps(table, idx, 4);
-      } else {
-        code = _mm256_cvtepi32_ps(idx);
-      }
+      const __m256 code = code_values<TABLE>(_mm256_and_si256(_mm256_srli_epi32(lanes, p * BITS), mask), table);
 #pragma GCC unroll 16
       for (int r = 0; r < M; ++r) {
         acc[r] = _mm256_fmadd_ps(code, _mm256_loadu_ps(xp + r * k + c * kPer + p * 8), acc[r]);
@@ -80,13 +84,7 @@ inline void dot_chunks6(const uint8_t* w, const float* x, int64_t k, int64_t c0,
     const __m256i v = _mm256_set1_epi64x(static_cast<long long>(bits));
     const __m256i lo = _mm256_permutevar8x32_epi32(_mm256_and_si256(_mm256_srlv_epi64(v, lo_shifts), mask), low_dwords);
     const __m256i hi = _mm256_permutevar8x32_epi32(_mm256_and_si256(_mm256_srlv_epi64(v, hi_shifts), mask), low_dwords);
-    const __m256i idx = _mm256_blend_epi32(lo, hi, 0xF0);
-    __m256 code;
-    if constexpr (TABLE) {
-      code = _mm256_i32gather_ps(table, idx, 4);
-    } else {
-      code = _mm256_cvtepi32_ps(idx);
-    }
+    const __m256 code = code_values<TABLE>(_mm256_blend_epi32(lo, hi, 0xF0), table);
 #pragma GCC unroll 16
     for (int r = 0; r < M; ++r) acc[r] = _mm256_fmadd_ps(code, _mm256_loadu_ps(x + r * k + c * 8), acc[r]);
   }
