@@ -194,13 +194,29 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def plan_layers(model: nn.Module, plan: dict) -> dict:
-    """{module name: resolved scheme} for every nn.Linear / QuantLinear the plan quantizes; warns
-    about overrides that match no layer. Touches nothing."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
-    for i, o in enumerate(plan["overrides"]):
-        if not any(fnmatch.fnmatchcase(n, o["pattern"]) for n in names):
-            warnings.warn(f"plan overrides[{i}] pattern {o['pattern']!r} matches no linear layer", stacklevel=3)
+def _linear_names(model: nn.Module) -> list:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+
+
+def unmatched_patterns(model: nn.Module, plan: dict) -> list:
+    """[(index, pattern)] of the plan's overrides whose pattern matches no linear layer of ``model``
+    (a typo, or a name scheme of another architecture: Llama's attention is ``self_attn``)."""
+    names = _linear_names(model)
+    return [(i, o["pattern"]) for i, o in enumerate(plan["overrides"])
+            if not any(fnmatch.fnmatchcase(n, o["pattern"]) for n in names)]
+
+
+def plan_layers(model: nn.Module, plan: dict, strict: bool = False) -> dict:
+    """{module name: resolved scheme} for every nn.Linear / QuantLinear the plan quantizes. An
+    override that matches no layer warns, or raises PlanError with ``strict``. Touches nothing."""
+    names = _linear_names(model)
+    unmatched = unmatched_patterns(model, plan)
+    if unmatched and strict:
+        raise PlanError("plan patterns match no linear layer of this model: "
+                        + ", ".join(f"overrides[{i}] {p!r}" for i, p in unmatched)
+                        + (f" (layer names look like {names[0]!r})" if names else ""))
+    for i, p in unmatched:
+        warnings.warn(f"plan overrides[{i}] pattern {p!r} matches no linear layer", stacklevel=3)
     out = {}
     for n in names:
         s = resolve(plan, n)
@@ -213,7 +229,8 @@ def plan_layers(model: nn.Module, plan: dict) -> dict:
 def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
                calibration_batches: Optional[Iterable] = None,
                forward_fn: Optional[Callable[[nn.Module, object], object]] = None,
-               quantize_weights: bool = True, progress: Optional[Callable] = None) -> PlanReport:
+               quantize_weights: bool = True, progress: Optional[Callable] = None,
+               strict: bool = False) -> PlanReport:
     """Replace the model's nn.Linear layers by QuantLinear as the plan says; returns a report.
 
     The plan is validated and every quantizer built before any layer is replaced.
@@ -223,7 +240,7 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
     (e.g. tqdm) to show progress over the layers.
     """
     plan = load_plan(plan)
-    layers = plan_layers(model, plan)
+    layers = plan_layers(model, plan, strict=strict)
     report = PlanReport()
     report.skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
     items = list(layers.items())
