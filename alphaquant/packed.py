@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from . import ops
-from .formats import format_bits
+from .formats import check_format, format_bits
+from .layout import scale_shape
 
 
 @dataclass
@@ -27,6 +28,17 @@ class PackedTensor:
     group_size: int
     shape: tuple
     dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        check_format(self.fmt)
+        if not isinstance(self.data, torch.Tensor) or self.data.dtype != torch.uint8:
+            raise TypeError(f"PackedTensor.data must be a uint8 tensor; got {getattr(self.data, 'dtype', self.data)!r}")
+        expected = scale_shape(self.shape, self.group_size)
+        if tuple(self.scale.shape) != expected:
+            raise ValueError(f"PackedTensor.scale has shape {tuple(self.scale.shape)}; expected {expected} for "
+                             f"shape {tuple(self.shape)} with group_size={self.group_size}")
+        if self.zero_point is not None and tuple(self.zero_point.shape) != expected:
+            raise ValueError(f"PackedTensor.zero_point has shape {tuple(self.zero_point.shape)}; expected {expected}")
 
     @property
     def bits(self) -> int:
@@ -56,6 +68,12 @@ class PackedTensor:
                               group_size=self.group_size, k=self.shape[-1], dtype=dtype or self.dtype)
 
     def to(self, device) -> "PackedTensor":
+        """The same packed tensor on ``device``. Packed bytes have no float dtype to cast to: use
+        :meth:`dequantize` for float values."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"PackedTensor.to() moves packed bytes between devices and cannot cast them to "
+                            f"{device}; use .dequantize({device}) for float values")
+        device = torch.device(device)
         zp = None if self.zero_point is None else self.zero_point.to(device)
         return PackedTensor(self.data.to(device), self.scale.to(device), zp, self.fmt, self.symmetric,
                             self.group_size, self.shape, self.dtype)

@@ -34,8 +34,9 @@ from torch import nn
 from ._logging import logger
 from .nn.quant_linear import QuantLinear
 from .quantizers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
-from .quantizers.base import GRANULARITIES
-from .utils.replacement import FLOAT_NAMES, lookup
+from .layout import GRANULARITIES
+from .quantizers.base import MAX_GROUP_SIZE
+from .quantizers.registry import FLOAT_NAMES, lookup
 
 SCHEME_KEYS = {"wq", "aq", "group_size", "granularity", "act_granularity", "symmetric", "dtype", "act_static",
                "observer", "skip", "clip_search", "zero_opt", "scale_dtype"}
@@ -50,31 +51,72 @@ class PlanError(ValueError):
     """A plan that cannot be applied: says which key or layer and what is allowed."""
 
 
+MAX_PLAN_BYTES = 1 << 20
+MAX_OVERRIDES = 10_000
+
+
 def load_plan(plan: Union[str, os.PathLike, dict]) -> dict:
-    """Read (from a path or a dict) and validate a plan; returns a normalized copy."""
+    """Read (from a path or a dict) and validate a plan; returns a normalized copy.
+
+    Every scheme a plan can produce is checked here, down to building its quantizers, so a plan
+    that cannot be applied fails before any model is loaded. Raises PlanError.
+    """
     if isinstance(plan, (str, os.PathLike)):
-        try:
-            with open(plan) as f:
-                plan = json.load(f)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan {plan} is not valid JSON: {e}") from e
+        plan = _read_plan_file(plan)
     if not isinstance(plan, dict):
         raise PlanError(f"a plan must be a JSON object with 'default' and 'overrides'; got {type(plan).__name__}")
     unknown = set(plan) - {"default", "overrides", "name", "description"}
     if unknown:
-        raise PlanError(f"unknown top-level plan keys {sorted(unknown)}; allowed: default, overrides, name, description")
-    plan = copy.deepcopy(plan)
+        raise PlanError(f"unknown top-level plan keys {sorted(map(str, unknown))}; allowed: default, overrides, "
+                        f"name, description")
+    for key in ("name", "description"):
+        if key in plan and not isinstance(plan[key], str):
+            raise PlanError(f"plan '{key}' must be a string; got {type(plan[key]).__name__}")
+    plan = dict(plan)
     plan.setdefault("default", {})
     plan.setdefault("overrides", [])
     _check_scheme(plan["default"], "default")
     if not isinstance(plan["overrides"], list):
         raise PlanError("'overrides' must be a list of objects with a 'pattern'")
+    if len(plan["overrides"]) > MAX_OVERRIDES:
+        raise PlanError(f"'overrides' has {len(plan['overrides'])} entries; at most {MAX_OVERRIDES} are allowed")
     for i, o in enumerate(plan["overrides"]):
         where = f"overrides[{i}]"
         if not isinstance(o, dict) or not isinstance(o.get("pattern"), str) or not o["pattern"]:
             raise PlanError(f"{where} needs a non-empty string 'pattern' (a glob on module names)")
         _check_scheme({k: v for k, v in o.items() if k != "pattern"}, where)
+    plan = copy.deepcopy(plan)  # only plain JSON values are left, and they are shallow
+    # Build the quantizers of every scheme the plan can give a layer (the default, and the
+    # default with each override), so bad combinations (zero_opt on a symmetric format) fail now.
+    candidates = [("default", {})] + [(f"overrides[{i}]", o) for i, o in enumerate(plan["overrides"])]
+    for where, override in candidates:
+        scheme = {**DEFAULTS, **plan["default"], **{k: v for k, v in override.items() if k != "pattern"}}
+        try:
+            build_quantizers(scheme)
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"{where}: {e}") from None
     return plan
+
+
+def _read_plan_file(path) -> object:
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_PLAN_BYTES:
+            raise PlanError(f"plan {path} is {size} bytes; a plan is a small JSON file (at most {MAX_PLAN_BYTES})")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise PlanError(f"cannot read plan {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PlanError(f"plan {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"plan {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise PlanError(f"plan {path} is nested too deeply to be a plan") from None
 
 
 def _check_scheme(s: dict, where: str) -> None:
@@ -82,7 +124,7 @@ def _check_scheme(s: dict, where: str) -> None:
         raise PlanError(f"{where} must be an object")
     unknown = set(s) - SCHEME_KEYS
     if unknown:
-        raise PlanError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(SCHEME_KEYS)}")
+        raise PlanError(f"{where}: unknown keys {sorted(map(str, unknown))}; allowed: {sorted(SCHEME_KEYS)}")
     for side in ("wq", "aq"):
         if side in s:
             try:
@@ -90,19 +132,28 @@ def _check_scheme(s: dict, where: str) -> None:
             except ValueError as e:
                 raise PlanError(f"{where}.{side}: {e}") from None
     if "group_size" in s and (not isinstance(s["group_size"], int) or isinstance(s["group_size"], bool)
-                              or s["group_size"] <= 0):
-        raise PlanError(f"{where}.group_size must be a positive integer; got {s['group_size']!r}")
+                              or not 0 < s["group_size"] <= MAX_GROUP_SIZE):
+        raise PlanError(f"{where}.group_size must be a positive integer (at most {MAX_GROUP_SIZE}); got {_short(s['group_size'])}")
     for key in ("granularity", "act_granularity"):
-        if key in s and s[key] not in GRANULARITIES:
-            raise PlanError(f"{where}.{key} must be one of {GRANULARITIES}; got {s[key]!r}")
+        if key in s and not (isinstance(s[key], str) and s[key] in GRANULARITIES):
+            raise PlanError(f"{where}.{key} must be one of {GRANULARITIES}; got {_short(s[key])}")
     for key in ("symmetric", "act_static", "skip", "clip_search", "zero_opt"):
         if key in s and not isinstance(s[key], bool):
-            raise PlanError(f"{where}.{key} must be true or false; got {s[key]!r}")
+            raise PlanError(f"{where}.{key} must be true or false; got {_short(s[key])}")
     for key in ("dtype", "scale_dtype"):
-        if key in s and s[key] not in ("float32", "float16", "bfloat16"):
-            raise PlanError(f"{where}.{key} must be float32, float16 or bfloat16; got {s[key]!r}")
-    if "observer" in s and s["observer"] not in OBSERVERS:
-        raise PlanError(f"{where}.observer must be one of {sorted(OBSERVERS)}; got {s['observer']!r}")
+        if key in s and not (isinstance(s[key], str) and s[key] in ("float32", "float16", "bfloat16")):
+            raise PlanError(f"{where}.{key} must be float32, float16 or bfloat16; got {_short(s[key])}")
+    if "observer" in s and not (isinstance(s["observer"], str) and s["observer"] in OBSERVERS):
+        raise PlanError(f"{where}.observer must be one of {sorted(OBSERVERS)}; got {_short(s['observer'])}")
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr of a bad value, cut short (a plan may hold a huge integer or a long list)."""
+    try:
+        text = repr(value)
+    except ValueError:  # ints beyond Python's digit limit for str()
+        return f"an integer of about {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def resolve(plan: dict, name: str) -> dict:
@@ -241,36 +292,56 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
     """
     plan = load_plan(plan)
     layers = plan_layers(model, plan, strict=strict)
+    static = [n for n, s in layers.items() if s["act_static"] and s["aq"] not in FLOAT_NAMES]
+    _check_applicable(model, layers, static if quantize_weights else [], calibration_batches,
+                      check_weights=quantize_weights)
     report = PlanReport()
     report.skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
-    items = list(layers.items())
-    for name, scheme in (progress(items, desc="quantizing") if progress else items):
-        linear = model.get_submodule(name)
-        if isinstance(linear, QuantLinear):
-            raise PlanError(f"layer {name} is already quantized; apply a plan to a float model")
-        wq, aq = build_quantizers(scheme)
-        if quantize_weights:
-            q = QuantLinear.from_linear(linear, wq, aq)
-            deq = q.dequantized_weight()
-            sqnr = _sqnr_db(linear.weight, deq)
-        else:
-            q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, wq.fmt, wq.symmetric,
-                            wq.config.op_group_size, aq, linear.weight.dtype, linear.weight.device,
-                            getattr(torch, wq.config.scale_dtype))
-            sqnr = float("nan")
-        q.plan_scheme = scheme
-        before = linear.weight.numel() * linear.weight.element_size()
-        after = q.packed_weight.nbytes
-        report.layers.append(LayerReport(name, _scheme_label(scheme), tuple(linear.weight.shape),
-                                         8.0 * after / linear.weight.numel(), before, after, sqnr))
-        _set_module(model, name, q)
-        logger.debug("quantized %s: %s", name, _scheme_label(scheme))
-    static = [model.get_submodule(n) for n, s in layers.items() if s["act_static"] and s["aq"] not in FLOAT_NAMES]
-    if static and quantize_weights:
-        if calibration_batches is None:
-            raise PlanError(f"{len(static)} layers ask for act_static but no calibration_batches were given")
-        calibrate(model, static, calibration_batches, forward_fn)
+    originals = []  # (name, nn.Linear) of every replaced layer, to put back if anything fails
+    try:
+        items = list(layers.items())
+        for name, scheme in (progress(items, desc="quantizing") if progress else items):
+            linear = model.get_submodule(name)
+            wq, aq = build_quantizers(scheme)
+            if quantize_weights:
+                q = QuantLinear.from_linear(linear, wq, aq)
+                sqnr = _sqnr_db(linear.weight, q.dequantized_weight())
+            else:
+                q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, wq.fmt,
+                                wq.symmetric, wq.config.op_group_size, aq, linear.weight.dtype, linear.weight.device,
+                                getattr(torch, wq.config.scale_dtype))
+                sqnr = float("nan")
+            q.plan_scheme = scheme
+            before = linear.weight.numel() * linear.weight.element_size()
+            after = q.packed_weight.nbytes
+            report.layers.append(LayerReport(name, _scheme_label(scheme), tuple(linear.weight.shape),
+                                             8.0 * after / linear.weight.numel(), before, after, sqnr))
+            _set_module(model, name, q)
+            originals.append((name, linear))
+            logger.debug("quantized %s: %s", name, _scheme_label(scheme))
+        if static and quantize_weights:
+            calibrate(model, [model.get_submodule(n) for n in static], calibration_batches, forward_fn)
+    except BaseException:
+        for name, linear in reversed(originals):
+            _set_module(model, name, linear)
+        raise
     return report
+
+
+def _check_applicable(model: nn.Module, layers: dict, static: list, calibration_batches, check_weights: bool) -> None:
+    """What can be known before the first layer changes: calibration data where the plan needs it,
+    float layers only, and weights a format can hold."""
+    if static and calibration_batches is None:
+        raise PlanError(f"{len(static)} layers ask for act_static (e.g. {static[0]}) but no calibration_batches "
+                        f"were given")
+    for name, scheme in layers.items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, QuantLinear):
+            raise PlanError(f"layer {name} is already quantized; apply a plan to a float model")
+        if check_weights and scheme["wq"] not in ("fp8", "fp8_e4m3", "fp8_e5m2"):
+            if not torch.isfinite(layer.weight.detach()).all():
+                raise PlanError(f"layer {name}: the weight holds NaN or Inf, which {scheme['wq']} cannot represent "
+                                f"(only fp8 formats hold them); fix the model or skip the layer")
 
 
 def calibrate(model: nn.Module, layers: list, batches: Iterable, forward_fn=None) -> None:

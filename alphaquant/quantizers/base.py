@@ -8,10 +8,11 @@ import torch
 
 from .. import ops
 from .._logging import logger
+from ..layout import GRANULARITIES, op_group_size, scale_shape
 from ..packed import PackedTensor
 
-GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_GROUP_SIZE = 1 << 30
 
 
 @dataclass
@@ -22,11 +23,15 @@ class QuantizerConfig:
     dtype: dtype that dequantized values come back in ("float32", "float16", "bfloat16").
     granularity: "per_group", "per_channel" (one scale per row: output channel of a weight,
       token of an activation) or "per_tensor".
-    stochastic: stochastic rounding (reproducible with ``seed``), e.g. for training.
+    stochastic: stochastic rounding (unbiased: rounds up with probability equal to the discarded
+      fraction), e.g. for training.
+    seed: None (default) draws fresh random bits from torch's generator on every call, so
+      ``torch.manual_seed`` repeats a run; an int gives the same rounding on every call.
     clip_search: for weights, search per group the clipping of the range that minimizes the
       squared quantization error (quantize_weight only; costs ~20 fake-quantizations).
     zero_opt: for asymmetric integer weights, refine zero points by l_p (p < 1) error
-      minimization (HQQ's half-quadratic method); quantize_weight only.
+      minimization (HQQ's half-quadratic method); quantize_weight only. Not together with
+      clip_search (both choose the range).
     scale_dtype: storage of weight scales and zero points ("float16" halves their overhead:
       int4 group 64 asymmetric takes 4.5 bits per weight instead of 5); values are quantized
       with the rounded scales, so what is stored is exactly what is computed with.
@@ -36,24 +41,39 @@ class QuantizerConfig:
     dtype: str = "bfloat16"
     granularity: str = "per_group"
     stochastic: bool = False
-    seed: int = 0
+    seed: Optional[int] = None
     clip_search: bool = False
     zero_opt: bool = False
     scale_dtype: str = "float32"
 
     def __post_init__(self):
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
-            raise ValueError(f"{type(self).__name__}.group_size must be a positive int; got {self.group_size!r}")
+        name = type(self).__name__
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not 0 < self.group_size <= MAX_GROUP_SIZE:
+            raise ValueError(f"{name}.group_size must be a positive int (at most {MAX_GROUP_SIZE}); got {self.group_size!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"{type(self).__name__}.dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
+            raise ValueError(f"{name}.dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
         if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"{type(self).__name__}.granularity must be one of {GRANULARITIES}; got {self.granularity!r}")
+            raise ValueError(f"{name}.granularity must be one of {GRANULARITIES}; got {self.granularity!r}")
         if self.scale_dtype not in DTYPES:
-            raise ValueError(f"{type(self).__name__}.scale_dtype must be one of {sorted(DTYPES)}; "
-                             f"got {self.scale_dtype!r}")
-        if not isinstance(self.stochastic, bool):
-            raise ValueError(f"{type(self).__name__}.stochastic must be a bool; got {self.stochastic!r}")
+            raise ValueError(f"{name}.scale_dtype must be one of {sorted(DTYPES)}; got {self.scale_dtype!r}")
+        for key in ("stochastic", "clip_search", "zero_opt"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{name}.{key} must be True or False; got {getattr(self, key)!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**63):
+            raise ValueError(f"{name}.seed must be None (fresh randomness from torch's generator on every call) "
+                             f"or an int in [0, 2**63); got {self.seed!r}")
+        if self.clip_search and self.zero_opt:
+            raise ValueError(f"{name}: clip_search and zero_opt both choose the weight range (clipping by error "
+                             f"search vs. l_p zero-point refinement); pick one")
+        if self.zero_opt and not self.asymmetric_int:
+            raise ValueError(f"{name}.zero_opt refines zero points, which only asymmetric integer formats have "
+                             f"(an int config with symmetric=False)")
+
+    @property
+    def asymmetric_int(self) -> bool:
+        """Whether the format is an integer format with a zero point."""
+        return False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -62,7 +82,7 @@ class QuantizerConfig:
     @property
     def op_group_size(self) -> int:
         """The ops' encoding of the granularity: -1 per tensor, 0 per channel, else the group size."""
-        return {"per_tensor": -1, "per_channel": 0}.get(self.granularity, self.group_size)
+        return op_group_size(self.granularity, self.group_size)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -119,6 +139,14 @@ class BaseQuantizer:
         self.static_scale = scale
         self.static_zero_point = None if zero_point is None else torch.as_tensor(zero_point, dtype=torch.float32)
 
+    def _rounding_seed(self) -> int:
+        """The config's seed, or fresh bits from torch's default generator (stochastic rounding only)."""
+        if not self.config.stochastic:
+            return 0
+        if self.config.seed is not None:
+            return self.config.seed
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
     @property
     def is_static(self) -> bool:
         return self.static_scale is not None
@@ -127,7 +155,7 @@ class BaseQuantizer:
         """Static scales broadcast to the shape the ops expect for ``x``."""
         if self.static_scale is None:
             return None, None
-        target = ops.scale_shape(x.shape, self.config.op_group_size)
+        target = scale_shape(x.shape, self.config.op_group_size)
         try:
             s = self.static_scale.to(x.device).expand(target).contiguous()
             z = None
@@ -138,7 +166,7 @@ class BaseQuantizer:
                              f"{tuple(x.shape)} ({self.config.granularity}, group_size={self.config.group_size})") from e
         return s, z
 
-    # ---- the two entry points of the seed
+    # ---- the two entry points: weights to packed storage, activations fake-quantized
     def quantize_weight(self, weight: torch.Tensor) -> PackedTensor:
         """Quantize a weight to packed low-bit storage (real bits/8 bytes per value plus scales)."""
         if not torch.is_floating_point(weight):
@@ -151,8 +179,6 @@ class BaseQuantizer:
             s, z = mse_clip_scales(w, self.fmt, self.symmetric, self.config.op_group_size)
             z = z if not self.symmetric else None
         if s is None and self.config.zero_opt:
-            if self.symmetric or self.fmt.startswith("fp"):
-                raise ValueError("zero_opt needs an asymmetric integer format (symmetric=False)")
             from .zero_opt import optimize_zero_points
 
             s, z = optimize_zero_points(w, self.fmt, self.config.op_group_size)
@@ -166,7 +192,7 @@ class BaseQuantizer:
             z = None if z is None else z.to(sdt).float()
         packed, scale, zero = ops.quantize(w, self.fmt, symmetric=self.symmetric, group_size=self.config.op_group_size,
                                            scale=s, zero_point=z, stochastic=self.config.stochastic,
-                                           seed=self.config.seed)
+                                           seed=self._rounding_seed())
         zero = zero.to(sdt) if zero.numel() else None
         return PackedTensor(packed, scale.to(sdt), zero, self.fmt, self.symmetric,
                             self.config.op_group_size, tuple(w.shape), self.config.torch_dtype)
@@ -177,7 +203,7 @@ class BaseQuantizer:
             raise TypeError(f"quantize_activation expects a floating tensor; got {x.dtype}")
         s, z = self._static_args(x)
         y = ops.fake_quantize(x, self.fmt, symmetric=self.symmetric, group_size=self.config.op_group_size,
-                              scale=s, zero_point=z, stochastic=self.config.stochastic, seed=self.config.seed)
+                              scale=s, zero_point=z, stochastic=self.config.stochastic, seed=self._rounding_seed())
         return y.to(self.config.torch_dtype)
 
     def dequantize(self, packed: PackedTensor) -> torch.Tensor:

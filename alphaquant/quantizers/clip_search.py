@@ -7,18 +7,8 @@ import torch
 
 from .. import ops
 from ..formats import FLOAT_INFO, format_bits, int_range, is_float_format
+from ..layout import group_sums
 from .observers import scales_from_range
-
-
-def _group_sums(sq: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Sum of ``sq`` [..., k] over each group, shaped like the ops' scales."""
-    k = sq.shape[-1]
-    if group_size == -1:
-        return sq.sum().reshape((1,) * sq.dim())
-    g = k if group_size <= 0 or group_size >= k else group_size
-    groups = (k + g - 1) // g
-    padded = torch.nn.functional.pad(sq, (0, groups * g - k))
-    return padded.reshape(*sq.shape[:-1], groups, g).sum(-1)
 
 
 def mse_clip_scales(w: torch.Tensor, fmt: str, symmetric: bool, group_size: int, grid: int = 20,
@@ -41,7 +31,7 @@ def mse_clip_scales(w: torch.Tensor, fmt: str, symmetric: bool, group_size: int,
         s, z = scales_from_range(mn * ratio, mx * ratio, fmt, symmetric)
         fq = ops.fake_quantize(w, fmt, symmetric=symmetric, group_size=group_size, scale=s.contiguous(),
                                zero_point=None if z is None else z.contiguous())
-        err = _group_sums((wf - fq.to(torch.float32)) ** 2, group_size)
+        err = group_sums((wf - fq.to(torch.float32)) ** 2, group_size)
         if best_err is None:
             best_err, best_s, best_z = err, s, z
         else:

@@ -13,9 +13,13 @@ class IntConfig(QuantizerConfig):
     symmetric: bool = True
 
     def __post_init__(self):
-        super().__post_init__()
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"{type(self).__name__}.symmetric must be True or False; got {self.symmetric!r}")
+        super().__post_init__()
+
+    @property
+    def asymmetric_int(self) -> bool:
+        return not self.symmetric
 
 
 @dataclass

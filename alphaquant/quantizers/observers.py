@@ -13,10 +13,11 @@ import torch
 
 from .. import ops
 from ..formats import FLOAT_INFO, format_bits, int_range, is_float_format
+from ..layout import op_group_size, scale_shape, to_groups
 
 
 def scales_from_range(mn: torch.Tensor, mx: torch.Tensor, fmt: str, symmetric: bool):
-    """The seed's scale (and zero point) formulas, as the kernels apply them (quant_math.h)."""
+    """Scale (and zero point) from a range, with the formulas the kernels apply (quant_math.h)."""
     mn, mx = mn.to(torch.float32), mx.to(torch.float32)
     one = torch.ones((), dtype=torch.float32, device=mn.device)
     if is_float_format(fmt) or symmetric:
@@ -24,7 +25,9 @@ def scales_from_range(mn: torch.Tensor, mx: torch.Tensor, fmt: str, symmetric: b
         scale = torch.maximum(mn.abs(), mx.abs()) / qmax
         return torch.where((scale > 0) & torch.isfinite(scale), scale, one), None
     qmin, qmax = int_range(format_bits(fmt), False)
-    scale = (mx - mn) / (qmax - qmin)
+    span = mx - mn
+    # A range wider than float32 (values near +-3.4e38) is divided before it is subtracted.
+    scale = torch.where(torch.isfinite(span), span / (qmax - qmin), mx / (qmax - qmin) - mn / (qmax - qmin))
     scale = torch.where((scale > 0) & torch.isfinite(scale), scale, one)
     return scale, qmin - mn / scale
 
@@ -46,22 +49,23 @@ class ObserverBase:
     def reset(self) -> None:
         self.num_batches = 0
 
-    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
-        """x -> float32 [rows, groups, g] (padded with NaN), the unit every statistic reduces over."""
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x -> float32 [rows, k] with NaN/Inf counted as 0 (they carry no range information)."""
+        if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
+            raise TypeError(f"{type(self).__name__}.observe expects a floating tensor; got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
         if x.numel() == 0:
             raise ValueError("cannot observe an empty tensor")
         x = x.detach().to(torch.float32)
         x = x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
-        x = torch.where(torch.isfinite(x), x, torch.zeros((), device=x.device))
-        rows, k = x.shape
+        return torch.where(torch.isfinite(x), x, torch.zeros((), device=x.device))
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """x -> float32 [rows, groups, g] (padded with NaN), the unit every statistic reduces over."""
+        x = self._rows(x)
         if self.granularity == "per_tensor":
             return x.reshape(1, 1, -1)
-        if self.granularity == "per_channel":
-            return x.reshape(rows, 1, k)
-        g = min(self.group_size, k)
-        groups = (k + g - 1) // g
-        x = torch.nn.functional.pad(x, (0, groups * g - k), value=float("nan"))
-        return x.reshape(rows, groups, g)
+        return to_groups(x, op_group_size(self.granularity, self.group_size))
 
     def _reduce_dims(self):
         # per_channel keeps rows; the others pool rows together.
@@ -172,39 +176,45 @@ class PercentileObserver(MinMaxObserver):
 
 class MSEObserver(MinMaxObserver):
     """Searches, per group, the clipping of the min/max range that minimizes the squared error of
-    quantizing the observed data to the target format (integer or float)."""
+    quantizing the observed data to the target format (integer or float).
+
+    grid: number of clipping ratios tried between ``min_ratio`` and 1; max_rows: rows of observed
+    data kept for the search (the min/max still covers every batch).
+    """
 
     def __init__(self, grid: int = 40, min_ratio: float = 0.3, max_rows: int = 4096):
+        if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
+            raise ValueError(f"grid must be an int >= 1; got {grid!r}")
+        if not isinstance(min_ratio, (int, float)) or isinstance(min_ratio, bool) or not 0.0 < min_ratio <= 1.0:
+            raise ValueError(f"min_ratio must be in (0, 1]; got {min_ratio!r}")
+        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+            raise ValueError(f"max_rows must be an int >= 1; got {max_rows!r}")
         super().__init__()
-        self.grid, self.min_ratio, self.max_rows = grid, min_ratio, max_rows
+        self.grid, self.min_ratio, self.max_rows = grid, float(min_ratio), max_rows
 
     def reset(self) -> None:
         super().reset()
         self.samples: list[torch.Tensor] = []
+        self._kept_rows = 0
 
     def observe(self, x: torch.Tensor) -> None:
         super().observe(x)
-        rows = x.detach().to(torch.float32).reshape(-1, x.shape[-1] if x.dim() else 1)
-        kept = sum(s.shape[0] for s in self.samples)
-        if kept < self.max_rows:
-            self.samples.append(rows[: self.max_rows - kept].clone())
+        rows = self._rows(x)
+        if self.granularity == "per_tensor":
+            rows = rows.reshape(1, -1)  # batches of any shape: one group each
+        if self._kept_rows < self.max_rows and (self.granularity != "per_channel" or not self.samples):
+            kept = rows[: self.max_rows - self._kept_rows].clone()
+            self.samples.append(kept)
+            self._kept_rows += kept.shape[0]
 
     def compute_scales(self):
         if self.num_batches == 0:
             raise RuntimeError("MSEObserver: nothing was observed; call observe() on calibration data first")
-        data = torch.cat(self.samples)
-        data = torch.where(torch.isfinite(data), data, torch.zeros((), device=data.device))
-        group_size = {"per_tensor": -1, "per_channel": 0}.get(self.granularity, self.group_size)
         best_err, best_ratio = None, None
         for i in range(self.grid + 1):
             ratio = self.min_ratio + (1 - self.min_ratio) * i / self.grid
             scale, zero = scales_from_range(self.min_val * ratio, self.max_val * ratio, self.fmt, self.symmetric)
-            target = ops.scale_shape(data.shape, group_size)
-            s = scale.expand(target).contiguous()
-            z = None if zero is None else zero.expand(target).contiguous()
-            fq = ops.fake_quantize(data, self.fmt, symmetric=self.symmetric, group_size=group_size, scale=s,
-                                   zero_point=z)
-            err = self._group_error((data - fq) ** 2)
+            err = sum(self._quantization_error(d, scale, zero) for d in self.samples)
             if best_err is None:
                 best_err, best_ratio = err, torch.full_like(err, ratio)
             else:
@@ -212,6 +222,15 @@ class MSEObserver(MinMaxObserver):
                 best_err = torch.where(better, err, best_err)
                 best_ratio = torch.where(better, torch.full_like(err, ratio), best_ratio)
         return scales_from_range(self.min_val * best_ratio, self.max_val * best_ratio, self.fmt, self.symmetric)
+
+    def _quantization_error(self, data: torch.Tensor, scale: torch.Tensor, zero) -> torch.Tensor:
+        """Squared error of fake-quantizing ``data`` [rows, k] with these scales, per statistic."""
+        group_size = -1 if self.granularity == "per_tensor" else op_group_size(self.granularity, self.group_size)
+        target = scale_shape(data.shape, group_size)
+        s = scale.expand(target).contiguous()
+        z = None if zero is None else zero.expand(target).contiguous()
+        fq = ops.fake_quantize(data, self.fmt, symmetric=self.symmetric, group_size=group_size, scale=s, zero_point=z)
+        return self._group_error((data - fq) ** 2)
 
     def _group_error(self, sq: torch.Tensor) -> torch.Tensor:
         g = self._grouped(sq)

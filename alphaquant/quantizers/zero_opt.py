@@ -12,13 +12,7 @@ import torch
 
 from .. import ops
 from ..formats import format_bits, int_range
-
-
-def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
-    k = t.shape[-1]
-    g = k if group_size <= 0 or group_size >= k else group_size
-    groups = (k + g - 1) // g
-    return torch.nn.functional.pad(t, (0, groups * g - k), value=float("nan")).reshape(*t.shape[:-1], groups, g)
+from ..layout import to_groups
 
 
 def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -43,7 +37,7 @@ def optimize_zero_points(w: torch.Tensor, fmt: str, group_size: int, iters: int 
 
 def _refine(w, scale, zero, fmt, group_size, iters, p, beta, kappa):
     qmin, qmax = int_range(format_bits(fmt), False)
-    wg = _grouped(w.to(torch.float32), group_size)  # [..., groups, g], NaN padding
+    wg = to_groups(w.to(torch.float32), group_size)  # [..., groups, g], NaN padding
     valid = ~torch.isnan(wg)
     wg = torch.nan_to_num(wg)
     s = scale.unsqueeze(-1)
