@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alphaquant.packed import PackedTensor
-from alphaquant.quantizers import (FP4Config, FP8Config, FP8Quantizer, INT4Config, INT4Quantizer, INT8Config,
+from alphaquant.quantizers import (FP4Config, FP8Config, INT4Config, INT4Quantizer, INT8Config,
                                    INT8Quantizer, MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver,
                                    PercentileObserver, QuantizerConfig)
 from alphaquant.quantizers.registry import create_quantizer_from_scheme, lookup
@@ -178,3 +178,15 @@ def test_packed_tensor_checks_its_parts():
         PackedTensor(p.data, p.scale, None, "int5x", True, 32, (8, 70))
     with pytest.raises(TypeError, match="uint8"):
         PackedTensor(p.data.float(), p.scale, None, "int4", True, 32, (8, 70))
+
+
+def test_int_torch_module_path_aliases_the_ops():
+    from alphaquant import ops
+    from alphaquant.quantizers.kernel.int_torch import int_dequantize, int_fake_quantize, int_quantize
+
+    x = torch.randn(5, 40)
+    packed, scale, zero = int_quantize(x, 4, symmetric=False, group_size=16)
+    expected = ops.quantize(x, "int4", symmetric=False, group_size=16)
+    assert all(torch.equal(a, b) for a, b in zip((packed, scale, zero), expected))
+    deq = int_dequantize(packed, scale, zero, 4, 40, symmetric=False, group_size=16)
+    assert torch.equal(deq, int_fake_quantize(x, 4, symmetric=False, group_size=16))

@@ -1,4 +1,4 @@
-"""Quantizers, their configs and observers (the seed's public API)."""
+"""Quantizers, their configs and observers: the public quantization API."""
 from .base import BaseQuantizer, QuantizerConfig
 from .fp4 import FP4Config, FP4Quantizer
 from .fp8 import FP8Config, FP8Quantizer
