@@ -4,6 +4,9 @@ C++ CPU kernels are always built; CUDA kernels when torch has CUDA and a toolkit
 Switches (environment):
   ALPHAQUANT_CUDA=1|0      force or skip the CUDA kernels (default: auto)
   ALPHAQUANT_DEBUG_BUILD=1 compile with -O0 -g
+  ALPHAQUANT_SANITIZE=1    C++ kernels with AddressSanitizer and UndefinedBehaviorSanitizer
+                           (-fsanitize=address,undefined, compile and link); python must then run
+                           with the sanitizer runtimes preloaded: see scripts/run_sanitized_tests.sh
   ALPHAQUANT_NO_AVX2=1     do not target AVX2/FMA on x86 even if the build machine has them
   TORCH_CUDA_ARCH_LIST     CUDA architectures (default 9.0 when no GPU is visible)
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
@@ -43,10 +46,16 @@ def cpu_flags() -> list[str]:
     return flags
 
 
+def sanitizer_flags() -> list[str]:
+    if os.environ.get("ALPHAQUANT_SANITIZE") != "1":
+        return []
+    return ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+
+
 with_cuda = build_cuda()
-sources = ["csrc/ops.cpp", "csrc/op_args.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/ops.cpp", "csrc/format_and_layout.cpp", "csrc/arg_checks.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.abspath("csrc/include"), os.path.abspath("csrc")]
-extra = {"cxx": cpu_flags() + ["-DPy_LIMITED_API=0x030A0000"]}
+extra = {"cxx": cpu_flags() + sanitizer_flags() + ["-DPy_LIMITED_API=0x030A0000"]}
 Extension = CppExtension
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0" if not torch.cuda.is_available() else "")
@@ -69,7 +78,7 @@ setup(
             sources,
             include_dirs=include_dirs,
             extra_compile_args=extra,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"] + sanitizer_flags(),
             py_limited_api=True,
         )
     ],

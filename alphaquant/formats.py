@@ -48,7 +48,7 @@ def format_bits(fmt: str) -> int:
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """(qmin, qmax) as the seed defines them."""
+    """(qmin, qmax) of a b-bit integer format (csrc/include/alphaquant/formats.h)."""
     if symmetric:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1

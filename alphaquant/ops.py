@@ -8,7 +8,12 @@ through the ops. Layouts:
   csrc/include/alphaquant/formats.h);
 * ``group_size`` > 0 puts groups of that many values along the last dimension (the last group
   of a row may be shorter), 0 means one group per row (per-channel), -1 one scale per tensor;
-* scales and zero points are float32 of shape ``x.shape[:-1] + (groups,)`` (all ones per tensor).
+* scales and zero points are float32 of shape ``x.shape[:-1] + (groups,)`` (all ones per tensor);
+* every tensor argument of an op must be on one device; the ops that read scales (dequantize,
+  linear, quantize with given scales) require them finite and > 0 and zero points finite.
+
+The fake kernels check their arguments as the native kernels do (device, format, dtypes, shapes),
+so the meta device and torch.compile reject what the kernels would reject, with the same words.
 """
 from __future__ import annotations
 
@@ -17,27 +22,10 @@ from typing import Optional
 import torch
 
 from . import _native  # noqa: F401  (registers the ops)
-from .formats import format_bits, is_float_format
+from .formats import FLOAT_FORMATS, FLOAT_INFO, packed_row_bytes
+from .layout import check_op_group_size, scale_shape  # scale_shape also re-exported: ops.scale_shape
 
 _ops = torch.ops.alphaquant
-
-
-def _groups(k, group_size: int):
-    if group_size <= 0 or group_size >= k:
-        return 1
-    return (k + group_size - 1) // group_size
-
-
-def scale_shape(shape, group_size: int) -> tuple:
-    """Shape of the scale (and zero point) tensor for an input of ``shape``."""
-    shape = tuple(shape)
-    if group_size == -1:
-        return (1,) * len(shape)
-    return shape[:-1] + (_groups(shape[-1], group_size),)
-
-
-def _is_asymmetric(fmt: str, symmetric: bool) -> bool:
-    return not is_float_format(fmt) and not symmetric
 
 
 # ---------------------------------------------------------------- wrappers
@@ -101,9 +89,14 @@ def dequantize(
     group_size: int = 128,
     k: int,
     dtype: torch.dtype = torch.float32,
+    validate: bool = True,
 ) -> torch.Tensor:
-    """Packed uint8 [..., ceil(k*bits/8)] with its scales -> float [..., k] in ``dtype``."""
-    return _ops.dequantize(packed, scale, zero_point, fmt, symmetric, group_size, k, dtype)
+    """Packed uint8 [..., ceil(k*bits/8)] with its scales -> float [..., k] in ``dtype``.
+
+    ``validate`` checks every scale (finite, > 0) and zero point (finite) and raises ValueError
+    on a bad one; pass False only for scales already checked (on CUDA the check costs a sync).
+    """
+    return _ops.dequantize(packed, scale, zero_point, fmt, symmetric, group_size, k, dtype, validate)
 
 
 def fake_quantize(
@@ -135,61 +128,244 @@ def linear(
     symmetric: bool = True,
     group_size: int = 128,
     k: int,
+    validate: bool = True,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with W dequantized inside the kernel.
 
     x: [..., k] float32/16/bf16; packed: uint8 [n, ceil(k*bits/8)] (a weight quantized by
-    :func:`quantize`); scale/zero_point: [n, groups] float32 ([1, 1] per tensor); bias: [n] or
-    None. Returns [..., n] in x's dtype.
+    :func:`quantize`); scale/zero_point: [n, groups] float32 ([1, 1] per tensor); bias: [n]
+    floating or None. Returns [..., n] in x's dtype. ``validate`` as in :func:`dequantize`.
+
+    Differentiable in x and bias (d x = grad @ W, d bias = grad summed over leading dims);
+    the packed weight and its scales get no gradient.
     """
-    return _ops.linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k)
+    return _ops.linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k, validate)
+
+
+# ---------------------------------------------------------------- argument checks of the fake kernels
+# The same rules and messages as csrc/arg_checks.cpp and csrc/format_and_layout.cpp.
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FORMAT_NAMES = "int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1"
+_MAX_ROW_LENGTH = (2**63 - 1) // 8  # a row's length in bits still fits in int64
+_INT64_MAX = 2**63 - 1
+
+
+def _value_error(op: str, msg: str) -> ValueError:
+    return ValueError(f"alphaquant.{op}: {msg}")
+
+
+def _type_error(op: str, msg: str) -> TypeError:
+    return TypeError(f"alphaquant.{op}: {msg}")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _parse_format(fmt: str, symmetric: bool) -> tuple[int, bool]:
+    """(bits, asymmetric int) of a format name, or the native kernels' error."""
+    if len(fmt) == 4 and fmt.startswith("int") and "1" <= fmt[3] <= "8":
+        if fmt == "int1" and symmetric:
+            raise ValueError("alphaquant: int1 has no symmetric form (its symmetric range [-1, 0] has qmax = 0, so "
+                             "max|x| / qmax is undefined); use symmetric=False")
+        return int(fmt[3]), not symmetric
+    if fmt not in FLOAT_FORMATS:
+        raise ValueError(f"alphaquant: unknown format '{fmt}'; allowed: {_FORMAT_NAMES}")
+    if not symmetric:
+        raise ValueError(f"alphaquant: float format {fmt} is symmetric by definition; asymmetric (symmetric=False) "
+                         f"is only for int formats")
+    return FLOAT_INFO[fmt].bits, False
+
+
+def _check_bits(op: str, bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise _value_error(op, f"bits must be in 1..8; got {bits}")
+
+
+def _check_floating(op: str, x: torch.Tensor) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise _type_error(op, f"input must be float32, float16 or bfloat16; got {x.dtype}")
+
+
+def _check_output_dtype(op: str, dtype: torch.dtype) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        raise _type_error(op, f"output dtype must be float32, float16 or bfloat16; got {dtype}")
+
+
+def _check_same_device(op: str, ref: torch.Tensor, ref_name: str, t: Optional[torch.Tensor], name: str) -> None:
+    if t is not None and t.device != ref.device:
+        raise _value_error(op, f"{name} is on {t.device} but {ref_name} is on {ref.device}; every tensor argument "
+                               f"must be on the same device")
+
+
+def _check_layout(shape, group_size: int) -> None:
+    if len(shape) == 0:
+        raise ValueError("alphaquant: expected a tensor with at least one dimension, got a scalar")
+    check_op_group_size(group_size)
+
+
+def _check_row_length(op: str, k: int, rows: int) -> None:
+    if k <= 0:
+        raise _value_error(op, f"k (values per row) must be > 0; got {k}")
+    most = min(_MAX_ROW_LENGTH, _INT64_MAX // rows) if rows > 1 else _MAX_ROW_LENGTH
+    if k > most:
+        raise _value_error(op, f"k={k} is too large for {rows} row(s): sizes derived from it would overflow int64; "
+                               f"at most {most}")
+
+
+def _check_packed_rows(op: str, packed: torch.Tensor, bits: int, k: int, what: str) -> None:
+    if packed.dtype != torch.uint8:
+        raise _type_error(op, f"packed must be uint8; got {packed.dtype}")
+    if packed.dim() < 1 or packed.numel() == 0:
+        raise _value_error(op, f"packed must be a non-empty tensor with at least one dimension; got shape "
+                               f"{_shape(packed)}")
+    _check_row_length(op, k, packed.numel() // packed.shape[-1])
+    row_bytes = packed_row_bytes(k, bits)
+    if packed.shape[-1] != row_bytes:
+        raise _value_error(op, f"packed rows hold {packed.shape[-1]} bytes, but {k} {what} of {bits} bits take "
+                               f"{row_bytes}")
+
+
+def _check_params(op: str, ref: torch.Tensor, ref_name: str, t: torch.Tensor, name: str, expected: tuple,
+                  shape, group_size: int) -> None:
+    """A scale or zero point argument: on ref's device, of the expected shape, floating."""
+    _check_same_device(op, ref, ref_name, t, name)
+    if tuple(t.shape) != tuple(expected):
+        raise _value_error(op, f"{name} has shape {_shape(t)}; expected {list(expected)} for input shape "
+                               f"{list(shape)} with group_size={group_size}")
+    if not t.dtype.is_floating_point:
+        raise _type_error(op, f"{name} must be a floating tensor; got {t.dtype}")
+
+
+def _check_quantize(op: str, x, fmt, symmetric, group_size, scale, zero_point) -> tuple[int, bool]:
+    """The checks of quantize and fake_quantize; returns (bits, asymmetric int)."""
+    _check_floating(op, x)
+    bits, asym = _parse_format(fmt, symmetric)
+    _check_layout(x.shape, group_size)
+    if x.numel() == 0:
+        raise _value_error(op, f"input is empty (shape {_shape(x)}); quantization needs at least one element")
+    expected = scale_shape(x.shape, group_size)
+    if scale is not None:
+        _check_params(op, x, "x", scale, "scale", expected, x.shape, group_size)
+        if asym:
+            if zero_point is None:
+                raise _value_error(op, "asymmetric formats need zero_point together with a given scale")
+            _check_params(op, x, "x", zero_point, "zero_point", expected, x.shape, group_size)
+    elif zero_point is not None:
+        raise _value_error(op, "zero_point was given without scale; pass both (static) or neither (dynamic)")
+    if not asym and zero_point is not None:
+        raise _value_error(op, f"zero_point is only used by asymmetric int formats; {fmt} (symmetric={bool(symmetric)}) "
+                               f"takes none")
+    return bits, asym
+
+
+def _check_dequantize(op: str, packed, scale, zero_point, fmt, symmetric, group_size, k) -> None:
+    bits, asym = _parse_format(fmt, symmetric)
+    _check_packed_rows(op, packed, bits, k, "values")
+    out_shape = tuple(packed.shape[:-1]) + (k,)
+    _check_layout(out_shape, group_size)
+    expected = scale_shape(out_shape, group_size)
+    _check_params(op, packed, "packed", scale, "scale", expected, out_shape, group_size)
+    if asym:
+        if zero_point is None:
+            raise _value_error(op, f"asymmetric {fmt} needs zero_point")
+        _check_params(op, packed, "packed", zero_point, "zero_point", expected, out_shape, group_size)
+    else:
+        _check_same_device(op, packed, "packed", zero_point, "zero_point")
+        if zero_point is not None and zero_point.numel() != 0:
+            raise _value_error(op, f"zero_point is only used by asymmetric int formats; {fmt} takes none")
+
+
+def _check_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k) -> None:
+    op = "linear"
+    _check_floating(op, x)
+    _check_same_device(op, x, "x", packed, "packed")
+    _check_same_device(op, x, "x", bias, "bias")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise _value_error(op, f"x must have last dimension k={k}; got shape {_shape(x)}")
+    if packed.dim() != 2:
+        raise _value_error(op, f"the packed weight must be 2-D [n, bytes per row]; got shape {_shape(packed)}")
+    _check_dequantize(op, packed, scale, zero_point, fmt, symmetric, group_size, k)
+    if x.numel() == 0:
+        raise _value_error(op, f"x is empty (shape {_shape(x)})")
+    if bias is not None:
+        n = packed.shape[0]
+        if bias.dim() != 1 or bias.shape[0] != n:
+            raise _value_error(op, f"bias must have shape [{n}]; got {_shape(bias)}")
+        if not bias.dtype.is_floating_point:
+            raise _type_error(op, f"bias must be a floating tensor; got {bias.dtype}")
+
+
+def _check_float_format(op: str, fmt: str) -> int:
+    bits, _ = _parse_format(fmt, True)
+    if fmt not in FLOAT_FORMATS:
+        raise _value_error(op, f"{fmt} is not a float format; allowed: {', '.join(FLOAT_FORMATS)}")
+    return bits
 
 
 # ---------------------------------------------------------------- fake kernels
 
 @torch.library.register_fake("alphaquant::pack")
 def _pack_fake(codes, bits):
-    k = codes.shape[-1]
-    return codes.new_empty(tuple(codes.shape[:-1]) + ((k * bits + 7) // 8,))
+    _check_bits("pack", bits)
+    if codes.dtype != torch.uint8:
+        raise _type_error("pack", f"codes must be uint8; got {codes.dtype}")
+    if codes.dim() < 1 or codes.numel() == 0:
+        raise _value_error("pack", f"codes must be a non-empty tensor with at least one dimension; got shape "
+                                   f"{_shape(codes)}")
+    return codes.new_empty(tuple(codes.shape[:-1]) + (packed_row_bytes(codes.shape[-1], bits),))
 
 
 @torch.library.register_fake("alphaquant::unpack")
 def _unpack_fake(packed, bits, k):
+    _check_bits("unpack", bits)
+    _check_packed_rows("unpack", packed, bits, k, "codes")
     return packed.new_empty(tuple(packed.shape[:-1]) + (k,))
 
 
 @torch.library.register_fake("alphaquant::encode_float")
 def _encode_float_fake(x, fmt):
+    _check_float_format("encode_float", fmt)
+    _check_floating("encode_float", x)
     return x.new_empty(x.shape, dtype=torch.uint8)
 
 
 @torch.library.register_fake("alphaquant::decode_float")
 def _decode_float_fake(codes, fmt, dtype):
+    _check_float_format("decode_float", fmt)
+    if codes.dtype != torch.uint8:
+        raise _type_error("decode_float", f"codes must be uint8; got {codes.dtype}")
+    _check_output_dtype("decode_float", dtype)
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
 @torch.library.register_fake("alphaquant::quantize")
 def _quantize_fake(x, fmt, symmetric, group_size, scale, zero_point, stochastic, seed):
-    k = x.shape[-1]
-    packed = x.new_empty(tuple(x.shape[:-1]) + ((k * format_bits(fmt) + 7) // 8,), dtype=torch.uint8)
+    bits, asym = _check_quantize("quantize", x, fmt, symmetric, group_size, scale, zero_point)
+    packed = x.new_empty(tuple(x.shape[:-1]) + (packed_row_bytes(x.shape[-1], bits),), dtype=torch.uint8)
     s_shape = scale_shape(x.shape, group_size)
     s = x.new_empty(s_shape, dtype=torch.float32)
-    z = x.new_empty(s_shape if _is_asymmetric(fmt, symmetric) else (0,), dtype=torch.float32)
+    z = x.new_empty(s_shape if asym else (0,), dtype=torch.float32)
     return packed, s, z
 
 
 @torch.library.register_fake("alphaquant::dequantize")
-def _dequantize_fake(packed, scale, zero_point, fmt, symmetric, group_size, k, dtype):
+def _dequantize_fake(packed, scale, zero_point, fmt, symmetric, group_size, k, dtype, validate=True):
+    _check_output_dtype("dequantize", dtype)
+    _check_dequantize("dequantize", packed, scale, zero_point, fmt, symmetric, group_size, k)
     return packed.new_empty(tuple(packed.shape[:-1]) + (k,), dtype=dtype)
 
 
 @torch.library.register_fake("alphaquant::fake_quantize")
 def _fake_quantize_fake(x, fmt, symmetric, group_size, scale, zero_point, stochastic, seed):
+    _check_quantize("fake_quantize", x, fmt, symmetric, group_size, scale, zero_point)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("alphaquant::linear")
-def _linear_fake(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k):
+def _linear_fake(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k, validate=True):
+    _check_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k)
     return x.new_empty(tuple(x.shape[:-1]) + (packed.shape[0],))
 
 
@@ -209,7 +385,33 @@ torch.library.register_autograd(
 )
 
 
+def _linear_setup(ctx, inputs, output):
+    x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k, _validate = inputs
+    ctx.save_for_backward(packed, scale, zero_point)
+    ctx.args = (fmt, symmetric, group_size, k)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, grad):
+    # y = x @ W.T + b: dx = grad @ W, db = grad summed over every leading dimension. The packed
+    # weight is not differentiable and its scales are treated as constants.
+    packed, scale, zero_point = ctx.saved_tensors
+    fmt, symmetric, group_size, k = ctx.args
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        # the forward call already checked these scales (or its caller chose not to)
+        w = _ops.dequantize(packed, scale, zero_point, fmt, symmetric, group_size, k, grad.dtype, False)
+        grad_x = grad @ w
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None, None, None, None, None
+
+
+torch.library.register_autograd("alphaquant::linear", _linear_backward, setup_context=_linear_setup)
+
+
 def _quantize_fake_shapes(rows: int, k: int, fmt: str, symmetric: bool, group_size: int):
     """(packed, scale, zero_point or None) shapes of a [rows, k] tensor quantized with these settings."""
+    bits, asym = _parse_format(fmt, symmetric)
     s = scale_shape((rows, k), group_size)
-    return (rows, (k * format_bits(fmt) + 7) // 8), s, (s if _is_asymmetric(fmt, symmetric) else None)
+    return (rows, packed_row_bytes(k, bits)), s, (s if asym else None)

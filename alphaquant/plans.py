@@ -304,14 +304,13 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
             linear = model.get_submodule(name)
             wq, aq = build_quantizers(scheme)
             if quantize_weights:
-                q = QuantLinear.from_linear(linear, wq, aq)
+                q = QuantLinear.from_linear(linear, wq, aq, scheme=scheme)
                 sqnr = _sqnr_db(linear.weight, q.dequantized_weight())
             else:
                 q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, wq.fmt,
                                 wq.symmetric, wq.config.op_group_size, aq, linear.weight.dtype, linear.weight.device,
-                                getattr(torch, wq.config.scale_dtype))
+                                getattr(torch, wq.config.scale_dtype), scheme=scheme)
                 sqnr = float("nan")
-            q.plan_scheme = scheme
             before = linear.weight.numel() * linear.weight.element_size()
             after = q.packed_weight.nbytes
             report.layers.append(LayerReport(name, _scheme_label(scheme), tuple(linear.weight.shape),
@@ -348,7 +347,7 @@ def calibrate(model: nn.Module, layers: list, batches: Iterable, forward_fn=None
     """Observe each layer's input over ``batches``, then freeze static activation scales."""
     hooks = []
     for layer in layers:
-        layer.act_quantizer.attach_observer(OBSERVERS[layer.plan_scheme["observer"]]())
+        layer.act_quantizer.attach_observer(OBSERVERS[layer.scheme["observer"]]())
         hooks.append(layer.register_forward_pre_hook(
             lambda mod, args: mod.act_quantizer.observer.observe(args[0])))
     try:

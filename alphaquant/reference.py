@@ -2,6 +2,10 @@
 
 Written for clarity, not speed, but operation for operation the same float32 arithmetic as
 csrc/include/alphaquant/quant_math.h, so integer and float codes match bit for bit.
+
+This module keeps its own copy of every rule on purpose, including the group layout (which
+alphaquant/layout.py and csrc/include/alphaquant/layout.h hold for the library) and the scale
+formulas: an oracle that called the code under test would agree with it by construction.
 """
 from __future__ import annotations
 
@@ -179,7 +183,13 @@ def group_scales(x: torch.Tensor, fmt: str, symmetric: bool, group_size: int):
         scale = amax / torch.tensor(qmax, dtype=torch.float32)
         scale = torch.where((scale > 0) & torch.isfinite(scale), scale, one)
         return scale, torch.zeros_like(scale)
-    scale = (mx - mn) / torch.tensor(qmax - qmin, dtype=torch.float32)
+    steps = torch.tensor(qmax - qmin, dtype=torch.float32)
+    rng = mx - mn
+    scale = rng / steps
+    # max - min overflowed float32: divide first; int1 (one step) still overflows: the largest float32
+    split = mx / steps - mn / steps
+    split = torch.where(torch.isfinite(split), split, torch.tensor(_FLOAT_MAX, dtype=torch.float32))
+    scale = torch.where(torch.isfinite(rng), scale, split)
     scale = torch.where((scale > 0) & torch.isfinite(scale), scale, one)
     zero = torch.tensor(qmin, dtype=torch.float32) - mn / scale
     return scale, zero
@@ -239,7 +249,9 @@ def dequantize_codes(codes, scale, zero_point, fmt, symmetric=True, group_size=1
         return (decode_float(codes, fmt) * s).to(dtype)
     qmin, _ = _qrange(fmt, symmetric)
     z = _expand(zero_point.to(torch.float32), codes.shape, group_size) if zero_point is not None and zero_point.numel() else 0.0
-    return ((codes.to(torch.float32) + qmin - z) * s).to(dtype)
+    # saturated: the top code times a scale from a maximum near the float32 limit can round past it
+    v = ((codes.to(torch.float32) + qmin - z) * s).clamp(-_FLOAT_MAX, _FLOAT_MAX)
+    return v.to(dtype)
 
 
 def dequantize(packed, scale, zero_point, fmt, symmetric=True, group_size=128, k=None, dtype=torch.float32):

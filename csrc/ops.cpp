@@ -37,17 +37,20 @@ TORCH_LIBRARY(alphaquant, m) {
   m.def(
       "quantize(Tensor x, str fmt, bool symmetric, int group_size, Tensor? scale, Tensor? zero_point, "
       "bool stochastic, int seed) -> (Tensor, Tensor, Tensor)");
-  // packed -> [..., k] in `dtype`.
+  // packed -> [..., k] in `dtype`. validate: check every scale (finite, > 0) and zero point
+  // (finite) as it is read and raise on a bad one; False skips the check (and on CUDA the device
+  // sync it costs) for callers that validated their scales once, such as QuantLinear.
   m.def(
       "dequantize(Tensor packed, Tensor scale, Tensor? zero_point, str fmt, bool symmetric, int group_size, "
-      "int k, ScalarType dtype) -> Tensor");
+      "int k, ScalarType dtype, bool validate=True) -> Tensor");
   // quantize + dequantize in one pass; same shape and dtype as x.
   m.def(
       "fake_quantize(Tensor x, str fmt, bool symmetric, int group_size, Tensor? scale, Tensor? zero_point, "
       "bool stochastic, int seed) -> Tensor");
   // y = x @ dequantize(weight).T + bias. x: [..., k] float, weight packed: [n, ceil(k*bits/8)],
   // scale/zero_point: [n, groups] (or [1, 1] per-tensor). Returns [..., n] in x's dtype.
+  // validate: as for dequantize. Gradients (alphaquant/ops.py) flow to x and bias only.
   m.def(
       "linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero_point, Tensor? bias, str fmt, bool symmetric, "
-      "int group_size, int k) -> Tensor");
+      "int group_size, int k, bool validate=True) -> Tensor");
 }

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from alphaquant import ops
+from alphaquant._native import has_cuda_kernels
+from conftest import CUDA_OK, cuda_only
 
 
 def test_unknown_format():
@@ -98,12 +100,14 @@ def test_linear_shape_errors():
         ops.linear(torch.randn(2, 32), p, s, None, torch.zeros(7), "int4", group_size=16, k=32)
 
 
+@cuda_only
 def test_device_mismatch_is_reported():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a GPU to mix devices")
     x = torch.randn(4, 8, device="cuda")
-    with pytest.raises(ValueError, match="same device"):
+    with pytest.raises(ValueError, match="scale is on cpu but x is on cuda:0; .*same device"):
         ops.quantize(x, "int4", group_size=0, scale=torch.ones(4, 1))
+    p, s, _ = ops.quantize(x, "int4", group_size=0)
+    with pytest.raises(ValueError, match="packed is on cuda:0 but x is on cpu"):
+        ops.linear(torch.randn(2, 8), p, s, None, None, "int4", group_size=0, k=8)
 
 
 def test_int1_symmetric_is_rejected():
@@ -111,10 +115,22 @@ def test_int1_symmetric_is_rejected():
         ops.quantize(torch.randn(4, 8), "int1")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(has_cuda_kernels() or not torch.cuda.is_available(),
+                    reason="only meaningful for a CPU-only build on a machine with a GPU")
 def test_cuda_tensors_without_cuda_kernels_get_a_clear_error():
-    from alphaquant._native import has_cuda_kernels
-
-    if has_cuda_kernels() or not torch.cuda.is_available():
-        pytest.skip("only meaningful for a CPU-only build on a machine with a GPU")
     with pytest.raises(RuntimeError, match="no CUDA kernels"):
         ops.quantize(torch.randn(4, 8, device="cuda"), "int4")
+    # mixed devices are reported as such, as a CUDA build would
+    with pytest.raises(ValueError, match="scale is on cpu but x is on cuda:0"):
+        ops.quantize(torch.randn(4, 8, device="cuda"), "int4", group_size=0, scale=torch.ones(4, 1))
+
+
+def test_cuda_only_tests_carry_the_cuda_marker():
+    @cuda_only
+    def needs_cuda():
+        pass
+
+    marks = {m.name: m for m in needs_cuda.pytestmark}
+    assert "cuda" in marks and "skipif" in marks  # `-m cuda` selects it; without CUDA it is skipped
+    assert marks["skipif"].args == (not CUDA_OK,)

@@ -13,6 +13,24 @@ ML_DTYPES = {
     "fp6_e2m3": ml_dtypes.float6_e2m3fn,
     "fp6_e3m2": ml_dtypes.float6_e3m2fn,
 }
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The same NaN positions and, everywhere else, the same bit patterns (so -0.0 != 0.0)."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert torch.equal(a.isnan(), b.isnan())
+    keep = ~a.isnan()
+    int_dtype = _SAME_WIDTH_INT[a.dtype]
+    assert torch.equal(a[keep].view(int_dtype), b[keep].view(int_dtype))
+
+
+def test_assert_bits_equal_is_strict():
+    nan = float("nan")
+    assert_bits_equal(torch.tensor([1.0, nan, -0.0]), torch.tensor([1.0, nan, -0.0]))
+    for a, b in [([1.0, nan], [2.0, nan]), ([0.0, 1.0], [-0.0, 1.0]), ([nan, 1.0], [1.0, 1.0])]:
+        with pytest.raises(AssertionError):
+            assert_bits_equal(torch.tensor(a), torch.tensor(b))
 
 
 def float32_sample(n_random: int = 1 << 20, seed: int = 0) -> torch.Tensor:
@@ -42,10 +60,7 @@ def test_fp8_decode_all_codes_matches_torch(fmt, device):
     codes = torch.arange(256, dtype=torch.uint8)
     ours = ops.decode_float(codes.to(device), fmt, torch.float32).cpu()
     theirs = codes.view(TORCH_FP8[fmt]).to(torch.float32)
-    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
-    finite = ~torch.isnan(theirs)
-    assert torch.equal(ours[finite], theirs[finite])
-    assert torch.equal(ours[finite].view(torch.int32), theirs[finite].view(torch.int32))  # signed zeros too
+    assert_bits_equal(ours, theirs)  # signed zeros too
 
 
 @pytest.mark.parametrize("fmt", list(ML_DTYPES))
@@ -88,4 +103,4 @@ def test_decode_output_dtype(fmt, dtype, device):
     out = ops.decode_float(codes, fmt, dtype)
     assert out.dtype == dtype
     expected = ops.decode_float(codes.cpu(), fmt, torch.float32).to(dtype)
-    assert torch.equal(out.cpu(), expected) or torch.equal(out.cpu().isnan(), expected.isnan())
+    assert_bits_equal(out.cpu(), expected)

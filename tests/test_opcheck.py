@@ -28,11 +28,17 @@ def samples(device):
     yield "quantize", (x, "int8", False, 16, torch.ones(6, 3, device=device), torch.zeros(6, 3, device=device),
                        False, 0)
     yield "dequantize", (packed, s, z, "int4", False, 16, 40, torch.float16)
+    yield "dequantize", (p8, s8, None, "fp8_e4m3", True, 0, 40, torch.bfloat16, False)
     yield "fake_quantize", (x.requires_grad_(), "int4", True, 16, None, None, False, 0)
     yield "fake_quantize", (x.detach().bfloat16(), "fp4_e2m1", True, 32, None, None, True, 3)
     yield "linear", (torch.randn(3, 40, device=device), packed, s, z, torch.randn(24, device=device), "int4", False,
                      16, 40)
     yield "linear", (torch.randn(2, 5, 40, device=device).bfloat16(), p8, s8, None, None, "fp8_e4m3", True, 0, 40)
+    # with gradients (x and bias) and without the scale check
+    yield "linear", (torch.randn(4, 40, device=device, requires_grad=True), packed, s, z,
+                     torch.randn(24, device=device, requires_grad=True), "int4", False, 16, 40, False)
+    yield "linear", (torch.randn(20, 40, device=device, requires_grad=True), p8, s8, None, None, "fp8_e4m3", True, 0,
+                     40)
 
 
 @pytest.mark.parametrize("device", DEVICES)

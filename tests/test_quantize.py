@@ -155,3 +155,76 @@ def test_round_trip_fuzz(scheme, rows, k, group_size, scale_pow, seed):
         step = got[1].repeat_interleave(k if group_size in (-1, 0) or group_size >= k else group_size, -1)
         step = step.expand(rows, -1)[:, :k] if group_size != -1 else got[1].reshape(()).expand(rows, k)
         assert ((x - y).abs() <= step * 0.5 * (1 + 1e-5) + 1e-30).all()
+
+
+F32_MAX = torch.finfo(torch.float32).max
+# both signs near the float32 limit: max - min overflows float32
+EXTREMES = torch.tensor([[-F32_MAX, F32_MAX, 0.0, 1.0, F32_MAX * 0.999, -F32_MAX * 0.7, F32_MAX / 3, -1e30],
+                         [F32_MAX, 2.0, -F32_MAX, 1e38, -3e38, 5.0, 0.0, -1.0]])
+
+
+@pytest.mark.parametrize("fmt,sym", SCHEMES)
+@pytest.mark.parametrize("group_size", [0, -1, 4])
+def test_values_near_float32_max(fmt, sym, group_size, device):
+    x = EXTREMES
+    got = ops.quantize(x.to(device), fmt, symmetric=sym, group_size=group_size)
+    assert_same(got, ref.quantize(x, fmt, sym, group_size))
+    packed, s, z = (t.cpu() for t in got)
+    assert torch.isfinite(s).all() and (s > 0).all() and torch.isfinite(z).all()
+    y = ops.dequantize(got[0], got[1], _zp(got[2]), fmt, symmetric=sym, group_size=group_size, k=8).cpu()
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, ref.dequantize(packed, s, _zp(z), fmt, sym, group_size, 8))
+    # values much larger than a step keep their sign (the overflowed range used to flip them)
+    step = s.reshape(-1)[0] if group_size == -1 else s.repeat_interleave(8 if group_size == 0 else 4, -1)
+    big = x.abs() > step
+    assert (torch.sign(y[big]) == torch.sign(x[big])).all()
+    if fmt != "int1" and not fmt.startswith("fp"):  # int1 has no finite scale for a range over float32 max
+        assert ((x - y).abs() <= step * 0.5 * (1 + 1e-5)).all()
+
+
+def test_overflowing_range_scale_formula():
+    # max - min is not finite: scale = max / (qmax - qmin) - min / (qmax - qmin), in float32
+    mx, mn = torch.tensor(F32_MAX), torch.tensor(-F32_MAX)
+    _, s, z = ops.quantize(torch.stack([mn, mx]).reshape(1, 2), "int8", symmetric=False, group_size=0)
+    steps = torch.tensor(255.0)
+    assert torch.equal(s.reshape(()), mx / steps - mn / steps)
+    assert torch.equal(z.reshape(()), 0 - mn / s.reshape(()))
+    _, s1, _ = ops.quantize(torch.stack([mn, mx]).reshape(1, 2), "int1", symmetric=False, group_size=0)
+    assert s1.item() == F32_MAX  # one step cannot span it: the largest finite scale
+
+
+@pytest.mark.parametrize("fmt,sym", [("int4", False), ("int8", True), ("fp8_e4m3", True), ("fp6_e2m3", True)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_tensor_scale_of_large_inputs(fmt, sym, dtype):
+    # larger than one thread's share of the per-tensor statistics pass, with the extremes at the ends
+    x = torch.randn(257, 1031).to(dtype)
+    x[0, 0], x[-1, -1] = -40, 50
+    got = ops.quantize(x, fmt, symmetric=sym, group_size=-1)
+    assert_same(got, ref.quantize(x, fmt, sym, -1))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_per_tensor_scale_ignores_nan_and_inf(fmt, device):
+    x = torch.randn(33, 70)
+    x[5, 6], x[30, 1], x[0, 0] = float("nan"), float("inf"), -float("inf")
+    got = ops.quantize(x.to(device), fmt, group_size=-1)
+    assert_same(got, ref.quantize(x, fmt, True, -1))
+    amax = x[torch.isfinite(x)].abs().max()
+    assert torch.equal(got[1].cpu().reshape(()), amax / torch.tensor(ref.FLOAT_INFO[fmt].max_value))
+
+
+def _bytes_allocated_by(fn) -> int:
+    """Bytes the CPU allocator hands out while fn runs (temporaries included), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages() if e.key != "[memory]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_tensor_quantize_makes_no_copy_of_the_input(dtype):
+    x = torch.randn(256, 4096).to(dtype)
+    used = _bytes_allocated_by(lambda: ops.quantize(x, "int4", group_size=-1))
+    # the packed output is an eighth of float32 input: no float32 copy, mask or where() result
+    assert used <= x.numel() // 2 + 4096

@@ -15,30 +15,42 @@ class QuantLinear(nn.Module):
     """y = quantize_activation(x) @ W.T + b, computed by torch.ops.alphaquant.linear.
 
     Buffers (all of the state_dict): ``weight_packed`` uint8 [out, ceil(in*bits/8)],
-    ``weight_scale`` (float32, or float16/bfloat16 by the quantizer's scale_dtype), ``weight_zero_point`` (asymmetric ints only) and ``bias``. No float
-    copy of the weight is kept. The output has the input's dtype.
+    ``weight_scale`` (float32, or float16/bfloat16 by the quantizer's scale_dtype),
+    ``weight_zero_point`` (asymmetric ints only) and ``bias``. No float copy of the weight is
+    kept. The output has the input's dtype; gradients flow to the input (and to ``bias`` if it
+    is made to require them), so adapters trained on top of the layer get theirs.
+
+    The weight scales are checked (finite, > 0; zero points finite) once, when they are loaded
+    (:meth:`load_packed`, ``load_state_dict``, or a conversion of their dtype), not at every
+    forward; code that writes the buffers directly should call :meth:`check_scales`.
+
+    ``scheme`` is the resolved plan scheme the layer was built from (alphaquant.plans), None when
+    the layer was built directly.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, symmetric: bool, group_size: int,
                  act_quantizer: Optional[BaseQuantizer] = None, bias_dtype: torch.dtype = torch.float32,
-                 device=None, scale_dtype: torch.dtype = torch.float32):
+                 device=None, scale_dtype: torch.dtype = torch.float32, scheme: Optional[dict] = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.symmetric, self.group_size = fmt, symmetric, group_size
         self.act_quantizer = act_quantizer
+        self.scheme = scheme
         packed, scale, zero = ops._quantize_fake_shapes(out_features, in_features, fmt, symmetric, group_size)
         self.register_buffer("weight_packed", torch.zeros(packed, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones(scale, dtype=scale_dtype, device=device))
         self.register_buffer("weight_zero_point",
                              torch.zeros(zero, dtype=scale_dtype, device=device) if zero else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self.register_load_state_dict_post_hook(_check_loaded_scales)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, w_quantizer: BaseQuantizer,
-                    a_quantizer: Optional[BaseQuantizer] = None) -> "QuantLinear":
+                    a_quantizer: Optional[BaseQuantizer] = None, scheme: Optional[dict] = None) -> "QuantLinear":
         packed = w_quantizer.quantize_weight(linear.weight)
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, packed.fmt, packed.symmetric,
-                    packed.group_size, a_quantizer, linear.weight.dtype, linear.weight.device, packed.scale.dtype)
+                    packed.group_size, a_quantizer, linear.weight.dtype, linear.weight.device, packed.scale.dtype,
+                    scheme=scheme)
         layer.load_packed(packed)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
@@ -49,6 +61,31 @@ class QuantLinear(nn.Module):
         self.weight_scale.copy_(packed.scale)
         if packed.zero_point is not None:
             self.weight_zero_point.copy_(packed.zero_point)
+        self.check_scales()
+
+    def check_scales(self) -> None:
+        """Raise ValueError unless every weight scale is finite and > 0 and every zero point finite.
+
+        forward() relies on this having been done: it asks the kernel not to check again.
+        """
+        scale, zero = self.weight_scale, self.weight_zero_point
+        if scale.device.type == "meta" or isinstance(scale, torch._subclasses.FakeTensor):
+            return  # no values to check
+        bad_scale = not bool(((scale > 0) & torch.isfinite(scale)).all())
+        bad_zero = zero is not None and not bool(torch.isfinite(zero).all())
+        if bad_scale or bad_zero:
+            raise ValueError(f"QuantLinear({self.in_features} -> {self.out_features}): weight scales must be finite "
+                             f"and > 0 everywhere (and zero points finite); got "
+                             f"{'a bad scale' if bad_scale else 'a non-finite zero point'}")
+
+    def _apply(self, fn, recurse=True):
+        # A new scale dtype (module.half(), .to(torch.bfloat16)) can round tiny scales to zero:
+        # check again. Same-dtype moves (including to_empty) keep the checked values or have none.
+        dtype = self.weight_scale.dtype
+        out = super()._apply(fn, recurse)
+        if self.weight_scale.dtype != dtype:
+            self.check_scales()
+        return out
 
     @property
     def packed_weight(self) -> PackedTensor:
@@ -61,7 +98,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.act_quantizer.quantize_activation(x) if self.act_quantizer is not None else x
         y = ops.linear(xq, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias, self.fmt,
-                       symmetric=self.symmetric, group_size=self.group_size, k=self.in_features)
+                       symmetric=self.symmetric, group_size=self.group_size, k=self.in_features,
+                       validate=False)  # checked once when loaded (check_scales)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -69,3 +107,7 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight={self.fmt}"
                 f"{'' if self.symmetric else ' asym'}, group_size={self.group_size}, activations={act}, "
                 f"bias={self.bias is not None}")
+
+
+def _check_loaded_scales(module: QuantLinear, incompatible_keys) -> None:
+    module.check_scales()

@@ -25,9 +25,13 @@ def scales_from_range(mn: torch.Tensor, mx: torch.Tensor, fmt: str, symmetric: b
         scale = torch.maximum(mn.abs(), mx.abs()) / qmax
         return torch.where((scale > 0) & torch.isfinite(scale), scale, one), None
     qmin, qmax = int_range(format_bits(fmt), False)
+    steps = qmax - qmin
     span = mx - mn
-    # A range wider than float32 (values near +-3.4e38) is divided before it is subtracted.
-    scale = torch.where(torch.isfinite(span), span / (qmax - qmin), mx / (qmax - qmin) - mn / (qmax - qmin))
+    # A range wider than float32 (values near +-3.4e38) is divided before it is subtracted; with
+    # one step (int1) even that overflows, and the largest float32 stands in.
+    split = mx / steps - mn / steps
+    split = torch.where(torch.isfinite(split), split, torch.tensor(torch.finfo(torch.float32).max, device=mn.device))
+    scale = torch.where(torch.isfinite(span), span / steps, split)
     scale = torch.where((scale > 0) & torch.isfinite(scale), scale, one)
     return scale, qmin - mn / scale
 

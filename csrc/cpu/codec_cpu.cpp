@@ -6,7 +6,7 @@
 
 #include <atomic>
 
-#include "alphaquant/op_args.h"
+#include "alphaquant/arg_checks.h"
 #include "cpu/decode_table.h"
 
 namespace alphaquant {
@@ -28,7 +28,7 @@ at::Tensor encode_float_cpu(const at::Tensor& x_in, const std::string& fmt_name)
           bool bad = false;
           for (int64_t i = begin; i < end; ++i) {
             const float v = static_cast<float>(src[i]);
-            bad |= !(fabsf(v) <= 3.402823466e38f);
+            bad |= !finite(v);
             dst[i] = static_cast<uint8_t>(CODEC::encode(v));
           }
           if (bad && !fmt.holds_nonfinite()) err |= kErrNonFinite;

@@ -10,10 +10,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <vector>
 
+
+#include "alphaquant/arg_checks.h"
 #include "alphaquant/bitstream.h"
-#include "alphaquant/op_args.h"
 #include "cpu/decode_table.h"
 #include "cpu/linear_avx2.h"
 
@@ -44,8 +46,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return head + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
+// Sums of x [m, k] over each group of the weight's layout: [m, groups].
+std::vector<float> group_sums(const GroupLayout& l, const float* x, int64_t m) {
+  std::vector<float> sums(m * l.groups);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < l.groups; ++g) {
+      float s = 0.0f;
+      for (int64_t i = l.group_begin(g); i < l.group_end(g); ++i) s += x[r * l.k + i];
+      sums[r * l.groups + g] = s;
+    }
+  return sums;
+}
+
+// Each gemv below checks the scales as it reads them and sets `bad_scale` if one is invalid.
 template <class CODEC, int BITS>
-void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m) {
+void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m, std::atomic<bool>& bad_scale) {
   const GroupLayout& l = a.layout;
   const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1);
   const uint8_t* w = a.packed.data_ptr<uint8_t>();
@@ -56,20 +71,12 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m) {
   const float qmin = a.fmt.qmin();
   const float* table = kInt ? nullptr : decode_table(a.fmt);
   // Group sums of x, for the integer offset term.
-  std::vector<float> xsum(kInt ? m * l.groups : 0);
-  if constexpr (kInt) {
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t g = 0; g < l.groups; ++g) {
-        const int64_t g0 = g * l.group_size, g1 = std::min(k, g0 + l.group_size);
-        float s = 0.0f;
-        for (int64_t i = g0; i < g1; ++i) s += x[r * k + i];
-        xsum[r * l.groups + g] = s;
-      }
-  }
+  const std::vector<float> xsum = kInt ? group_sums(l, x, m) : std::vector<float>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> codes(k);
     std::vector<float> wrow(k);
     float acc[kMaxGemvRows];
+    bool bad = false;
     for (int64_t j = begin; j < end; ++j) {
       unpack_run<BITS>(w + j * row_bytes, codes.data(), k);
       if constexpr (kInt) {
@@ -79,10 +86,11 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m) {
       }
       for (int64_t r = 0; r < m; ++r) acc[r] = 0.0f;
       for (int64_t g = 0; g < l.groups; ++g) {
-        const int64_t g0 = g * l.group_size, g1 = std::min(k, g0 + l.group_size);
-        const int64_t si = l.per_tensor ? 0 : j * l.groups + g;
-        const float s = scale[si];
-        const float offset = kInt ? qmin - (zero ? zero[si] : 0.0f) : 0.0f;
+        const int64_t g0 = l.group_begin(g), g1 = l.group_end(g);
+        const int64_t si = l.group_index(j, g);
+        const float s = scale[si], z = zero ? zero[si] : 0.0f;
+        bad |= !valid_scale(s, z);
+        const float offset = kInt ? qmin - z : 0.0f;
         for (int64_t r = 0; r < m; ++r) {
           float d = dot(wrow.data() + g0, x + r * k + g0, g1 - g0);
           if constexpr (kInt) d += offset * xsum[r * l.groups + g];
@@ -91,6 +99,7 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m) {
       }
       for (int64_t r = 0; r < m; ++r) y[r * n + j] = acc[r] + (bias ? bias[j] : 0.0f);
     }
+    if (bad) bad_scale = true;
   });
 }
 
@@ -98,7 +107,7 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m) {
 // Weights of 1/2/4/6/8 bits (integers; fp4/fp6/fp8 through their value table) whose rows and
 // groups fill whole chunks (8 bytes; 6 bytes for 6-bit codes).
 template <int BITS, int M, bool TABLE>
-void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y) {
+void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<bool>& bad_scale) {
   const GroupLayout& l = a.layout;
   const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1), per = BITS == 6 ? 8 : 64 / BITS;
   const uint8_t* w = a.packed.data_ptr<uint8_t>();
@@ -108,36 +117,34 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y) {
   const float qmin = a.fmt.qmin();
   const float* table = TABLE ? decode_table(a.fmt) : nullptr;
   const std::vector<float> xp = BITS == 6 ? std::vector<float>(x, x + M * k) : permute_x(x, M, k, BITS);
-  std::vector<float> xsum(M * l.groups);
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t g = 0; g < l.groups; ++g) {
-      float s = 0.0f;
-      for (int64_t i = g * l.group_size; i < std::min(k, (g + 1) * l.group_size); ++i) s += x[r * k + i];
-      xsum[r * l.groups + g] = s;
-    }
+  const std::vector<float> xsum = group_sums(l, x, M);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    bool bad = false;
     for (int64_t j = begin; j < end; ++j) {
       float out[M];
       for (int r = 0; r < M; ++r) out[r] = bias ? bias[j] : 0.0f;
       for (int64_t g = 0; g < l.groups; ++g) {
-        const int64_t si = l.per_tensor ? 0 : j * l.groups + g;
+        const int64_t si = l.group_index(j, g);
+        const float s = scale[si], z = zero ? zero[si] : 0.0f;
+        bad |= !valid_scale(s, z);
         __m256 acc[M];
         for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
-        const int64_t c0 = g * l.group_size / per, c1 = std::min(k, (g + 1) * l.group_size) / per;
+        const int64_t c0 = l.group_begin(g) / per, c1 = l.group_end(g) / per;
         if constexpr (BITS == 6) {
           dot_chunks6<M, TABLE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
         } else {
           dot_chunks<BITS, M, TABLE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
         }
-        const float offset = TABLE ? 0.0f : qmin - (zero ? zero[si] : 0.0f);
-        for (int r = 0; r < M; ++r) out[r] += scale[si] * (hsum(acc[r]) + offset * xsum[r * l.groups + g]);
+        const float offset = TABLE ? 0.0f : qmin - z;
+        for (int r = 0; r < M; ++r) out[r] += s * (hsum(acc[r]) + offset * xsum[r * l.groups + g]);
       }
       for (int r = 0; r < M; ++r) y[r * n + j] = out[r];
     }
+    if (bad) bad_scale = true;
   });
 }
 
-bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m) {
+bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m, std::atomic<bool>& bad_scale) {
   const int bits = a.fmt.bits;
   if (bits != 1 && bits != 2 && bits != 4 && bits != 6 && bits != 8) return false;
   const int64_t per = bits == 6 ? 8 : 64 / bits;
@@ -152,14 +159,14 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m) {
         std::vector<float> yr(rows * a.layout.rows);
         const bool table = a.fmt.is_float();
         switch (rows * 2 + table) {
-          case 2: gemv_rows_avx2<BITS, 1, false>(a, xr, yr.data()); break;
-          case 3: gemv_rows_avx2<BITS, 1, true>(a, xr, yr.data()); break;
-          case 4: gemv_rows_avx2<BITS, 2, false>(a, xr, yr.data()); break;
-          case 5: gemv_rows_avx2<BITS, 2, true>(a, xr, yr.data()); break;
-          case 6: gemv_rows_avx2<BITS, 3, false>(a, xr, yr.data()); break;
-          case 7: gemv_rows_avx2<BITS, 3, true>(a, xr, yr.data()); break;
-          case 9: gemv_rows_avx2<BITS, 4, true>(a, xr, yr.data()); break;
-          default: gemv_rows_avx2<BITS, 4, false>(a, xr, yr.data()); break;
+          case 2: gemv_rows_avx2<BITS, 1, false>(a, xr, yr.data(), bad_scale); break;
+          case 3: gemv_rows_avx2<BITS, 1, true>(a, xr, yr.data(), bad_scale); break;
+          case 4: gemv_rows_avx2<BITS, 2, false>(a, xr, yr.data(), bad_scale); break;
+          case 5: gemv_rows_avx2<BITS, 2, true>(a, xr, yr.data(), bad_scale); break;
+          case 6: gemv_rows_avx2<BITS, 3, false>(a, xr, yr.data(), bad_scale); break;
+          case 7: gemv_rows_avx2<BITS, 3, true>(a, xr, yr.data(), bad_scale); break;
+          case 9: gemv_rows_avx2<BITS, 4, true>(a, xr, yr.data(), bad_scale); break;
+          default: gemv_rows_avx2<BITS, 4, false>(a, xr, yr.data(), bad_scale); break;
         }
         std::copy(yr.begin(), yr.end(), y + r0 * a.layout.rows);
       }
@@ -169,13 +176,13 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m) {
   return done;
 }
 #else
-bool try_gemv_avx2(const LinearArgs&, const float*, float*, int64_t) { return false; }
+bool try_gemv_avx2(const LinearArgs&, const float*, float*, int64_t, std::atomic<bool>&) { return false; }
 #endif
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                       const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
-                      const std::string& fmt, bool symmetric, int64_t group_size, int64_t k) {
-  LinearArgs a = prepare_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k);
+                      const std::string& fmt, bool symmetric, int64_t group_size, int64_t k, bool validate) {
+  LinearArgs a = prepare_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k, validate);
   const int64_t m = a.x2d.size(0);
   if (m > kMaxGemvRows) {
     // Dequantize a tile of output features at a time (it stays in cache) and hand it to GEMM.
@@ -196,11 +203,13 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
   }
   const at::Tensor xf = a.x2d.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, a.layout.rows}, xf.options());
-  if (!try_gemv_avx2(a, xf.data_ptr<float>(), y.data_ptr<float>(), m)) {
+  std::atomic<bool> bad_scale{false};
+  if (!try_gemv_avx2(a, xf.data_ptr<float>(), y.data_ptr<float>(), m, bad_scale)) {
     dispatch_format(a.fmt, [&]<class CODEC, int BITS>() {
-      gemv_rows<CODEC, BITS>(a, xf.data_ptr<float>(), y.data_ptr<float>(), m);
+      gemv_rows<CODEC, BITS>(a, xf.data_ptr<float>(), y.data_ptr<float>(), m, bad_scale);
     });
   }
+  if (validate && bad_scale) raise_kernel_error("linear", kErrBadScale, a.fmt);
   return y.to(x.scalar_type()).reshape(a.out_shape);
 }
 

@@ -3,8 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "alphaquant/arg_checks.h"
 #include "alphaquant/bitstream.h"
-#include "alphaquant/op_args.h"
 
 namespace alphaquant {
 namespace {

@@ -12,16 +12,14 @@
 #endif
 #include <vector>
 
+#include "alphaquant/arg_checks.h"
 #include "alphaquant/bitstream.h"
-#include "alphaquant/op_args.h"
 #include "alphaquant/quant_math.h"
 #include "cpu/decode_table.h"
 #include "cpu/segments.h"
 
 namespace alphaquant {
 namespace {
-
-constexpr float kFloatMax = 3.402823466e38f;
 
 struct GroupParams {
   const float* static_scale;  // nullptr: compute from the group's min/max
@@ -34,10 +32,10 @@ struct GroupParams {
 template <class T>
 ScaleZero group_params(const FormatSpec& f, const GroupLayout& l, const GroupParams& p, const T* xrow, int64_t row,
                        int64_t g0, int64_t g1, int& err) {
-  const int64_t si = scale_index(l, row, g0);
+  const int64_t si = l.scale_index(row, g0);
   if (p.static_scale) {
-    const ScaleZero sz{p.static_scale[si], p.static_zero ? p.static_zero[si] : 0.0f};
-    if (!(sz.scale > 0.0f && sz.scale <= kFloatMax && fabsf(sz.zero) <= kFloatMax)) err |= kErrBadScale;
+    const ScaleZero sz{.scale = p.static_scale[si], .zero = p.static_zero ? p.static_zero[si] : 0.0f};
+    if (!valid_scale(sz.scale, sz.zero)) err |= kErrBadScale;
     return sz;
   }
   float mn = INFINITY, mx = -INFINITY;
@@ -117,26 +115,56 @@ int quantize_segments(const QuantizeArgs& a, const GroupParams& p, bool stochast
   return err.load();
 }
 
+// Min, max and non-finite flag of a whole tensor in one parallel pass, without temporaries
+// (per-tensor dynamic scales).
+GroupStats tensor_stats_cpu(const at::Tensor& x) {
+  GroupStats total;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tensor_stats_cpu", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    total = at::parallel_reduce(
+        0, x.numel(), 32768, GroupStats{},
+        [&](int64_t begin, int64_t end, GroupStats acc) {
+          // GroupStats::add over 16 independent lanes kept in plain arrays, so the loop vectorizes
+          constexpr int kLanes = 16;
+          float mn[kLanes], mx[kLanes];
+          int bad[kLanes];
+          for (int l = 0; l < kLanes; ++l) mn[l] = INFINITY, mx[l] = -INFINITY, bad[l] = 0;
+          int64_t i = begin;
+          for (; i + kLanes <= end; i += kLanes) {
+            for (int l = 0; l < kLanes; ++l) {
+              const float v = static_cast<float>(src[i + l]);
+              const bool ok = finite(v);
+              const float fv = ok ? v : 0.0f;
+              mn[l] = min_of(mn[l], fv);
+              mx[l] = max_of(mx[l], fv);
+              bad[l] |= !ok;
+            }
+          }
+          for (; i < end; ++i) acc.add(static_cast<float>(src[i]));
+          for (int l = 0; l < kLanes; ++l) acc.merge({.mn = mn[l], .mx = mx[l], .nonfinite = bad[l] != 0});
+          return acc;
+        },
+        [](GroupStats a, const GroupStats& b) {
+          a.merge(b);
+          return a;
+        });
+  });
+  return total;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, const std::string& fmt,
                                                              bool symmetric, int64_t group_size,
                                                              const std::optional<at::Tensor>& scale,
                                                              const std::optional<at::Tensor>& zero_point,
                                                              bool stochastic, int64_t seed) {
-  QuantizeArgs a = prepare_quantize("quantize", x, fmt, symmetric, group_size, scale, zero_point);
-  const GroupLayout& l = a.layout;
-  const bool asym = !a.fmt.is_float() && !a.fmt.symmetric;
-  const int64_t row_bytes = packed_row_bytes(l.k, a.fmt.bits);
-  auto packed_shape = x.sizes().vec();
-  packed_shape.back() = row_bytes;
-  at::Tensor packed = at::empty(packed_shape, x.options().dtype(at::kByte));
-  const auto fopts = x.options().dtype(at::kFloat);
-  at::Tensor scale_out = a.scale.has_value() ? a.scale->clone() : at::empty(a.scale_shape, fopts);
-  at::Tensor zero_out = asym ? (a.zero.has_value() ? a.zero->clone() : at::empty(a.scale_shape, fopts))
-                             : at::empty({0}, fopts);
-  GroupParams p{a.scale ? a.scale->data_ptr<float>() : nullptr, a.zero ? a.zero->data_ptr<float>() : nullptr,
-                a.scale ? nullptr : scale_out.data_ptr<float>(),
-                (asym && !a.zero) ? zero_out.data_ptr<float>() : nullptr};
-  uint8_t* dst = packed.data_ptr<uint8_t>();
+  QuantizeArgs a = prepare_quantize("quantize", x, fmt, symmetric, group_size, scale, zero_point, &tensor_stats_cpu);
+  QuantizeOutputs o = allocate_quantize_outputs(a);
+  const int64_t row_bytes = o.packed.size(-1);
+  const GroupParams p{.static_scale = a.scale ? a.scale->data_ptr<float>() : nullptr,
+                      .static_zero = a.zero ? a.zero->data_ptr<float>() : nullptr,
+                      .scale_out = o.scale_dst,
+                      .zero_out = o.zero_dst};
+  uint8_t* dst = o.packed.data_ptr<uint8_t>();
   int err = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "quantize_cpu", [&] {
     dispatch_format(a.fmt, [&]<class CODEC, int BITS>() {
@@ -148,17 +176,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
     });
   });
   if (err) raise_kernel_error("quantize", err, a.fmt);
-  return {packed, scale_out, zero_out};
+  return {o.packed, o.scale, o.zero};
 }
 
 at::Tensor fake_quantize_cpu(const at::Tensor& x, const std::string& fmt, bool symmetric, int64_t group_size,
                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& zero_point,
                              bool stochastic, int64_t seed) {
-  QuantizeArgs a = prepare_quantize("fake_quantize", x, fmt, symmetric, group_size, scale, zero_point);
+  QuantizeArgs a =
+      prepare_quantize("fake_quantize", x, fmt, symmetric, group_size, scale, zero_point, &tensor_stats_cpu);
   const GroupLayout& l = a.layout;
   at::Tensor out = at::empty(x.sizes(), x.options());
-  GroupParams p{a.scale ? a.scale->data_ptr<float>() : nullptr, a.zero ? a.zero->data_ptr<float>() : nullptr,
-                nullptr, nullptr};
+  const GroupParams p{.static_scale = a.scale ? a.scale->data_ptr<float>() : nullptr,
+                      .static_zero = a.zero ? a.zero->data_ptr<float>() : nullptr,
+                      .scale_out = nullptr,
+                      .zero_out = nullptr};
   int err = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "fake_quantize_cpu", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -181,9 +212,9 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const std::string& fmt, bool s
   return out;
 }
 
-// Values of a whole block of 8 integer codes: (c + qmin - z) * s, the same float operations as
-// dequantize_int_code. With AVX2, widths up to 4 bits are unpacked by per-lane shifts of one
-// 32-bit word.
+// Values of a whole block of 8 integer codes: saturate((c + qmin - z) * s), the same float
+// operations as dequantize_int_code. With AVX2, widths up to 4 bits are unpacked by per-lane
+// shifts of one 32-bit word.
 template <int BITS>
 inline void int_block_values(const uint8_t* src, const uint8_t* c, float qmin, float z, float s, float* v) {
 #if defined(__AVX2__)
@@ -194,25 +225,30 @@ inline void int_block_values(const uint8_t* src, const uint8_t* c, float qmin, f
     const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
                                            _mm256_set1_epi32((1 << BITS) - 1));
     const __m256 f = _mm256_cvtepi32_ps(codes);
-    _mm256_storeu_ps(v, _mm256_mul_ps(_mm256_sub_ps(_mm256_add_ps(f, _mm256_set1_ps(qmin)), _mm256_set1_ps(z)),
-                                      _mm256_set1_ps(s)));
+    const __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_add_ps(f, _mm256_set1_ps(qmin)), _mm256_set1_ps(z)),
+                                   _mm256_set1_ps(s));
+    // max_ps/min_ps return their second operand when one is NaN, as max_of/min_of return their first
+    const __m256 lo = _mm256_max_ps(_mm256_set1_ps(-kFloatMax), d);
+    _mm256_storeu_ps(v, _mm256_min_ps(_mm256_set1_ps(kFloatMax), lo));
     return;
   }
 #endif
-  for (int i = 0; i < 8; ++i) v[i] = (static_cast<float>(c[i]) + qmin - z) * s;
+  for (int i = 0; i < 8; ++i) v[i] = dequantize_int_code(c[i], s, z, qmin);
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                           const std::string& fmt, bool symmetric, int64_t group_size, int64_t k,
-                          at::ScalarType dtype) {
+                          at::ScalarType dtype, bool validate) {
   check_output_dtype("dequantize", dtype);
-  DequantizeArgs a = prepare_dequantize("dequantize", packed, scale, zero_point, fmt, symmetric, group_size, k);
+  DequantizeArgs a =
+      prepare_dequantize("dequantize", packed, scale, zero_point, fmt, symmetric, group_size, k, validate);
   const GroupLayout& l = a.layout;
   at::Tensor out = at::empty(a.out_shape, packed.options().dtype(dtype));
   const uint8_t* src = a.packed.data_ptr<uint8_t>();
   const float* sc = a.scale.data_ptr<float>();
   const float* zp = a.zero ? a.zero->data_ptr<float>() : nullptr;
   const int64_t row_bytes = a.packed.size(-1);
+  std::atomic<bool> bad_scale{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_cpu", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
     dispatch_format(a.fmt, [&]<class CODEC, int BITS>() {
@@ -221,16 +257,18 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, con
       for_each_segment(l, [&](int64_t row, int64_t k0, int64_t k1) {
         const uint8_t* prow = src + row * row_bytes;
         scalar_t* orow = dst + row * l.k;
+        bool bad = false;  // any scale read here invalid: checked as the scales are read, at no extra pass
         // Blocks of 8 codes are unpacked in registers and written straight out; a block that
         // straddles two groups (group sizes that are not multiples of 8) looks up each scale.
         for (int64_t kb = k0; kb < k1; kb += 8) {
           const int n = static_cast<int>(std::min<int64_t>(8, k1 - kb));
           uint8_t c[8];
           load_block<BITS>(prow + kb / 8 * BITS, c, n);
-          const int64_t si0 = scale_index(l, row, kb), si1 = scale_index(l, row, kb + n - 1);
+          const int64_t si0 = l.scale_index(row, kb), si1 = l.scale_index(row, kb + n - 1);
           float v[8];
           if (n == 8 && si0 == si1) {  // the common case, in fixed-length loops that vectorize
             const float s = sc[si0], z = zp ? zp[si0] : 0.0f;
+            bad |= !valid_scale(s, z);
             if constexpr (std::is_void_v<CODEC>) {
               int_block_values<BITS>(prow + kb / 8 * BITS, c, qmin, z, s, v);
             } else {
@@ -239,18 +277,20 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, con
             for (int i = 0; i < 8; ++i) orow[kb + i] = static_cast<scalar_t>(v[i]);
             continue;
           }
-          {
-            for (int i = 0; i < n; ++i) {
-              const int64_t si = scale_index(l, row, kb + i);
-              if constexpr (std::is_void_v<CODEC>) v[i] = dequantize_int_code(c[i], sc[si], zp ? zp[si] : 0.0f, qmin);
-              else v[i] = table[c[i]] * sc[si];
-            }
+          for (int i = 0; i < n; ++i) {
+            const int64_t si = l.scale_index(row, kb + i);
+            const float s = sc[si], z = zp ? zp[si] : 0.0f;
+            bad |= !valid_scale(s, z);
+            if constexpr (std::is_void_v<CODEC>) v[i] = dequantize_int_code(c[i], s, z, qmin);
+            else v[i] = table[c[i]] * s;
           }
           for (int i = 0; i < n; ++i) orow[kb + i] = static_cast<scalar_t>(v[i]);
         }
+        if (bad) bad_scale = true;
       });
     });
   });
+  if (validate && bad_scale) raise_kernel_error("dequantize", kErrBadScale, a.fmt);
   return out;
 }
 

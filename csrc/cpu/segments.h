@@ -7,7 +7,7 @@
 
 #include <numeric>
 
-#include "alphaquant/dispatch.h"
+#include "alphaquant/layout.h"
 
 namespace alphaquant {
 
@@ -30,11 +30,6 @@ void for_each_segment(const GroupLayout& l, Fn&& fn) {
       fn(row, k0, std::min(k0 + seg, l.k));
     }
   });
-}
-
-// Index of the scale that covers element k of `row`.
-inline int64_t scale_index(const GroupLayout& l, int64_t row, int64_t k) {
-  return l.per_tensor ? 0 : row * l.groups + k / l.group_size;
 }
 
 }  // namespace alphaquant

@@ -2,7 +2,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "alphaquant/op_args.h"
+#include "alphaquant/arg_checks.h"
 #include "cuda/cuda_utils.cuh"
 
 namespace alphaquant {

@@ -8,7 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "alphaquant/op_args.h"
+#include "alphaquant/arg_checks.h"
 #include "alphaquant/quant_math.h"
 #include "cuda/cuda_utils.cuh"
 
@@ -27,6 +27,7 @@ struct GemvParams {
   const float* bias;
   bool aligned;          // k % 8 == 0 with aligned bases
   bool block_one_scale;  // every block of 8 codes lies in one group
+  int* err;              // kErrBadScale lands here; nullptr: do not check the scales
 };
 
 template <class CODEC, int BITS, class T>
@@ -41,19 +42,21 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   float acc[kMaxGemvRows];
 #pragma unroll
   for (int r = 0; r < kMaxGemvRows; ++r) acc[r] = 0.0f;
+  bool bad_scale = false;
   for (int64_t kb = 8 * lane; kb < k; kb += 8 * 32) {
     const int n = block_len(k - kb);
-    const uint64_t bits = load_block_bits<BITS>(wrow + kb / 8 * BITS, n == 8 ? BITS : (n * BITS + 7) / 8, p.aligned);
+    const uint64_t bits = load_block_bits<BITS>(wrow + kb / 8 * BITS, block_bytes(n, BITS), p.aligned);
     float wv[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const int64_t kk = p.block_one_scale ? kb : min(kb + i, k - 1);
-      const int64_t si = p.l.per_tensor ? 0 : j * p.l.groups + kk / p.l.group_size;
+      const int64_t si = p.l.scale_index(j, p.block_one_scale ? kb : min(kb + i, k - 1));
       const uint8_t c = unpack1<BITS>(bits, i);
+      const float s = p.scale[si], z = p.zero ? p.zero[si] : 0.0f;
+      bad_scale |= !valid_scale(s, z);
       if constexpr (std::is_void_v<CODEC>) {
-        wv[i] = i < n ? dequantize_int_code(c, p.scale[si], p.zero ? p.zero[si] : 0.0f, qmin) : 0.0f;
+        wv[i] = i < n ? dequantize_int_code(c, s, z, qmin) : 0.0f;
       } else {
-        wv[i] = i < n ? CODEC::decode(c) * p.scale[si] : 0.0f;
+        wv[i] = i < n ? CODEC::decode(c) * s : 0.0f;
       }
     }
 #pragma unroll
@@ -74,15 +77,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       if (lane == 0) y[r * p.l.rows + j] = from_float<T>(v + (p.bias ? p.bias[j] : 0.0f));
     }
   }
+  if (bad_scale && p.err) atomicOr(p.err, kErrBadScale);
 }
 
 namespace {
 
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                        const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
-                       const std::string& fmt, bool symmetric, int64_t group_size, int64_t k) {
+                       const std::string& fmt, bool symmetric, int64_t group_size, int64_t k, bool validate) {
   const c10::cuda::CUDAGuard guard(x.device());
-  LinearArgs a = prepare_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k);
+  LinearArgs a = prepare_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k, validate);
   const int64_t m = a.x2d.size(0), n = a.layout.rows;
   if (m > kMaxGemvRows) {
     const at::Tensor w = dequantize_weight(a, x.scalar_type());
@@ -92,9 +96,18 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::
   }
   at::Tensor y = at::empty({m, n}, a.x2d.options());
   const GroupLayout& l = a.layout;
-  GemvParams p{a.fmt, l, m, a.packed.size(1), a.scale.data_ptr<float>(), a.zero ? a.zero->data_ptr<float>() : nullptr,
-               a.bias ? a.bias->data_ptr<float>() : nullptr, false,
-               l.per_tensor || l.group_size >= l.k || l.group_size % 8 == 0};
+  // The error flag costs an allocation and, below, a device sync: only when validating.
+  at::Tensor err = validate ? at::zeros({1}, x.options().dtype(at::kInt)) : at::Tensor();
+  GemvParams p{.fmt = a.fmt,
+               .l = l,
+               .m = m,
+               .row_bytes = a.packed.size(1),
+               .scale = a.scale.data_ptr<float>(),
+               .zero = a.zero ? a.zero->data_ptr<float>() : nullptr,
+               .bias = a.bias ? a.bias->data_ptr<float>() : nullptr,
+               .aligned = false,
+               .block_one_scale = l.per_tensor || l.group_size >= l.k || l.group_size % 8 == 0,
+               .err = validate ? err.data_ptr<int>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_cuda", [&] {
     const scalar_t* xp = a.x2d.data_ptr<scalar_t>();
     p.aligned = k % 8 == 0 && (reinterpret_cast<uintptr_t>(xp) & 15) == 0 &&
@@ -105,6 +118,10 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  if (validate) {
+    const int flags = err.item<int>();
+    if (flags) raise_kernel_error("linear", flags, a.fmt);
+  }
   return y.reshape(a.out_shape);
 }
 

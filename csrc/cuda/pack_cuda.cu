@@ -2,7 +2,7 @@
 #include <torch/library.h>
 
 #include "alphaquant/bitstream.h"
-#include "alphaquant/op_args.h"
+#include "alphaquant/arg_checks.h"
 #include "cuda/cuda_utils.cuh"
 
 namespace alphaquant {

@@ -8,8 +8,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "alphaquant/arg_checks.h"
 #include "alphaquant/bitstream.h"
-#include "alphaquant/op_args.h"
 #include "alphaquant/quant_math.h"
 #include "cuda/cuda_utils.cuh"
 
@@ -20,7 +20,7 @@ struct QuantParams {
   GroupLayout l;
   const float* scale_in;  // per-group scales to use (given or from the stats pass)
   const float* zero_in;
-  bool check_scale;       // validate scale_in (only when the user gave it)
+  bool check_scale;       // validate scale_in (given by the caller) and flag kErrBadScale
   float* scale_out;       // dynamic: where the kernel writes scales (nullptr: do not)
   float* zero_out;
   bool stochastic;
@@ -29,10 +29,6 @@ struct QuantParams {
   int64_t row_bytes;
   int* err;
 };
-
-__device__ __forceinline__ int64_t block_scale_index(const GroupLayout& l, int64_t row, int64_t k) {
-  return l.per_tensor ? 0 : row * l.groups + k / l.group_size;
-}
 
 // Quantize one block of 8 values and either pack it (FAKE = false) or write it back dequantized.
 template <class CODEC, int BITS, class T, bool FAKE>
@@ -62,8 +58,7 @@ __device__ __forceinline__ void emit_block(const QuantParams& p, const float (&v
     }
     store8(out + row * p.l.k + k, d, n, p.aligned);
   } else {
-    const int nbytes = n == 8 ? BITS : (n * BITS + 7) / 8;
-    store_block_bits<BITS>(packed + row * p.row_bytes + k / 8 * BITS, pack8<BITS>(c), nbytes, p.aligned);
+    store_block_bits<BITS>(packed + row * p.row_bytes + k / 8 * BITS, pack8<BITS>(c), block_bytes(n, BITS), p.aligned);
   }
 }
 
@@ -92,8 +87,8 @@ __global__ void quantize_groups_kernel(const T* __restrict__ x, uint8_t* __restr
     const int64_t gi = base + (threadIdx.x % 32) / team;
     const bool valid = gi < ngroups;
     const int64_t row = valid ? gi / p.l.groups : 0;
-    const int64_t g0 = valid ? (gi % p.l.groups) * p.l.group_size : 0;
-    const int64_t g1 = valid ? min(p.l.k, g0 + p.l.group_size) : 0;
+    const int64_t g0 = valid ? p.l.group_begin(gi % p.l.groups) : 0;
+    const int64_t g1 = valid ? p.l.group_end(gi % p.l.groups) : 0;
     const T* xrow = x + row * p.l.k;
     GroupStats s;
     for (int64_t k = g0 + 8 * lane; k < g1; k += 8 * team) {
@@ -131,8 +126,8 @@ __global__ void group_stats_kernel(const T* __restrict__ x, QuantParams p, float
   const int lane = threadIdx.x % 32;
   const int64_t ngroups = p.l.rows * p.l.groups;
   for (int64_t gi = warp; gi < ngroups; gi += int64_t(gridDim.x) * blockDim.x / 32) {
-    const int64_t row = gi / p.l.groups, g0 = (gi % p.l.groups) * p.l.group_size;
-    const int64_t g1 = min(p.l.k, g0 + p.l.group_size);
+    const int64_t row = gi / p.l.groups, g0 = p.l.group_begin(gi % p.l.groups);
+    const int64_t g1 = p.l.group_end(gi % p.l.groups);
     GroupStats s;
     for (int64_t k = g0 + lane; k < g1; k += 32) s.add(to_float(x[row * p.l.k + k]));
     s = team_reduce(s, 32);
@@ -159,10 +154,10 @@ __global__ void quantize_blocks_kernel(const T* __restrict__ x, uint8_t* __restr
     ScaleZero sz[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const int64_t si = block_scale_index(p.l, row, min(k + i, p.l.k - 1));
-      sz[i] = {p.scale_in[si], p.zero_in ? p.zero_in[si] : 0.0f};
+      const int64_t si = p.l.scale_index(row, min(k + i, p.l.k - 1));
+      sz[i] = {.scale = p.scale_in[si], .zero = p.zero_in ? p.zero_in[si] : 0.0f};
       if (i < n) bad |= !finite(v[i]);
-      bad_scale |= !(sz[i].scale > 0.0f && finite(sz[i].scale) && finite(sz[i].zero));
+      bad_scale |= !valid_scale(sz[i].scale, sz[i].zero);
     }
     emit_block<CODEC, BITS, T, FAKE>(p, v, n, row, k, sz, packed, out);
   }
@@ -174,25 +169,29 @@ template <class CODEC, int BITS, class T>
 __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, T* __restrict__ out, QuantParams p) {
   const int64_t blocks_per_row = (p.l.k + 7) / 8;
   const float qmin = p.fmt.qmin();
+  bool bad_scale = false;
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < p.l.rows * blocks_per_row;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = t / blocks_per_row, k = (t % blocks_per_row) * 8;
     const int n = block_len(p.l.k - k);
     const uint64_t bits =
-        load_block_bits<BITS>(packed + row * p.row_bytes + k / 8 * BITS, n == 8 ? BITS : (n * BITS + 7) / 8, p.aligned);
+        load_block_bits<BITS>(packed + row * p.row_bytes + k / 8 * BITS, block_bytes(n, BITS), p.aligned);
     float d[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const int64_t si = block_scale_index(p.l, row, min(k + i, p.l.k - 1));
+      const int64_t si = p.l.scale_index(row, min(k + i, p.l.k - 1));
       const uint8_t c = unpack1<BITS>(bits, i);
+      const float s = p.scale_in[si], z = p.zero_in ? p.zero_in[si] : 0.0f;
+      bad_scale |= !valid_scale(s, z);
       if constexpr (std::is_void_v<CODEC>) {
-        d[i] = dequantize_int_code(c, p.scale_in[si], p.zero_in ? p.zero_in[si] : 0.0f, qmin);
+        d[i] = dequantize_int_code(c, s, z, qmin);
       } else {
-        d[i] = CODEC::decode(c) * p.scale_in[si];
+        d[i] = CODEC::decode(c) * s;
       }
     }
     store8(out + row * p.l.k + k, d, n, p.aligned);
   }
+  if (bad_scale && p.check_scale) atomicOr(p.err, kErrBadScale);
 }
 
 namespace {
@@ -217,8 +216,18 @@ void run_quantize(const char* op, QuantizeArgs& a, uint8_t* packed, at::Tensor& 
                   bool stochastic, int64_t seed) {
   const GroupLayout& l = a.layout;
   at::Tensor err = at::zeros({1}, a.x.options().dtype(at::kInt));
-  QuantParams p{a.fmt, l, nullptr, nullptr, false, nullptr, nullptr, stochastic, static_cast<uint64_t>(seed), false,
-                packed_row_bytes(l.k, a.fmt.bits), err.data_ptr<int>()};
+  QuantParams p{.fmt = a.fmt,
+                .l = l,
+                .scale_in = nullptr,
+                .zero_in = nullptr,
+                .check_scale = false,
+                .scale_out = nullptr,
+                .zero_out = nullptr,
+                .stochastic = stochastic,
+                .seed = static_cast<uint64_t>(seed),
+                .aligned = false,
+                .row_bytes = packed_row_bytes(l.k, a.fmt.bits),
+                .err = err.data_ptr<int>()};
   const bool dynamic = !a.scale.has_value();
   const bool fused = dynamic && (l.group_size % 8 == 0 || l.group_size >= l.k);
   at::Tensor stats_scale, stats_zero;
@@ -265,44 +274,71 @@ void run_quantize(const char* op, QuantizeArgs& a, uint8_t* packed, at::Tensor& 
   if (flags) raise_kernel_error(op, flags, a.fmt);
 }
 
+// Min, max and non-finite flag of a whole tensor (per-tensor dynamic scales) with one device
+// sync and no float copy of the input: min/max propagate NaN and show Inf, so finite results
+// mean every value is finite. Only input that holds NaN/Inf for an fp8 format takes a second,
+// masked reduction.
+GroupStats tensor_stats_cuda(const at::Tensor& x) {
+  auto [mn, mx] = at::aminmax(x);
+  const at::Tensor both = at::stack({mn, mx}).to(at::kFloat).cpu();
+  GroupStats s;
+  s.mn = both[0].item<float>();
+  s.mx = both[1].item<float>();
+  if (finite(s.mn) && finite(s.mx)) return s;
+  s.nonfinite = true;
+  auto [fmn, fmx] = at::aminmax(at::where(at::isfinite(x), x, at::zeros({}, x.options())));
+  const at::Tensor fboth = at::stack({fmn, fmx}).to(at::kFloat).cpu();
+  s.mn = fboth[0].item<float>();
+  s.mx = fboth[1].item<float>();
+  return s;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, const std::string& fmt,
                                                               bool symmetric, int64_t group_size,
                                                               const std::optional<at::Tensor>& scale,
                                                               const std::optional<at::Tensor>& zero_point,
                                                               bool stochastic, int64_t seed) {
   const c10::cuda::CUDAGuard guard(x.device());
-  QuantizeArgs a = prepare_quantize("quantize", x, fmt, symmetric, group_size, scale, zero_point);
-  const bool asym = !a.fmt.is_float() && !a.fmt.symmetric;
-  auto packed_shape = x.sizes().vec();
-  packed_shape.back() = packed_row_bytes(a.layout.k, a.fmt.bits);
-  at::Tensor packed = at::empty(packed_shape, x.options().dtype(at::kByte));
-  const auto fopts = x.options().dtype(at::kFloat);
-  at::Tensor scale_out = a.scale ? a.scale->clone() : at::empty(a.scale_shape, fopts);
-  at::Tensor zero_out = asym ? (a.zero ? a.zero->clone() : at::empty(a.scale_shape, fopts)) : at::empty({0}, fopts);
+  QuantizeArgs a = prepare_quantize("quantize", x, fmt, symmetric, group_size, scale, zero_point, &tensor_stats_cuda);
+  QuantizeOutputs o = allocate_quantize_outputs(a);
   at::Tensor none;
-  run_quantize<false>("quantize", a, packed.data_ptr<uint8_t>(), none, a.scale ? nullptr : scale_out.data_ptr<float>(),
-                      (asym && !a.zero) ? zero_out.data_ptr<float>() : nullptr, stochastic, seed);
-  return {packed, scale_out, zero_out};
+  run_quantize<false>("quantize", a, o.packed.data_ptr<uint8_t>(), none, o.scale_dst, o.zero_dst, stochastic, seed);
+  return {o.packed, o.scale, o.zero};
 }
 
 at::Tensor fake_quantize_cuda(const at::Tensor& x, const std::string& fmt, bool symmetric, int64_t group_size,
                               const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& zero_point,
                               bool stochastic, int64_t seed) {
   const c10::cuda::CUDAGuard guard(x.device());
-  QuantizeArgs a = prepare_quantize("fake_quantize", x, fmt, symmetric, group_size, scale, zero_point);
+  QuantizeArgs a =
+      prepare_quantize("fake_quantize", x, fmt, symmetric, group_size, scale, zero_point, &tensor_stats_cuda);
   at::Tensor out = at::empty(x.sizes(), x.options());
   run_quantize<true>("fake_quantize", a, nullptr, out, nullptr, nullptr, stochastic, seed);
   return out;
 }
 
 at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
-                           const std::string& fmt, bool symmetric, int64_t group_size, int64_t k, at::ScalarType dtype) {
+                           const std::string& fmt, bool symmetric, int64_t group_size, int64_t k, at::ScalarType dtype,
+                           bool validate) {
   check_output_dtype("dequantize", dtype);
   const c10::cuda::CUDAGuard guard(packed.device());
-  DequantizeArgs a = prepare_dequantize("dequantize", packed, scale, zero_point, fmt, symmetric, group_size, k);
+  DequantizeArgs a =
+      prepare_dequantize("dequantize", packed, scale, zero_point, fmt, symmetric, group_size, k, validate);
   at::Tensor out = at::empty(a.out_shape, packed.options().dtype(dtype));
-  QuantParams p{a.fmt, a.layout, a.scale.data_ptr<float>(), a.zero ? a.zero->data_ptr<float>() : nullptr, false,
-                nullptr, nullptr, false, 0, false, a.packed.size(-1), nullptr};
+  // The error flag costs an allocation and, below, a device sync: only when validating.
+  at::Tensor err = validate ? at::zeros({1}, packed.options().dtype(at::kInt)) : at::Tensor();
+  QuantParams p{.fmt = a.fmt,
+                .l = a.layout,
+                .scale_in = a.scale.data_ptr<float>(),
+                .zero_in = a.zero ? a.zero->data_ptr<float>() : nullptr,
+                .check_scale = validate,
+                .scale_out = nullptr,
+                .zero_out = nullptr,
+                .stochastic = false,
+                .seed = 0,
+                .aligned = false,
+                .row_bytes = a.packed.size(-1),
+                .err = validate ? err.data_ptr<int>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_cuda", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     p.aligned = all_aligned(a.layout.k, {a.packed.data_ptr(), o});
@@ -313,6 +349,10 @@ at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& scale, co
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  if (validate) {
+    const int flags = err.item<int>();
+    if (flags) raise_kernel_error("dequantize", flags, a.fmt);
+  }
   return out;
 }
 

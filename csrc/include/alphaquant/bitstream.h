@@ -2,26 +2,27 @@
 #pragma once
 
 #include "alphaquant/formats.h"
+#include "alphaquant/layout.h"
 
 namespace alphaquant {
 
-// Writes `n` codes (n <= 8) starting at a multiple of 8 codes: exactly ceil(n*BITS/8) bytes.
+// Writes `n` codes (n <= 8) starting at a multiple of 8 codes: exactly block_bytes(n, BITS) bytes.
 template <int BITS>
 AQ_HD void store_block(uint8_t* dst, const uint8_t* codes, int n) {
   uint64_t v = 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(i < n ? codes[i] : 0) << (i * BITS);
-  const int nbytes = n == 8 ? BITS : (n * BITS + 7) / 8;
+  const int nbytes = block_bytes(n, BITS);
 #pragma unroll
   for (int b = 0; b < BITS; ++b) {
     if (b < nbytes) dst[b] = static_cast<uint8_t>(v >> (8 * b));
   }
 }
 
-// Reads the block of 8 codes at `src` (only ceil(n*BITS/8) bytes are touched) into `codes`.
+// Reads the block of 8 codes at `src` (only block_bytes(n, BITS) are touched) into `codes`.
 template <int BITS>
 AQ_HD void load_block(const uint8_t* src, uint8_t* codes, int n) {
-  const int nbytes = n == 8 ? BITS : (n * BITS + 7) / 8;
+  const int nbytes = block_bytes(n, BITS);
   uint64_t v = 0;
 #if !defined(__CUDA_ARCH__)
   if (n == 8) {
@@ -54,21 +55,6 @@ AQ_HD void unpack_run(const uint8_t* src, uint8_t* codes, int64_t n) {
     uint8_t tmp[8];
     load_block<BITS>(src + (j / 8) * BITS, tmp, static_cast<int>(n - j));
     for (int64_t i = 0; i < n - j; ++i) codes[j + i] = tmp[i];
-  }
-}
-
-// Code width of a format as a template dispatch (1..8).
-template <class Fn>
-void dispatch_bits(int bits, Fn&& fn) {
-  switch (bits) {
-    case 1: return fn.template operator()<1>();
-    case 2: return fn.template operator()<2>();
-    case 3: return fn.template operator()<3>();
-    case 4: return fn.template operator()<4>();
-    case 5: return fn.template operator()<5>();
-    case 6: return fn.template operator()<6>();
-    case 7: return fn.template operator()<7>();
-    case 8: return fn.template operator()<8>();
   }
 }
 

@@ -1,38 +1,42 @@
-// Host-side helpers shared by the CPU and CUDA launchers: parsing format names, checking
-// arguments, and turning a run-time format into a compile-time codec.
+// Run-time format and code width -> compile-time codec: the one switch every launcher uses.
 #pragma once
 
-#include <ATen/ATen.h>
-
-#include <string>
+#include <c10/util/Exception.h>
 
 #include "alphaquant/format_spec.h"
 
 namespace alphaquant {
 
-// "int1".."int8", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1".
-FormatSpec parse_format(const std::string& name, bool symmetric);
-
-// The layout of a quantized tensor viewed as [rows, k] with groups along k.
-struct GroupLayout {
-  int64_t rows;
-  int64_t k;
-  int64_t group_size;  // elements per group (>= k means one group per row)
-  int64_t groups;      // groups per row
-  bool per_tensor;     // one scale for the whole tensor
-};
-
-// group_size > 0: groups along the last dim; 0: one group per row (per-channel); -1: per-tensor.
-GroupLayout make_layout(at::IntArrayRef shape, int64_t group_size);
-
-// Shape of the scale (and zero point) tensor for an input of `shape`.
-std::vector<int64_t> scale_shape(at::IntArrayRef shape, const GroupLayout& layout);
+// Calls fn.template operator()<BITS>() for a code width of 1..8.
+template <class Fn>
+void dispatch_bits(int bits, Fn&& fn) {
+  switch (bits) {
+    case 1: return fn.template operator()<1>();
+    case 2: return fn.template operator()<2>();
+    case 3: return fn.template operator()<3>();
+    case 4: return fn.template operator()<4>();
+    case 5: return fn.template operator()<5>();
+    case 6: return fn.template operator()<6>();
+    case 7: return fn.template operator()<7>();
+    case 8: return fn.template operator()<8>();
+  }
+  TORCH_CHECK(false, "alphaquant: internal error, unhandled code width ", bits);
+}
 
 // Calls fn.template operator()<CODEC, BITS>() for the format: CODEC is a Minifloat for float
 // formats and void for integers, BITS the code width.
 template <class Fn>
-void dispatch_format(const FormatSpec& f, Fn&& fn);
+void dispatch_format(const FormatSpec& f, Fn&& fn) {
+  switch (f.id) {
+    case FormatId::kFP8E4M3: return fn.template operator()<FP8E4M3, 8>();
+    case FormatId::kFP8E5M2: return fn.template operator()<FP8E5M2, 8>();
+    case FormatId::kFP6E3M2: return fn.template operator()<FP6E3M2, 6>();
+    case FormatId::kFP6E2M3: return fn.template operator()<FP6E2M3, 6>();
+    case FormatId::kFP4E2M1: return fn.template operator()<FP4E2M1, 4>();
+    case FormatId::kInt:
+      return dispatch_bits(f.bits, [&]<int BITS>() { return fn.template operator()<void, BITS>(); });
+  }
+  TORCH_CHECK(false, "alphaquant: internal error, unhandled format");
+}
 
 }  // namespace alphaquant
-
-#include "alphaquant/dispatch_impl.h"

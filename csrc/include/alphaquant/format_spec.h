@@ -22,6 +22,8 @@ struct FormatSpec {
   float max_value;  // float formats: largest finite value
 
   AQ_HD bool is_float() const { return id != FormatId::kInt; }
+  // The only formats with a zero point: integers on [0, 2^bits - 1].
+  AQ_HD bool is_asymmetric_int() const { return !is_float() && !symmetric; }
   // Float formats hold NaN (and e5m2 Inf) themselves; the others reject non-finite input.
   AQ_HD bool holds_nonfinite() const { return id == FormatId::kFP8E4M3 || id == FormatId::kFP8E5M2; }
   AQ_HD float qmin() const { return is_float() ? -max_value : int_range(bits, symmetric).qmin; }

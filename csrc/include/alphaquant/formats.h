@@ -64,9 +64,12 @@ AQ_HD float bits_float(uint32_t u) {
 #endif
 }
 
+// Largest finite float32.
+constexpr float kFloatMax = 3.402823466e38f;
+
 // NaN and Inf fail this test; written as a comparison so that it vectorizes and means the
 // same on host and device.
-AQ_HD bool finite(float v) { return fabsf(v) <= 3.402823466e38f; }
+AQ_HD bool finite(float v) { return fabsf(v) <= kFloatMax; }
 
 // 2^e for the small exponents the formats need, built from bits so it is exact everywhere.
 AQ_HD float pow2(int e) { return bits_float(static_cast<uint32_t>(e + 127) << 23); }
@@ -149,7 +152,15 @@ using FP6E3M2 = Minifloat<3, 2, 3, Specials::kNone>;
 using FP6E2M3 = Minifloat<2, 3, 1, Specials::kNone>;
 using FP4E2M1 = Minifloat<2, 1, 1, Specials::kNone>;
 
-// Integer range of a b-bit format, as the seed defines it.
+// The code widths and largest finite codes of the table above.
+static_assert(FP8E4M3::kBits == 8 && FP8E4M3::kMaxMag == 0x7E, "e4m3fn: S.1111.110 is 448, S.1111.111 NaN");
+static_assert(FP8E5M2::kBits == 8 && FP8E5M2::kMaxMag == 0x7B && FP8E5M2::kInfMag == 0x7C,
+              "e5m2: S.11110.11 is 57344, S.11111.00 Inf");
+static_assert(FP6E3M2::kBits == 6 && FP6E3M2::kMaxMag == 0x1F, "e3m2: every code is finite");
+static_assert(FP6E2M3::kBits == 6 && FP6E2M3::kMaxMag == 0x1F, "e2m3: every code is finite");
+static_assert(FP4E2M1::kBits == 4 && FP4E2M1::kMaxMag == 0x7, "e2m1: every code is finite");
+
+// Integer range of a b-bit format (see the table at the top).
 struct IntRange {
   float qmin, qmax;
 };
@@ -161,7 +172,8 @@ AQ_HD IntRange int_range(int bits, bool symmetric) {
   return {0.0f, static_cast<float>((1 << bits) - 1)};
 }
 
-// Pack eight codes of BITS bits into exactly BITS bytes (the unit of the row bit stream).
+// Pack eight codes of BITS bits into one integer of 8*BITS bits, which is exactly BITS bytes
+// (the unit of the row bit stream; byte lengths: layout.h).
 template <int BITS>
 AQ_HD uint64_t pack8(const uint8_t* codes) {
   uint64_t v = 0;
@@ -174,9 +186,6 @@ template <int BITS>
 AQ_HD uint8_t unpack1(uint64_t v, int i) {
   return static_cast<uint8_t>((v >> (i * BITS)) & ((1u << BITS) - 1));
 }
-
-// Bytes of one packed row of k codes.
-AQ_HD int64_t packed_row_bytes(int64_t k, int bits) { return (k * bits + 7) / 8; }
 
 // Stateless random bits for stochastic rounding: the same (seed, element index) gives the same
 // bits on every device and in the pure-PyTorch reference (alphaquant/reference.py).

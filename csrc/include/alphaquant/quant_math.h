@@ -8,8 +8,8 @@
 
 namespace alphaquant {
 
-// Plain comparisons instead of fminf/fmaxf: the operands are never NaN here, and these inline
-// and vectorize where the libm calls do not.
+// Plain comparisons instead of fminf/fmaxf: these inline and vectorize where the libm calls do
+// not. A NaN first operand comes back unchanged.
 AQ_HD float min_of(float a, float b) { return b < a ? b : a; }
 AQ_HD float max_of(float a, float b) { return b > a ? b : a; }
 
@@ -39,24 +39,39 @@ struct ScaleZero {
   float zero;
 };
 
-// Scale (and zero point) of a group from its finite min/max, as the seed defines them:
+// Scale (and zero point) of a group from its finite min/max:
 //   symmetric   scale = max|x| / qmax
 //   asymmetric  scale = (max - min) / (qmax - qmin), zero = qmin - min / scale
 //   float       scale = max|x| / format max
 // A group with no spread (all zeros, or constant for asymmetric) gets scale 1 so that nothing
 // divides by zero; for asymmetric the zero point then reproduces the constant exactly.
+// When max - min overflows float32 (values of both signs near the float32 limit), the range is
+// divided before subtracting: max / (qmax - qmin) - min / (qmax - qmin); int1 (one step) still
+// overflows there, and the largest float32 is the closest scale. Then |zero| <= qmax - qmin.
 AQ_HD ScaleZero group_scale(const FormatSpec& f, const GroupStats& s) {
   float mn = s.mn, mx = s.mx;
   if (mn > mx) mn = mx = 0.0f;  // empty or all non-finite: nothing to scale
-  if (f.is_float() || f.symmetric) {
+  if (!f.is_asymmetric_int()) {
     const float amax = fmaxf(fabsf(mn), fabsf(mx));
     float scale = amax / f.qmax();
     if (!(scale > 0.0f) || !finite(scale)) scale = 1.0f;
     return {scale, 0.0f};
   }
-  float scale = (mx - mn) / (f.qmax() - f.qmin());
+  const float steps = f.qmax() - f.qmin();
+  const float range = mx - mn;
+  float scale = range / steps;
+  if (!finite(range)) {
+    scale = mx / steps - mn / steps;
+    if (!finite(scale)) scale = kFloatMax;
+  }
   if (!(scale > 0.0f) || !finite(scale)) scale = 1.0f;
   return {scale, f.qmin() - mn / scale};
+}
+
+// What every op requires of a scale and zero point it reads: scale finite and > 0, zero point
+// finite. Written as comparisons (NaN fails them) so that checking loops vectorize.
+AQ_HD bool valid_scale(float scale, float zero) {
+  return scale > 0.0f && scale <= kFloatMax && fabsf(zero) <= kFloatMax;
 }
 
 // One value -> code, given its group's scale and zero point. `noise` is only read when
@@ -74,8 +89,12 @@ AQ_HD uint8_t quantize_int_code(float x, float scale, float zero, float qmin, fl
   return static_cast<uint8_t>(static_cast<int>(q - qmin));
 }
 
+// Saturates to +-float32 max: the top code times a scale computed from a maximum near the float32
+// limit can round one step past it. Finite results are unchanged (and NaN stays NaN).
+AQ_HD float saturate(float v) { return min_of(max_of(v, -kFloatMax), kFloatMax); }
+
 AQ_HD float dequantize_int_code(uint8_t code, float scale, float zero, float qmin) {
-  return (static_cast<float>(code) + qmin - zero) * scale;
+  return saturate((static_cast<float>(code) + qmin - zero) * scale);
 }
 
 }  // namespace alphaquant

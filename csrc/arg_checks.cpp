@@ -1,0 +1,225 @@
+// Argument checks shared by every launcher, and the preparation that follows from them (host
+// code, no kernels).
+#include "alphaquant/arg_checks.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace alphaquant {
+
+void check_floating(const char* op, const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "alphaquant.", op,
+                   ": input must be float32, float16 or bfloat16; got ", t);
+}
+
+void check_output_dtype(const char* op, at::ScalarType t) {
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "alphaquant.", op,
+                   ": output dtype must be float32, float16 or bfloat16; got ", t);
+}
+
+void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                       const char* name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "alphaquant.", op, ": ", name, " is on ", t.device(), " but ",
+                    ref_name, " is on ", ref.device(), "; every tensor argument must be on the same device");
+}
+
+void check_row_length(const char* op, int64_t k, int64_t rows) {
+  TORCH_CHECK_VALUE(k > 0, "alphaquant.", op, ": k (values per row) must be > 0; got ", k);
+  const int64_t most = rows > 1 ? std::min(kMaxRowLength, INT64_MAX / rows) : kMaxRowLength;
+  TORCH_CHECK_VALUE(k <= most, "alphaquant.", op, ": k=", k, " is too large for ", rows,
+                    " row(s): sizes derived from it would overflow int64; at most ", most);
+}
+
+void raise_kernel_error(const char* op, int flags, const FormatSpec& fmt) {
+  TORCH_CHECK_VALUE(!(flags & kErrNonFinite), "alphaquant.", op, ": input contains NaN or Inf, which ",
+                    format_name(fmt), " cannot represent (only fp8_e4m3 and fp8_e5m2 hold them); ",
+                    "clean the input or pick an fp8 format");
+  TORCH_CHECK_VALUE(!(flags & kErrBadScale), "alphaquant.", op,
+                    ": scale must be finite and > 0 everywhere (and zero_point finite)");
+  TORCH_INTERNAL_ASSERT(false, "alphaquant.", op, ": unknown kernel error flags ", flags);
+}
+
+static void check_bits(const char* op, int64_t bits) {
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, "alphaquant.", op, ": bits must be in 1..8; got ", bits);
+}
+
+void check_pack_args(const char* op, const at::Tensor& codes, int64_t bits) {
+  check_bits(op, bits);
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "alphaquant.", op, ": codes must be uint8; got ",
+                   codes.scalar_type());
+  TORCH_CHECK_VALUE(codes.dim() >= 1 && codes.numel() > 0, "alphaquant.", op,
+                    ": codes must be a non-empty tensor with at least one dimension; got shape ", codes.sizes());
+  if (bits < 8) {
+    const int64_t top = codes.max().item<int64_t>();
+    TORCH_CHECK_VALUE(top < (int64_t{1} << bits), "alphaquant.", op, ": code ", top, " does not fit in ", bits,
+                      " bits (allowed 0..", (int64_t{1} << bits) - 1, ")");
+  }
+}
+
+// packed [..., row bytes] holding rows of k codes of `bits` bits.
+static void check_packed_rows(const char* op, const at::Tensor& packed, int bits, int64_t k, const char* what) {
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "alphaquant.", op, ": packed must be uint8; got ",
+                   packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.dim() >= 1 && packed.numel() > 0, "alphaquant.", op,
+                    ": packed must be a non-empty tensor with at least one dimension; got shape ", packed.sizes());
+  check_row_length(op, k, packed.numel() / packed.size(-1));
+  const int64_t row_bytes = packed_row_bytes(k, bits);
+  TORCH_CHECK_VALUE(packed.size(-1) == row_bytes, "alphaquant.", op, ": packed rows hold ", packed.size(-1),
+                    " bytes, but ", k, " ", what, " of ", bits, " bits take ", row_bytes);
+}
+
+void check_unpack_args(const char* op, const at::Tensor& packed, int64_t bits, int64_t k) {
+  check_bits(op, bits);
+  check_packed_rows(op, packed, static_cast<int>(bits), k, "codes");
+}
+
+void check_decode_args(const char* op, const at::Tensor& codes, const FormatSpec& fmt) {
+  TORCH_CHECK_VALUE(fmt.is_float(), "alphaquant.", op, ": ", format_name(fmt),
+                    " is not a float format; allowed: fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1");
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "alphaquant.", op, ": codes must be uint8; got ",
+                   codes.scalar_type());
+  if (fmt.bits < 8 && codes.numel() > 0) {
+    const int64_t top = codes.max().item<int64_t>();
+    TORCH_CHECK_VALUE(top < (int64_t{1} << fmt.bits), "alphaquant.", op, ": code ", top, " is not a ",
+                      format_name(fmt), " code (allowed 0..", (int64_t{1} << fmt.bits) - 1, ")");
+  }
+}
+
+// A scale or zero point argument: on ref's device, of the expected shape, floating; as float32.
+static at::Tensor checked_params(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                                 const char* name, const std::vector<int64_t>& expected, const std::string& context) {
+  check_same_device(op, ref, ref_name, t, name);
+  TORCH_CHECK_VALUE(t.sizes().vec() == expected, "alphaquant.", op, ": ", name, " has shape ", t.sizes(),
+                    "; expected ", at::IntArrayRef(expected), " for ", context);
+  TORCH_CHECK_TYPE(t.is_floating_point(), "alphaquant.", op, ": ", name, " must be a floating tensor; got ",
+                   t.scalar_type());
+  return t.to(at::kFloat).contiguous();
+}
+
+QuantizeArgs prepare_quantize(const char* op, const at::Tensor& x, const std::string& fmt, bool symmetric,
+                              int64_t group_size, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& zero_point, TensorStatsFn tensor_stats) {
+  check_floating(op, x);
+  QuantizeArgs a;
+  a.fmt = parse_format(fmt, symmetric);
+  a.layout = make_layout(x.sizes(), group_size);
+  TORCH_CHECK_VALUE(x.numel() > 0, "alphaquant.", op, ": input is empty (shape ", x.sizes(),
+                    "); quantization needs at least one element");
+  a.x = x.contiguous();
+  a.scale_shape = scale_shape(x.sizes(), a.layout);
+  const bool asym = a.fmt.is_asymmetric_int();
+  const std::string ctx = layout_context(x.sizes(), group_size);
+  if (scale.has_value()) {
+    a.scale = checked_params(op, x, "x", *scale, "scale", a.scale_shape, ctx);
+    if (asym) {
+      TORCH_CHECK_VALUE(zero_point.has_value(), "alphaquant.", op,
+                        ": asymmetric formats need zero_point together with a given scale");
+      a.zero = checked_params(op, x, "x", *zero_point, "zero_point", a.scale_shape, ctx);
+    }
+  } else {
+    TORCH_CHECK_VALUE(!zero_point.has_value(), "alphaquant.", op,
+                      ": zero_point was given without scale; pass both (static) or neither (dynamic)");
+  }
+  if (!asym) {
+    TORCH_CHECK_VALUE(!zero_point.has_value(), "alphaquant.", op, ": zero_point is only used by asymmetric ",
+                      "int formats; ", fmt, " (symmetric=", symmetric ? "True" : "False", ") takes none");
+  }
+  if (a.layout.per_tensor && !a.scale.has_value()) {
+    // One group spanning every element: its scale is known before any kernel runs.
+    const GroupStats s = tensor_stats(a.x);
+    if (s.nonfinite && !a.fmt.holds_nonfinite()) raise_kernel_error(op, kErrNonFinite, a.fmt);
+    const ScaleZero sz = group_scale(a.fmt, s);
+    const auto opts = x.options().dtype(at::kFloat);
+    a.scale = at::full(a.scale_shape, sz.scale, opts);
+    if (asym) a.zero = at::full(a.scale_shape, sz.zero, opts);
+  }
+  return a;
+}
+
+QuantizeOutputs allocate_quantize_outputs(const QuantizeArgs& a) {
+  auto packed_shape = a.x.sizes().vec();
+  packed_shape.back() = packed_row_bytes(a.layout.k, a.fmt.bits);
+  const auto fopts = a.x.options().dtype(at::kFloat);
+  QuantizeOutputs o;
+  o.packed = at::empty(packed_shape, a.x.options().dtype(at::kByte));
+  o.scale = a.scale ? a.scale->clone() : at::empty(a.scale_shape, fopts);
+  o.zero = !a.fmt.is_asymmetric_int() ? at::empty({0}, fopts) : a.zero ? a.zero->clone() : at::empty(a.scale_shape, fopts);
+  o.scale_dst = a.scale ? nullptr : o.scale.data_ptr<float>();
+  o.zero_dst = (a.fmt.is_asymmetric_int() && !a.zero) ? o.zero.data_ptr<float>() : nullptr;
+  return o;
+}
+
+DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, const at::Tensor& scale,
+                                  const std::optional<at::Tensor>& zero_point, const std::string& fmt,
+                                  bool symmetric, int64_t group_size, int64_t k, bool validate) {
+  DequantizeArgs a;
+  a.fmt = parse_format(fmt, symmetric);
+  a.validate = validate;
+  check_packed_rows(op, packed, a.fmt.bits, k, "values");
+  a.out_shape = packed.sizes().vec();
+  a.out_shape.back() = k;
+  a.layout = make_layout(a.out_shape, group_size);
+  a.packed = packed.contiguous();
+  const auto expected = scale_shape(a.out_shape, a.layout);
+  const std::string ctx = layout_context(a.out_shape, group_size);
+  a.scale = checked_params(op, packed, "packed", scale, "scale", expected, ctx);
+  if (a.fmt.is_asymmetric_int()) {
+    TORCH_CHECK_VALUE(zero_point.has_value(), "alphaquant.", op, ": asymmetric ", fmt, " needs zero_point");
+    a.zero = checked_params(op, packed, "packed", *zero_point, "zero_point", expected, ctx);
+  } else {
+    if (zero_point.has_value()) check_same_device(op, packed, "packed", *zero_point, "zero_point");
+    TORCH_CHECK_VALUE(!zero_point.has_value() || zero_point->numel() == 0, "alphaquant.", op,
+                      ": zero_point is only used by asymmetric int formats; ", fmt, " takes none");
+  }
+  return a;
+}
+
+LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
+                          const std::string& fmt, bool symmetric, int64_t group_size, int64_t k, bool validate) {
+  check_floating("linear", x);
+  check_same_device("linear", x, "x", packed, "packed");
+  if (bias.has_value()) check_same_device("linear", x, "x", *bias, "bias");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "alphaquant.linear: x must have last dimension k=", k,
+                    "; got shape ", x.sizes());
+  TORCH_CHECK_VALUE(packed.dim() == 2, "alphaquant.linear: the packed weight must be 2-D [n, bytes per row]; got shape ",
+                    packed.sizes());
+  DequantizeArgs d = prepare_dequantize("linear", packed, scale, zero_point, fmt, symmetric, group_size, k, validate);
+  TORCH_CHECK_VALUE(x.numel() > 0, "alphaquant.linear: x is empty (shape ", x.sizes(), ")");
+  LinearArgs a{.x2d = x.reshape({-1, k}).contiguous(),
+               .packed = d.packed,
+               .fmt = d.fmt,
+               .layout = d.layout,
+               .scale = d.scale,
+               .zero = d.zero,
+               .bias = std::nullopt,
+               .out_shape = x.sizes().vec(),
+               .fmt_name = fmt,
+               .group_size_arg = group_size,
+               .validate = validate};
+  const int64_t n = packed.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, "alphaquant.linear: bias must have shape [", n,
+                      "]; got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->is_floating_point(), "alphaquant.linear: bias must be a floating tensor; got ",
+                     bias->scalar_type());
+    a.bias = bias->to(at::kFloat).contiguous();
+  }
+  a.out_shape.back() = n;
+  return a;
+}
+
+at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype, int64_t n0, int64_t rows) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("alphaquant::dequantize", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const std::string&, bool, int64_t, int64_t, at::ScalarType, bool)>();
+  if (rows < 0) rows = a.layout.rows - n0;
+  auto slice = [&](const at::Tensor& t) { return a.layout.per_tensor ? t : t.narrow(0, n0, rows); };
+  std::optional<at::Tensor> zero;
+  if (a.zero) zero = slice(*a.zero);
+  return op.call(a.packed.narrow(0, n0, rows), slice(a.scale), zero, a.fmt_name, a.fmt.symmetric, a.group_size_arg,
+                 a.layout.k, dtype, a.validate);
+}
+
+}  // namespace alphaquant

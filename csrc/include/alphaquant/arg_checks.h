@@ -1,0 +1,108 @@
+// Argument checks and preparation shared by the CPU and CUDA launchers, so that both devices
+// accept and reject exactly the same inputs with the same messages (the fake kernels in
+// alphaquant/ops.py check the same rules for the meta device and torch.compile).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "alphaquant/dispatch.h"
+#include "alphaquant/format_and_layout.h"
+#include "alphaquant/quant_math.h"
+
+namespace alphaquant {
+
+// Error bits a kernel raises in its flag word; the launcher turns them into exceptions.
+constexpr int kErrNonFinite = 1;  // NaN/Inf input for a format that cannot hold it
+constexpr int kErrBadScale = 2;   // a scale that is not finite and > 0, or a zero point that is not finite
+
+void check_floating(const char* op, const at::Tensor& x);
+void check_output_dtype(const char* op, at::ScalarType dtype);
+// `t` (called `name`) must be on the device of `ref` (called `ref_name`).
+void check_same_device(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                       const char* name);
+// k values per row, `rows` rows: k > 0 and the sizes derived from it fit in int64.
+void check_row_length(const char* op, int64_t k, int64_t rows);
+[[noreturn]] void raise_kernel_error(const char* op, int flags, const FormatSpec& fmt);
+
+// pack/unpack: bits in 1..8, uint8 codes below 2^bits, non-empty.
+void check_pack_args(const char* op, const at::Tensor& codes, int64_t bits);
+void check_unpack_args(const char* op, const at::Tensor& packed, int64_t bits, int64_t k);
+// encode_float/decode_float: a float format, uint8 codes of its width.
+void check_decode_args(const char* op, const at::Tensor& codes, const FormatSpec& fmt);
+
+// ---------------------------------------------------------------- quantize, fake_quantize
+
+// Statistics of a whole tensor (per-tensor dynamic scales), computed by each device its own way.
+using TensorStatsFn = GroupStats (*)(const at::Tensor& x);
+
+struct QuantizeArgs {
+  at::Tensor x;  // contiguous input
+  FormatSpec fmt;
+  GroupLayout layout;
+  std::vector<int64_t> scale_shape;
+  std::optional<at::Tensor> scale;  // float32 contiguous, given or computed per tensor
+  std::optional<at::Tensor> zero;   // float32 contiguous (asymmetric integers only)
+};
+
+// Checks the input of quantize/fake_quantize; per-tensor dynamic scales come from `tensor_stats`.
+QuantizeArgs prepare_quantize(const char* op, const at::Tensor& x, const std::string& fmt, bool symmetric,
+                              int64_t group_size, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& zero_point, TensorStatsFn tensor_stats);
+
+// The three outputs of quantize, and where a kernel writes the scales it computes (nullptr
+// where they are known already and were copied into the outputs).
+struct QuantizeOutputs {
+  at::Tensor packed;  // uint8 [..., packed_row_bytes(k, bits)]
+  at::Tensor scale;   // float32, scale_shape
+  at::Tensor zero;    // float32, scale_shape for asymmetric ints, else [0]
+  float* scale_dst;
+  float* zero_dst;
+};
+
+QuantizeOutputs allocate_quantize_outputs(const QuantizeArgs& a);
+
+// ---------------------------------------------------------------- dequantize
+
+struct DequantizeArgs {
+  at::Tensor packed;  // contiguous [..., packed_row_bytes(k, bits)]
+  FormatSpec fmt;
+  GroupLayout layout;
+  at::Tensor scale;                // float32 contiguous
+  std::optional<at::Tensor> zero;  // float32 contiguous (asymmetric integers only)
+  std::vector<int64_t> out_shape;
+  bool validate;                   // check every scale and zero point read (kErrBadScale)
+};
+
+DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, const at::Tensor& scale,
+                                  const std::optional<at::Tensor>& zero_point, const std::string& fmt,
+                                  bool symmetric, int64_t group_size, int64_t k, bool validate);
+
+// ---------------------------------------------------------------- linear
+
+struct LinearArgs {
+  at::Tensor x2d;      // [m, k], contiguous, x's dtype
+  at::Tensor packed;   // [n, packed_row_bytes(k, bits)] contiguous
+  FormatSpec fmt;
+  GroupLayout layout;  // of the weight [n, k]
+  at::Tensor scale;    // float32 [n, groups] or [1, 1]
+  std::optional<at::Tensor> zero;
+  std::optional<at::Tensor> bias;  // float32 [n]
+  std::vector<int64_t> out_shape;  // x.shape[:-1] + [n]
+  std::string fmt_name;            // as given, to call other ops with
+  int64_t group_size_arg;
+  bool validate;
+};
+
+LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
+                          const std::string& fmt, bool symmetric, int64_t group_size, int64_t k, bool validate);
+
+// The weight of a linear op (rows [n0, n0 + rows), default all) dequantized to `dtype` through
+// the dispatcher (any device), validating its scales when the linear op does.
+at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype, int64_t n0 = 0, int64_t rows = -1);
+
+}  // namespace alphaquant
