@@ -229,7 +229,8 @@ class PlanReport:
 def _scheme_label(s: dict) -> str:
     w = s["wq"] + ("" if s["symmetric"] or not s["wq"].startswith("int") else "a")
     g = {"per_tensor": "t", "per_channel": "c"}.get(s["granularity"], str(s["group_size"]))
-    return f"w{w}/g{g} a{s['aq'] or 'float'}"
+    act = "float" if s["aq"] in FLOAT_NAMES else s["aq"]
+    return f"w{w}/g{g} a{act}"
 
 
 def _sqnr_db(w: torch.Tensor, deq: torch.Tensor) -> float:

@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import print_table  # noqa: E402
 
-from alphaquant import evaluation  # noqa: E402
-from alphaquant.cli import resolve_plan  # noqa: E402
-from alphaquant.models import load_model  # noqa: E402
+from alphaquant.cli import evaluation  # noqa: E402
+from alphaquant.cli.models import load_model  # noqa: E402
+from alphaquant.cli.presets import resolve_plan  # noqa: E402
 from alphaquant.plans import apply_plan  # noqa: E402
 
 PRESETS = ["w8a8", "w8a16", "fp8", "w4a16_g128", "w4a16_g128_mse", "w4a16_g64", "w4a16_g32", "fp4", "w2a16"]

@@ -4,9 +4,9 @@ import json
 import os
 
 import pytest
-import torch
 
 from alphaquant.cli import main
+from tiny_llama import save_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -14,24 +14,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A random Llama with a word-level tokenizer trained on the stdlib text, saved like a hub model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    from alphaquant.evaluation import corpus_text
-
-    path = tmp_path_factory.mktemp("tiny")
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([corpus_text()[:200_000]], trainers.WordLevelTrainer(vocab_size=500,
-                                                                                 special_tokens=["[UNK]"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
-    fast.save_pretrained(path)
-    cfg = transformers.LlamaConfig(vocab_size=fast.vocab_size, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 def test_quantize_inspect_eval_generate(tiny_model_dir, tmp_path, capsys):
@@ -94,7 +77,7 @@ def test_smollm2_default_end_to_end(tmp_path, capsys):
 def test_failed_write_leaves_nothing_behind(tiny_model_dir, tmp_path, capsys, monkeypatch):
     import errno
 
-    import alphaquant.checkpoint as ckpt
+    import alphaquant.cli.checkpoint_folder as ckpt
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -104,3 +87,130 @@ def test_failed_write_leaves_nothing_behind(tiny_model_dir, tmp_path, capsys, mo
     assert main(["quantize", tiny_model_dir, "--out", str(out), "--no-eval"]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".alphaquant-")]
+
+
+# --- presets ship inside the package ----------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_presets_are_package_data_and_configs_points_at_them():
+    import fnmatch
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from importlib import resources
+
+    from alphaquant.cli.presets import preset_names, resolve_plan
+
+    shipped = resources.files("alphaquant") / "presets"
+    names = preset_names()
+    assert {"w4a16_g64", "w4a16_g128", "example_new_quantizers", "example_llama"} <= set(names)
+    assert all((shipped / f"{n}.json").is_file() for n in names)
+    # one copy of each file: the top-level configs/ is a link to the package's presets
+    assert os.path.islink(os.path.join(ROOT, "configs"))
+    assert os.path.realpath(os.path.join(ROOT, "configs")) == os.path.realpath(str(shipped))
+    assert resolve_plan("w4a16_g64")[1]["default"]["wq"] == "int4"
+    assert resolve_plan(os.path.join(ROOT, "configs", "example_new_quantizers.json"))[0] == "example_new_quantizers"
+    # what a wheel holds: the package-data globs of pyproject.toml cover every preset
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["alphaquant"]
+    assert all(any(fnmatch.fnmatch(f"presets/{n}.json", g) for g in globs) for n in names)
+
+
+# --- plans whose patterns match nothing ---------------------------------------------------------
+
+def test_unmatched_pattern_warns_and_strict_refuses(tiny_model_dir, tmp_path, capsys):
+    example = os.path.join(ROOT, "configs", "example_new_quantizers.json")
+    out = tmp_path / "ex"
+    assert main(["quantize", tiny_model_dir, "--plan", example, "--out", str(out), "--no-eval"]) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if "matches no layer" in line]
+    assert len(warning) == 1 and warning[0].startswith("alphaquant: warning: plan pattern 'model.layers.*.attention.*'")
+    report = json.load(open(out / "report.json"))
+    assert report["unmatched_patterns"] == [{"index": 0, "pattern": "model.layers.*.attention.*"}]
+    assert main(["inspect", str(out)]) == 0
+    assert "'model.layers.*.attention.*' (overrides[0]) matched no layer" in capsys.readouterr().out
+
+    strict_out = tmp_path / "strict"
+    assert main(["quantize", tiny_model_dir, "--plan", example, "--out", str(strict_out), "--no-eval",
+                 "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("alphaquant: error: --strict: 1 plan pattern(s) match no layer")
+    assert not strict_out.exists()
+
+
+def test_llama_example_plan_matches_every_llama_layer(tiny_model_dir, tmp_path, capsys):
+    from alphaquant.cli.presets import resolve_plan
+    from alphaquant.plans import unmatched_patterns
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    _, plan = resolve_plan(os.path.join(ROOT, "configs", "example_llama.json"))
+    assert unmatched_patterns(model, plan) == []
+    out = tmp_path / "llama"
+    assert main(["quantize", tiny_model_dir, "--plan", "example_llama", "--out", str(out), "--no-eval",
+                 "--strict"]) == 0
+    assert "matches no layer" not in capsys.readouterr().err
+    schemes = {r["name"]: r["scheme"] for r in json.load(open(out / "report.json"))["layers"]}
+    assert schemes["model.layers.1.self_attn.k_proj"].startswith("wfp8")
+    assert schemes["model.layers.0.mlp.up_proj"].startswith("wint4")
+    assert schemes["lm_head"].startswith("wint8")
+
+
+# --- report picture ---------------------------------------------------------------------------
+
+def test_report_chart_grid_has_a_row_per_block_and_a_column_per_projection(tmp_path):
+    from alphaquant.cli.report_chart import layer_grid, save_chart
+
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    layers = []
+    for i in range(3):
+        for p in projections:
+            block = "self_attn" if p in projections[:4] else "mlp"
+            layers.append({"name": f"model.layers.{i}.{block}.{p}", "scheme": "wint4a/g64 afloat",
+                           "sqnr_db": 20.0 + i + projections.index(p) / 10, "bits_per_weight": 4.5})
+    layers.append({"name": "lm_head", "scheme": "wint8/gc afloat", "sqnr_db": float("inf"), "bits_per_weight": 8})
+    rows, cols, grid, loose = layer_grid(layers)
+    assert rows == ["0", "1", "2"] and cols == projections
+    assert grid[(2, 6)]["name"] == "model.layers.2.mlp.down_proj" and [r["name"] for r in loose] == ["lm_head"]
+    report = {"layers": layers, "total": {"bytes_before": 4 << 20, "bytes_after": 1 << 20},
+              "eval": {"before": {"perplexity": 14.7}, "after": {"perplexity": 15.9}, "eval_tokens": 4096}}
+    save_chart(report, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    encoder = [{"name": f"encoder.layer.0.{p}", "scheme": "s", "sqnr_db": 30.0} for p in
+               ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense")]
+    assert layer_grid(encoder)[1] == ["attention.self.query", "attention.output.dense", "intermediate.dense",
+                                      "output.dense"]
+
+
+# --- permissions and interruption of the output folder ----------------------------------------
+
+def test_output_folder_follows_the_umask(tiny_model_dir, tmp_path, capsys):
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        assert main(["quantize", tiny_model_dir, "--plan", "w8a16", "--out", str(tmp_path / "q"), "--no-eval"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "q").st_mode) == 0o750
+    for name in ("model.safetensors", "report.json", "config.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "q" / name).st_mode) == 0o640, name
+
+
+def test_ctrl_c_while_replacing_keeps_the_old_checkpoint(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from alphaquant.cli import atomic_folder
+
+    out = tmp_path / "q"
+    assert main(["quantize", tiny_model_dir, "--plan", "w8a16", "--out", str(out), "--no-eval"]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+
+    def interrupt(step):
+        if step == "set-aside":  # the old folder is renamed aside, the new one not yet in place
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic_folder, "_after_step", interrupt)
+    assert main(["quantize", tiny_model_dir, "--plan", "w4a16_g128", "--out", str(out), "--no-eval",
+                 "--force"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "alphaquant: interrupted"
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["q"]

@@ -1,4 +1,4 @@
-"""The seed's Python API on real packed storage: quantizers, observers, QuantLinear, plans, save/load."""
+"""The documented Python API on real packed storage: quantizers, observers, QuantLinear, plans, save/load."""
 import json
 import os
 import warnings
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from alphaquant import reference as ref
-from alphaquant.io import load_quantized, save_quantized
+from alphaquant.checkpoint_file import load_quantized, save_quantized
 from alphaquant.nn import QuantLinear
 from alphaquant.plans import PlanError, apply_plan, load_plan, resolve
 from alphaquant.quantizers import (FP4Config, FP4Quantizer, FP8Config, FP8Quantizer, INT2Config, INT2Quantizer,
@@ -158,8 +158,8 @@ def test_transformer_example_plan_round_trip(tmp_path):
     x = torch.randint(0, 128, (2, 9))
     before = model(x).logits
     plan = json.load(open(os.path.join(ROOT, "configs", "example_new_quantizers.json")))
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
+    # The example's attention pattern is not Llama's naming (self_attn): that must be said aloud.
+    with pytest.warns(UserWarning, match=r"'model\.layers\.\*\.attention\.\*' matches no linear layer"):
         report = apply_plan(model, plan)
     assert len(report.layers) == 15 and report.bytes_after < report.bytes_before / 4
     mlp = [r for r in report.layers if ".mlp." in r.name]
@@ -189,7 +189,7 @@ def test_checkpoint_errors(tmp_path):
     data = open(path, "rb").read()
     truncated = tmp_path / "t.safetensors"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(ValueError, match="truncated or corrupted"):
         load_quantized(_tiny_llama()[1], str(truncated))
     other = nn.Sequential(nn.Linear(64, 64))
     with pytest.raises(ValueError, match="does not match"):

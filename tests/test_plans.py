@@ -168,3 +168,9 @@ def test_strict_makes_unmatched_patterns_an_error():
     with pytest.raises(PlanError, match=r"match no linear layer.*attention"):
         apply_plan(model, plan, strict=True)
     assert _linears(model) == [nn.Linear, nn.Linear]
+
+
+@pytest.mark.parametrize("aq", [None, "none", "float"])
+def test_report_names_float_activations_plainly(aq):
+    report = apply_plan(_model(), {"default": {"wq": "int4", "aq": aq, "group_size": 8}})
+    assert all(r.scheme == "wint4/g8 afloat" for r in report.layers)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ._logging import logger
+from .._logging import logger
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -59,7 +59,34 @@ def load_model(path: Optional[str] = None, dtype: torch.dtype = torch.float32) -
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
         is_lm = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or "gguf_file" in kwargs
         cls = transformers.AutoModelForCausalLM if is_lm else transformers.AutoModel
-        model = cls.from_pretrained(folder, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"could not load a model from {path}: {e}") from e
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # its table of missing weights: check_loading_info says it
+        try:
+            model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True, **kwargs)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    except MemoryError:
+        raise ModelLoadError(f"could not load a model from {path}: not enough memory") from None
+    except Exception as e:  # noqa: BLE001  a damaged or hostile file fails deep inside transformers or
+        # the gguf reader (struct.error, IndexError, numpy errors...): all of it is bad input
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ModelLoadError(f"could not load a model from {path} (damaged or unsupported file?): "
+                             f"{kind}: {first}") from e
+    check_loading_info(path, info)
     return LoadedModel(model.eval(), tokenizer, path, is_lm)
+
+
+def check_loading_info(path: str, info: dict) -> None:
+    """Weights the model expects but the file lacks would be left random (transformers only warns),
+    and weights the model does not use mean a file of another architecture: both are errors."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of the wrong shape")):
+        keys = sorted(str(k if not isinstance(k, tuple) else k[0]) for k in (info.get(key) or []))
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{len(keys)} weights {what} ({', '.join(keys[:3])}{more})")
+    if problems:
+        raise ModelLoadError(f"model {path} does not hold the weights its architecture needs: "
+                             + "; ".join(problems))

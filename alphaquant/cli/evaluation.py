@@ -8,6 +8,10 @@ from typing import Iterator
 import torch
 
 
+PERPLEXITY_WINDOW = 512  # tokens per perplexity window
+CALIBRATION_WINDOW = 256  # tokens per calibration batch
+
+
 def corpus_text() -> str:
     """English text that ships with Python (the pydoc topics, about 465k characters)."""
     from pydoc_data.topics import topics
@@ -22,16 +26,24 @@ def split_text(text: str) -> tuple[str, str]:
 
 
 def token_windows(tokenizer, text: str, n_tokens: int, window: int) -> Iterator[torch.Tensor]:
+    """Non-overlapping [1, window] slices of the first ``n_tokens`` tokens of ``text``."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0][:n_tokens]
     for start in range(0, len(ids) - window + 1, window):
         yield ids[start:start + window].unsqueeze(0)
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, n_tokens: int = 4096, window: int = 512, progress=None) -> float:
-    """exp(mean next-token loss) over non-overlapping windows of the first ``n_tokens`` tokens."""
+def perplexity(model, tokenizer, text: str, n_tokens: int = 4096, window: int = PERPLEXITY_WINDOW,
+               progress=None) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of the first ``n_tokens`` tokens.
+
+    Raises ValueError when the text gives less than one window.
+    """
     total, count = 0.0, 0
     windows = list(token_windows(tokenizer, text, n_tokens, window))
+    if not windows:
+        raise ValueError(f"perplexity needs at least one window of {window} tokens; got fewer "
+                         f"(n_tokens={n_tokens})")
     for ids in progress(windows, desc="perplexity") if progress else windows:
         out = model(ids, labels=ids)
         total += out.loss.item() * (ids.shape[1] - 1)

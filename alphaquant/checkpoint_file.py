@@ -1,0 +1,288 @@
+"""One quantized checkpoint FILE: packed tensors in safetensors, the plan in its metadata.
+
+``save_quantized`` writes it, ``read_metadata`` reads and checks its header (cheap: no tensor
+data), ``load_quantized`` loads it into a float model of the same architecture. Every damaged,
+foreign or hostile file raises ValueError (or FileNotFoundError) naming what is wrong; sizes in
+the header are checked against the file's size before anything is allocated.
+(A checkpoint FOLDER with config and tokenizer, as the command line writes, is
+``alphaquant.cli.checkpoint_folder``.)
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import tempfile
+
+import torch
+from torch import nn
+
+from .nn.quant_linear import QuantLinear
+from .plans import apply_plan
+
+FORMAT_TAG = "alphaquant/1"
+
+# safetensors dtype names and their sizes in bytes (the format's own table)
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_SAFETENSORS_DTYPE = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+                      torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.float32: "F32", torch.float64: "F64", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.float8_e5m2: "F8_E5M2"}
+_MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+_LAYER_FIELDS = {"fmt": str, "symmetric": bool, "group_size": int, "shape": list}
+
+
+def current_umask() -> int:
+    """The process's umask (files we create get ``0o666 & ~umask``, folders ``0o777 & ~umask``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no other portable way to read it; restored at once
+    os.umask(mask)
+    return mask
+
+
+def _layer_meta(model: nn.Module) -> dict:
+    meta = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            entry = {"fmt": m.fmt, "symmetric": m.symmetric, "group_size": m.group_size,
+                     "shape": [m.out_features, m.in_features]}
+            aq = m.act_quantizer
+            if aq is not None and aq.is_static:
+                entry["act_scale"] = aq.static_scale.flatten().tolist()
+                entry["act_scale_shape"] = list(aq.static_scale.shape)
+                if aq.static_zero_point is not None:
+                    entry["act_zero_point"] = aq.static_zero_point.flatten().tolist()
+            meta[name] = entry
+    return meta
+
+
+def _os_error_of(e: Exception, path: str) -> OSError:
+    """safetensors reports write failures (ENOSPC, EACCES) as SafetensorError, not OSError: map them
+    back so callers can handle a full disk like any other failed write."""
+    m = re.search(r"os error (\d+)", str(e))
+    code = int(m.group(1)) if m else errno.EIO
+    return OSError(code, f"{os.strerror(code)} (while writing {path})")
+
+
+def save_quantized(model: nn.Module, path: str, plan: dict) -> None:
+    """Write the model's state_dict (packed weights, scales, other parameters) and the plan.
+
+    Written to a temporary file in the same folder and renamed, so a failure leaves no
+    half-written checkpoint behind. A failed write (a full disk) raises OSError.
+    """
+    from safetensors.torch import save_file
+
+    seen = {}
+    tensors = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        tensors[k] = v.clone() if key in seen or v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
+        seen[key] = k
+    metadata = {"format": FORMAT_TAG, "plan": json.dumps(plan), "layers": json.dumps(_layer_meta(model))}
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".alphaquant-", suffix=".tmp")
+    os.close(fd)
+    try:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except OSError:
+            raise
+        except Exception as e:  # SafetensorError: its message holds the OS error
+            raise _os_error_of(e, path) from e
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_header(path: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file: tensors maps each name to (dtype, shape, (begin, end)).
+
+    Checks what a damaged or hostile header could get wrong before anything trusts it: the header
+    length, its JSON, every dtype, shape and offset against the file's real size.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"checkpoint {path} is truncated ({size} bytes; a safetensors file starts with "
+                             f"an 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > _MAX_HEADER_BYTES:
+            raise ValueError(f"checkpoint {path} is truncated or not a safetensors file (header of {n} bytes "
+                             f"in a file of {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"checkpoint {path} has a damaged header (not UTF-8 JSON: {type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"checkpoint {path} has a damaged header (a JSON {type(header).__name__}, not an object)")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError(f"checkpoint {path} has damaged metadata (must map strings to strings)")
+    data_len = size - 8 - n
+    tensors = {}
+    for name, e in header.items():
+        where = f"checkpoint {path}: tensor {name[:80]!r}"
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"{where} needs exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise ValueError(f"{where} has dtype {str(dtype)[:20]!r}; allowed: {', '.join(_DTYPE_BYTES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 8:
+            raise ValueError(f"{where} has a bad shape (a list of at most 8 non-negative integers)")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise ValueError(f"{where} has data offsets outside the file's {data_len} bytes of data "
+                             f"(truncated or corrupted)")
+        nbytes = _DTYPE_BYTES[dtype]
+        for d in shape:
+            nbytes *= d
+            if nbytes > data_len:
+                break
+        if nbytes != offsets[1] - offsets[0]:
+            raise ValueError(f"{where}: shape {shape[:8]} of {dtype} needs {nbytes} bytes but its data offsets "
+                             f"span {offsets[1] - offsets[0]}")
+        tensors[name] = (dtype, tuple(shape), tuple(offsets))
+    return tensors, meta
+
+
+def _json_field(meta: dict, key: str, path: str, kind: type):
+    if key not in meta:
+        raise ValueError(f"checkpoint {path}: metadata has no {key!r} field (damaged or written by another tool)")
+    try:
+        value = json.loads(meta[key])
+    except (json.JSONDecodeError, RecursionError):
+        raise ValueError(f"checkpoint {path}: metadata field {key!r} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"checkpoint {path}: metadata field {key!r} must be a JSON {kind.__name__}")
+    return value
+
+
+def _check_layer_entry(name: str, e: object, path: str) -> None:
+    where = f"checkpoint {path}: metadata of layer {name[:80]!r}"
+    if not isinstance(e, dict):
+        raise ValueError(f"{where} must be an object")
+    for key, kind in _LAYER_FIELDS.items():
+        if key not in e:
+            raise ValueError(f"{where} has no {key!r} field")
+        if not isinstance(e[key], kind) or (kind is int and isinstance(e[key], bool)):
+            raise ValueError(f"{where}: {key!r} must be a {kind.__name__}")
+    if len(e["shape"]) != 2 or not all(type(d) is int and d > 0 for d in e["shape"]):
+        raise ValueError(f"{where}: 'shape' must be two positive integers")
+    if "act_scale" in e:
+        scale, shape = e["act_scale"], e.get("act_scale_shape")
+        zp = e.get("act_zero_point")
+        if (not isinstance(scale, list) or not isinstance(shape, list)
+                or not all(type(d) is int and d > 0 for d in shape) or math.prod(shape) != len(scale)
+                or (zp is not None and (not isinstance(zp, list) or len(zp) != len(scale)))):
+            raise ValueError(f"{where}: act_scale, act_scale_shape and act_zero_point do not agree")
+        values = scale + (zp or [])
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"{where}: static activation scales and zero points must be finite numbers")
+        if not all(v > 0 for v in scale):
+            raise ValueError(f"{where}: static activation scales must be positive")
+
+
+def read_metadata(path: str) -> dict:
+    """The AlphaQuant metadata of a checkpoint ({"plan", "layers"}); ValueError naming what is wrong
+    for unreadable, foreign or damaged files, FileNotFoundError if there is none."""
+    _, meta = read_header(path)
+    if meta.get("format") != FORMAT_TAG:
+        found = meta.get("format")
+        raise ValueError(f"{path} is not an AlphaQuant checkpoint (metadata format "
+                         f"{found[:40] if found else found!r}, expected {FORMAT_TAG!r})")
+    plan = _json_field(meta, "plan", path, dict)
+    layers = _json_field(meta, "layers", path, dict)
+    for name, entry in layers.items():
+        _check_layer_entry(name, entry, path)
+    return {"plan": plan, "layers": layers}
+
+
+def _check_scales(state: dict, layer_names, path: str) -> None:
+    """Scales that are zero, negative, NaN or infinite (or non-finite zero points) would decode to
+    garbage or divide by zero: a checkpoint holding them is refused, naming the tensor."""
+    for name in layer_names:
+        scale = state[f"{name}.weight_scale"].float()
+        bad = ~torch.isfinite(scale) | (scale <= 0)
+        if bad.any():
+            v = scale[bad][0].item()
+            raise ValueError(f"checkpoint {path}: tensor {name}.weight_scale holds {int(bad.sum())} invalid "
+                             f"scale(s) (e.g. {v}); scales must be finite and positive")
+        zp = state.get(f"{name}.weight_zero_point")
+        if zp is not None and not torch.isfinite(zp.float()).all():
+            raise ValueError(f"checkpoint {path}: tensor {name}.weight_zero_point holds non-finite values")
+
+
+def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
+    """Load a checkpoint written by :func:`save_quantized` into a float model of the same
+    architecture (its nn.Linear layers are replaced by empty QuantLinears first)."""
+    from safetensors.torch import load_file
+
+    from .plans import PlanError
+
+    tensors, _ = read_header(path)
+    meta = read_metadata(path)
+    try:
+        apply_plan(model, meta["plan"], quantize_weights=False)
+    except PlanError as e:
+        raise ValueError(f"checkpoint {path}: its plan cannot be applied to this model: {e}") from None
+    layers = _layer_meta(model)
+    if set(layers) != set(meta["layers"]):
+        missing, extra = sorted(set(meta["layers"]) - set(layers)), sorted(set(layers) - set(meta["layers"]))
+        raise ValueError(f"checkpoint {path} does not match this model: layers only in the checkpoint {missing[:5]}, "
+                         f"only in the model {extra[:5]}")
+    for name, entry in meta["layers"].items():
+        ours = layers[name]
+        for key in ("fmt", "symmetric", "group_size", "shape"):
+            if ours[key] != entry[key]:
+                raise ValueError(f"checkpoint {path}: layer {name} has {key}={entry[key]!r} but the plan gives "
+                                 f"{ours[key]!r} for this model")
+    expected = {k: (_SAFETENSORS_DTYPE.get(v.dtype), tuple(v.shape)) for k, v in model.state_dict().items()}
+    for k, (dtype, shape, _) in tensors.items():  # before loading: no tensor of a wrong size is ever allocated
+        if k in expected and expected[k] != (dtype, shape):
+            raise ValueError(f"checkpoint {path} does not match this model: tensor {k} is {dtype} {list(shape)}, "
+                             f"the model's is {expected[k][0]} {list(expected[k][1])}")
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"checkpoint {path} does not match this model's architecture: tensors missing "
+                         f"{missing[:5]}, unexpected {[k[:80] for k in extra[:5]]}")
+    try:
+        state = load_file(path, device=str(device) if device is not None else "cpu")
+    except Exception as e:  # SafetensorError for inconsistencies our header check let through
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupted): {e}") from e
+    _check_scales(state, layers, path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not match this model's architecture: {e}") from e
+    for name, entry in meta["layers"].items():
+        if "act_scale" in entry:
+            m = model.get_submodule(name)
+            if m.act_quantizer is None:
+                raise ValueError(f"checkpoint {path}: layer {name} has static activation scales but its plan "
+                                 f"quantizes no activations")
+            shape = entry["act_scale_shape"]
+            zp = entry.get("act_zero_point")
+            try:
+                m.act_quantizer.set_static_scales(torch.tensor(entry["act_scale"]).reshape(shape),
+                                                  None if zp is None else torch.tensor(zp).reshape(shape))
+            except (ValueError, RuntimeError, TypeError) as e:
+                raise ValueError(f"checkpoint {path}: layer {name} has static activation scales this model's "
+                                 f"plan cannot take: {e}") from None
+    return model

