@@ -70,13 +70,3 @@ def to_groups(t: torch.Tensor, group_size: int, pad_value: float = float("nan"))
 def group_sums(t: torch.Tensor, group_size: int) -> torch.Tensor:
     """Sum of ``t`` [..., k] over each group, shaped like the scales."""
     return to_groups(t, group_size, 0.0).sum(-1).reshape(scale_shape(t.shape, group_size))
-
-
-def expand_to_values(params: torch.Tensor, shape, group_size: int) -> torch.Tensor:
-    """Per-group ``params`` (scale-shaped) -> one value per element of ``shape``."""
-    shape = tuple(shape)
-    if group_size == PER_TENSOR:
-        return params.reshape(()).expand(shape)
-    k = shape[-1]
-    g = group_length(k, group_size)
-    return params.repeat_interleave(g, dim=-1)[..., :k].expand(shape)
