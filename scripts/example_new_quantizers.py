@@ -1,4 +1,4 @@
-"""The seed's usage examples, runnable: quantize a random tensor to every format and print error and bytes."""
+"""Usage examples of the quantizer API, runnable: quantize a random tensor to every format and print error and bytes."""
 import torch
 
 from alphaquant.quantizers import (FP4Config, FP4Quantizer, FP8Config, FP8Quantizer, INT2Config, INT2Quantizer,
