@@ -20,7 +20,7 @@ start=$SECONDS
 echo "sanitized copy: $WORK"
 cd "$ROOT"
 git ls-files -z --cached --others --exclude-standard |
-    while IFS= read -r -d '' f; do [[ -f "$f" ]] && printf '%s\0' "$f"; done |
+    while IFS= read -r -d '' f; do [[ -f "$f" || -L "$f" ]] && printf '%s\0' "$f"; done |
     tar --null -T - -cf - | tar -xf - -C "$WORK"
 
 cd "$WORK"
