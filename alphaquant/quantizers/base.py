@@ -173,26 +173,53 @@ class BaseQuantizer:
             raise TypeError(f"quantize_weight expects a floating tensor; got {weight.dtype}")
         w = weight.detach()
         s, z = self._static_args(w)
-        if s is None and self.config.clip_search:
+        plain = not (self.config.clip_search or self.config.zero_opt) and self.config.scale_dtype == "float32"
+        if s is None and not plain:
+            s, z = self.choose_weight_scales(w)
+        return self.pack_with_scales(w, s, z)
+
+    def choose_weight_scales(self, weight: torch.Tensor, group_size: Optional[int] = None):
+        """(scale, zero point or None) float32 for ``weight`` as :meth:`quantize_weight` picks
+        them (min/max, clip_search or zero_opt), already rounded to ``scale_dtype``.
+
+        ``group_size`` overrides the config's op group size (-1, 0 or > 0), e.g. to choose the
+        scales of one group of columns at a time (GPTQ)."""
+        w = weight.detach()
+        gs = self.config.op_group_size if group_size is None else group_size
+        if self.config.clip_search:
             from .clip_search import mse_clip_scales
 
-            s, z = mse_clip_scales(w, self.fmt, self.symmetric, self.config.op_group_size)
-            z = z if not self.symmetric else None
-        if s is None and self.config.zero_opt:
+            s, z = mse_clip_scales(w, self.fmt, self.symmetric, gs)
+        elif self.config.zero_opt:
             from .zero_opt import optimize_zero_points
 
-            s, z = optimize_zero_points(w, self.fmt, self.config.op_group_size)
+            s, z = optimize_zero_points(w, self.fmt, gs)
+        else:
+            _, s, z = ops.quantize(w, self.fmt, symmetric=self.symmetric, group_size=gs)
+        z = z if (z is not None and z.numel() and not self.symmetric) else None
+        return self._round_scales(s, z)
+
+    def _round_scales(self, s: torch.Tensor, z: Optional[torch.Tensor]):
+        # Round the scales to their storage dtype first and quantize with the rounded ones.
         sdt = DTYPES[self.config.scale_dtype]
-        if sdt != torch.float32:
-            if s is None:
-                _, s, z = ops.quantize(w, self.fmt, symmetric=self.symmetric, group_size=self.config.op_group_size)
-                z = z if z.numel() else None
-            # Round the scales to their storage dtype first and quantize with the rounded ones.
-            s = s.clamp(min=torch.finfo(sdt).tiny).to(sdt).float()
-            z = None if z is None else z.to(sdt).float()
+        if sdt == torch.float32:
+            return s, z
+        s = s.clamp(min=torch.finfo(sdt).tiny).to(sdt).float()
+        return s, None if z is None else z.to(sdt).float()
+
+    def pack_with_scales(self, weight: torch.Tensor, scale: Optional[torch.Tensor],
+                         zero_point: Optional[torch.Tensor] = None) -> PackedTensor:
+        """Pack ``weight`` with the given scales (shaped for the config's layout); they are stored
+        in ``scale_dtype`` and must be representable in it (as :meth:`choose_weight_scales` gives)."""
+        w = weight.detach()
+        sdt = DTYPES[self.config.scale_dtype]
+        s, z = scale, zero_point
+        if s is not None:  # None: the kernel picks min/max scales itself (float32 storage only)
+            s, z = self._round_scales(s.float(), None if z is None else z.float())
+            s, z = s.contiguous(), None if z is None else z.contiguous()
         packed, scale, zero = ops.quantize(w, self.fmt, symmetric=self.symmetric, group_size=self.config.op_group_size,
-                                           scale=s, zero_point=z, stochastic=self.config.stochastic,
-                                           seed=self._rounding_seed())
+                                           scale=s, zero_point=z,
+                                           stochastic=self.config.stochastic, seed=self._rounding_seed())
         zero = zero.to(sdt) if zero.numel() else None
         return PackedTensor(packed, scale.to(sdt), zero, self.fmt, self.symmetric,
                             self.config.op_group_size, tuple(w.shape), self.config.torch_dtype)

@@ -1,0 +1,191 @@
+"""GPTQ: quantize a weight column by column, folding each column's rounding error into the
+columns not yet quantized, so that the layer's output on calibration inputs stays close
+(Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"; the column update is the Optimal Brain Surgeon step).
+
+For a linear layer y = x W^T with inputs X, the error ||X W^T - X Q^T||^2 has the Hessian
+H = 2 X^T X (one per layer, shared by all output rows). Quantizing column j to q_j and then
+updating the later columns by -(w_j - q_j) / [H^-1]_jj * [H^-1]_j,>j minimizes that error over
+the later columns exactly (tests check it against a direct least-squares solve). The inverse
+is taken once, through its upper Cholesky factor, and the updates of a block of columns are
+applied to the rest of the matrix in one matrix product ("lazy batch" updates).
+
+Works for every format: a column is quantized by the format's own fake_quantize kernel with the
+scale of its group, so the stored codes are exactly the ones the search chose. Group scales are
+chosen by the weight quantizer's own rule (min/max, zero_opt or clip_search, rounded to its
+scale dtype) on the error-updated weights when a group starts; with ``act_order`` the columns
+are visited by decreasing Hessian diagonal and the scales of all groups are chosen up front
+("static groups"), so the stored layout stays the plain grouped one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..formats import FLOAT_INFO
+from ..layout import PER_CHANNEL, PER_TENSOR, group_length
+from ..packed import PackedTensor
+from ..quantizers.base import BaseQuantizer
+
+
+@dataclass
+class GPTQOptions:
+    """damp: fraction of the mean Hessian diagonal added to it (numerical safety; GPTQ uses 0.01).
+    block_size: columns whose updates are applied to the rest in one matrix product.
+    act_order: visit columns by decreasing Hessian diagonal (static group scales)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 <= self.damp < 1:
+            raise ValueError(f"GPTQ damp must be a number in [0, 1); got {self.damp!r}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or not 1 <= self.block_size <= 4096:
+            raise ValueError(f"GPTQ block_size must be an integer in [1, 4096]; got {self.block_size!r}")
+        if not isinstance(self.act_order, bool):
+            raise ValueError(f"GPTQ act_order must be true or false; got {self.act_order!r}")
+
+
+class HessianAccumulator:
+    """Running H = 2/n * sum x x^T over the rows of every input seen (float64 for the sum)."""
+
+    def __init__(self, k: int, device=None):
+        self.h = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        self.h.addmm_(x.T, x)
+        self.n += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.n == 0:
+            raise ValueError("no calibration input reached this layer: cannot build its Hessian")
+        return (2.0 / self.n) * self.h
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising the damping if H is singular."""
+    k = h.shape[0]
+    mean_diag = torch.diagonal(h).mean().item() or 1.0
+    for extra in (0.0, 1e-6, 1e-4, 1e-2, 1e-1):
+        lam = (damp + extra) * mean_diag
+        hd = h + lam * torch.eye(k, dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if info.item() == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info.item() == 0:
+                return upper
+    raise ValueError("the calibration Hessian could not be inverted even with 10% damping")
+
+
+def _quantize_column(w: torch.Tensor, quantizer: BaseQuantizer, scale: torch.Tensor, zero) -> torch.Tensor:
+    """fake_quantize of one column [rows] with its per-row scale (and zero point) [rows, 1].
+
+    Error feedback can push a weight past its group's range: float formats saturate there (e5m2
+    would round it to Inf), as integer codes do by clamping."""
+    x = w.unsqueeze(1).to(torch.float32)
+    if quantizer.fmt in FLOAT_INFO:
+        limit = scale * FLOAT_INFO[quantizer.fmt].max_value
+        x = torch.maximum(torch.minimum(x, limit), -limit)
+    q = ops.fake_quantize(x, quantizer.fmt, symmetric=quantizer.symmetric,
+                          group_size=1, scale=scale, zero_point=zero)
+    return q.squeeze(1)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: BaseQuantizer,
+                  options: GPTQOptions = GPTQOptions()) -> PackedTensor:
+    """Quantize ``weight`` [rows, k] with GPTQ for the input Hessian ``hessian`` [k, k].
+
+    Returns the quantizer's PackedTensor (same layout, scales and dtypes as ``quantize_weight``)
+    whose codes are the ones GPTQ chose.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"GPTQ quantizes 2-D weights [out, in]; got shape {tuple(weight.shape)}")
+    rows, k = weight.shape
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight with {k} input columns")
+    if not torch.isfinite(weight).all():
+        raise ValueError("GPTQ needs a finite weight (it holds NaN or Inf)")
+    # Double precision for the error feedback: the updates add up over up to k columns.
+    w = weight.detach().to(torch.float64).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    if not torch.isfinite(h).all():
+        raise ValueError("the calibration Hessian holds NaN or Inf (non-finite activations?)")
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0  # inputs that are always zero: their weights never matter
+
+    gs = quantizer.config.op_group_size
+    glen = group_length(k, gs) if gs > 0 else k
+    perm = torch.argsort(torch.diagonal(h), descending=True) if options.act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    u = _inverse_cholesky(h, options.damp)
+
+    # Scales: per tensor and per channel they are known up front; per group they are chosen when
+    # the group's first column comes up (or all at once with act_order, from the original weight).
+    static = gs in (PER_TENSOR, PER_CHANNEL) or options.act_order
+    if static:
+        orig = weight.detach().to(torch.float32)
+        scale, zero = quantizer.choose_weight_scales(orig)
+        scale = scale.expand(rows, -1) if gs == PER_TENSOR else scale
+        zero = None if zero is None else (zero.expand(rows, -1) if gs == PER_TENSOR else zero)
+        col_group = torch.arange(k) // glen if gs > 0 else torch.zeros(k, dtype=torch.long)
+        if perm is not None:
+            col_group = col_group[perm]
+    else:
+        n_groups = (k + glen - 1) // glen
+        scale = torch.empty(rows, n_groups, dtype=torch.float32, device=weight.device)
+        zero = torch.empty_like(scale) if quantizer.config.asymmetric_int else None
+
+    q = torch.zeros_like(w)
+    block = options.block_size
+    if not static and block % glen and glen < block:
+        block = max(glen, block // glen * glen)  # blocks hold whole groups
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        w_blk = w[:, b0:b1].clone()
+        err_blk = torch.zeros_like(w_blk)
+        u_blk = u[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if static:
+                g = col_group[col].item() if gs > 0 else 0
+            else:
+                g = col // glen
+                if col % glen == 0:
+                    # the group as it stands now: this block's updated columns, then the rest
+                    cols = torch.cat([w_blk[:, i:], w[:, b1:]], dim=1)[:, :min(glen, k - col)]
+                    s_g, z_g = quantizer.choose_weight_scales(cols.to(torch.float32), group_size=PER_CHANNEL)
+                    scale[:, g:g + 1] = s_g
+                    if zero is not None:
+                        zero[:, g:g + 1] = z_g
+            s_col = scale[:, g:g + 1].contiguous()
+            z_col = None if zero is None else zero[:, g:g + 1].contiguous()
+            wc = w_blk[:, i]
+            qc = _quantize_column(wc, quantizer, s_col, z_col).to(torch.float64)
+            q[:, col] = qc
+            e = (wc - qc) / u_blk[i, i]
+            w_blk[:, i:] -= e.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
+            err_blk[:, i] = e
+        w[:, b1:] -= err_blk @ u[b0:b1, b1:]
+
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    q = q.to(torch.float32)
+    if gs == PER_TENSOR:
+        scale = scale[:1, :1]
+        zero = None if zero is None else zero[:1, :1]
+    return quantizer.pack_with_scales(q, scale.contiguous(), None if zero is None else zero.contiguous())
+
+
+def layer_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """trace((W - Q) H (W - Q)^T) / 2: the summed squared output error on the calibration inputs,
+    per input row (H = 2/n X^T X)."""
+    d = (weight.detach().to(torch.float64) - dequantized.detach().to(torch.float64))
+    return 0.5 * float(((d @ hessian.to(torch.float64)) * d).sum())
