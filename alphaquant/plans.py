@@ -16,6 +16,15 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
   clip_search       true: choose each weight group's clipping by error search (better 2-4 bit)
   zero_opt          true: refine asymmetric int zero points by l_p error minimization (HQQ-style)
   scale_dtype       storage of weight scales/zero points: float32 (default), float16, bfloat16
+  algorithm         rtn (default: round to nearest) or gptq (calibrated error feedback, needs
+                    calibration data; alphaquant/algorithms/gptq.py)
+  damp, block_size, act_order   GPTQ options (0.01, 128, false)
+  awq               true: activation-aware per-channel scaling, searched on calibration data and
+                    folded into the preceding norm/linear (with rtn or gptq)
+  smoothquant       true: SmoothQuant-style migration of activation outliers into the weights
+                    (for int8/fp8 activations); smooth_alpha fixes its exponent (else searched)
+Schemes with gptq, awq or smoothquant are quantized block by block on calibration data
+(alphaquant/algorithms/sequential.py).
 """
 from __future__ import annotations
 
@@ -39,12 +48,15 @@ from .quantizers.base import MAX_GROUP_SIZE
 from .quantizers.registry import FLOAT_NAMES, lookup
 
 SCHEME_KEYS = {"wq", "aq", "group_size", "granularity", "act_granularity", "symmetric", "dtype", "act_static",
-               "observer", "skip", "clip_search", "zero_opt", "scale_dtype"}
+               "observer", "skip", "clip_search", "zero_opt", "scale_dtype", "algorithm", "damp", "block_size",
+               "act_order", "awq", "smoothquant", "smooth_alpha"}
+ALGORITHMS = ("rtn", "gptq")
 OBSERVERS = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
              "percentile": PercentileObserver, "mse": MSEObserver}
 DEFAULTS = {"wq": "int8", "aq": None, "group_size": 128, "granularity": "per_group", "act_granularity": "per_group",
             "symmetric": True, "dtype": "bfloat16", "act_static": False, "observer": "minmax", "skip": False,
-            "clip_search": False, "zero_opt": False, "scale_dtype": "float32"}
+            "clip_search": False, "zero_opt": False, "scale_dtype": "float32", "algorithm": "rtn", "damp": 0.01,
+            "block_size": 128, "act_order": False, "awq": False, "smoothquant": False, "smooth_alpha": None}
 
 
 class PlanError(ValueError):
@@ -91,6 +103,8 @@ def load_plan(plan: Union[str, os.PathLike, dict]) -> dict:
     candidates = [("default", {})] + [(f"overrides[{i}]", o) for i, o in enumerate(plan["overrides"])]
     for where, override in candidates:
         scheme = {**DEFAULTS, **plan["default"], **{k: v for k, v in override.items() if k != "pattern"}}
+        if scheme["awq"] and scheme["smoothquant"]:
+            raise PlanError(f"{where}: awq and smoothquant both choose per-channel scales; pick one")
         try:
             build_quantizers(scheme)
         except (TypeError, ValueError) as e:
@@ -137,12 +151,27 @@ def _check_scheme(s: dict, where: str) -> None:
     for key in ("granularity", "act_granularity"):
         if key in s and not (isinstance(s[key], str) and s[key] in GRANULARITIES):
             raise PlanError(f"{where}.{key} must be one of {GRANULARITIES}; got {_short(s[key])}")
-    for key in ("symmetric", "act_static", "skip", "clip_search", "zero_opt"):
+    for key in ("symmetric", "act_static", "skip", "clip_search", "zero_opt", "act_order", "awq", "smoothquant"):
         if key in s and not isinstance(s[key], bool):
             raise PlanError(f"{where}.{key} must be true or false; got {_short(s[key])}")
     for key in ("dtype", "scale_dtype"):
         if key in s and not (isinstance(s[key], str) and s[key] in ("float32", "float16", "bfloat16")):
             raise PlanError(f"{where}.{key} must be float32, float16 or bfloat16; got {_short(s[key])}")
+    if "algorithm" in s and not (isinstance(s["algorithm"], str) and s["algorithm"] in ALGORITHMS):
+        raise PlanError(f"{where}.algorithm must be one of {ALGORITHMS}; got {_short(s['algorithm'])}")
+    if "damp" in s and (not isinstance(s["damp"], (int, float)) or isinstance(s["damp"], bool)
+                        or not 0 <= s["damp"] < 1):
+        raise PlanError(f"{where}.damp must be a number in [0, 1) (GPTQ's damping); got {_short(s['damp'])}")
+    if "block_size" in s and (not isinstance(s["block_size"], int) or isinstance(s["block_size"], bool)
+                              or not 1 <= s["block_size"] <= 4096):
+        raise PlanError(f"{where}.block_size must be an integer in [1, 4096]; got {_short(s['block_size'])}")
+    if "smooth_alpha" in s and s["smooth_alpha"] is not None and (
+            not isinstance(s["smooth_alpha"], (int, float)) or isinstance(s["smooth_alpha"], bool)
+            or not 0 <= s["smooth_alpha"] <= 1):
+        raise PlanError(f"{where}.smooth_alpha must be null (searched) or a number in [0, 1]; "
+                        f"got {_short(s['smooth_alpha'])}")
+    if s.get("awq") and s.get("smoothquant"):
+        raise PlanError(f"{where}: awq and smoothquant both choose per-channel scales; pick one")
     if "observer" in s and not (isinstance(s["observer"], str) and s["observer"] in OBSERVERS):
         raise PlanError(f"{where}.observer must be one of {sorted(OBSERVERS)}; got {_short(s['observer'])}")
 
@@ -230,7 +259,9 @@ def _scheme_label(s: dict) -> str:
     w = s["wq"] + ("" if s["symmetric"] or not s["wq"].startswith("int") else "a")
     g = {"per_tensor": "t", "per_channel": "c"}.get(s["granularity"], str(s["group_size"]))
     act = "float" if s["aq"] in FLOAT_NAMES else s["aq"]
-    return f"w{w}/g{g} a{act}"
+    extra = "".join(f" {k}" for k in ("awq", "smoothquant") if s.get(k))
+    extra += " gptq" if s.get("algorithm") == "gptq" else ""
+    return f"w{w}/g{g} a{act}{extra}"
 
 
 def _sqnr_db(w: torch.Tensor, deq: torch.Tensor) -> float:
@@ -287,50 +318,87 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
 
     The plan is validated and every quantizer built before any layer is replaced.
     ``calibration_batches`` (with ``forward_fn(model, batch)``, default ``model(batch)``) are run
-    when some layer asks for ``act_static``. ``quantize_weights=False`` builds the structure only
-    (empty packed buffers), to load a saved checkpoint into. ``progress`` wraps an iterable
-    (e.g. tqdm) to show progress over the layers.
+    when some layer asks for ``act_static``, ``gptq``, ``awq`` or ``smoothquant``; the last three
+    quantize the model block by block (alphaquant.algorithms.sequential), and their folded
+    scaling changes the float norms/linears in front of the quantized layers (in the state_dict
+    that save_quantized writes). ``quantize_weights=False`` builds the structure only (empty
+    packed buffers), to load a saved checkpoint into. ``progress`` wraps an iterable (e.g. tqdm)
+    to show progress over the layers.
     """
+    from .algorithms.sequential import needs_calibration, quantize_sequential
+
     plan = load_plan(plan)
     layers = plan_layers(model, plan, strict=strict)
     static = [n for n, s in layers.items() if s["act_static"] and s["aq"] not in FLOAT_NAMES]
+    calibrated = [n for n, s in layers.items() if needs_calibration(s)] if quantize_weights else []
     _check_applicable(model, layers, static if quantize_weights else [], calibration_batches,
-                      check_weights=quantize_weights)
+                      check_weights=quantize_weights, calibrated=calibrated)
     report = PlanReport()
     report.skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
-    originals = []  # (name, nn.Linear) of every replaced layer, to put back if anything fails
-    try:
-        items = list(layers.items())
-        for name, scheme in (progress(items, desc="quantizing") if progress else items):
-            linear = model.get_submodule(name)
-            wq, aq = build_quantizers(scheme)
-            if quantize_weights:
-                q = QuantLinear.from_linear(linear, wq, aq, scheme=scheme)
-                sqnr = _sqnr_db(linear.weight, q.dequantized_weight())
+    replaced = []  # (parent module, child name, nn.Linear) of every replaced layer, to put back on failure
+    undo = []  # (tensor, original values) changed in place by folded scaling
+    entries = {}
+
+    def build_layer(name, linear, scheme, hessian=None):
+        wq, aq = build_quantizers(scheme)
+        if quantize_weights:
+            if hessian is not None:
+                from .algorithms.gptq import GPTQOptions, gptq_quantize
+
+                options = GPTQOptions(damp=scheme["damp"], block_size=scheme["block_size"],
+                                      act_order=scheme["act_order"])
+                packed = gptq_quantize(linear.weight, hessian, wq, options)
             else:
-                q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, wq.fmt,
-                                wq.symmetric, wq.config.op_group_size, aq, linear.weight.dtype, linear.weight.device,
-                                getattr(torch, wq.config.scale_dtype), scheme=scheme)
-                sqnr = float("nan")
-            before = linear.weight.numel() * linear.weight.element_size()
-            after = q.packed_weight.nbytes
-            report.layers.append(LayerReport(name, _scheme_label(scheme), tuple(linear.weight.shape),
-                                             8.0 * after / linear.weight.numel(), before, after, sqnr))
-            _set_module(model, name, q)
-            originals.append((name, linear))
-            logger.debug("quantized %s: %s", name, _scheme_label(scheme))
+                packed = wq.quantize_weight(linear.weight)
+            q = QuantLinear.from_packed(linear, packed, aq, scheme=scheme)
+            sqnr = _sqnr_db(linear.weight, q.dequantized_weight())
+        else:
+            q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, wq.fmt,
+                            wq.symmetric, wq.config.op_group_size, aq, linear.weight.dtype, linear.weight.device,
+                            getattr(torch, wq.config.scale_dtype), scheme=scheme)
+            sqnr = float("nan")
+        before = linear.weight.numel() * linear.weight.element_size()
+        after = q.packed_weight.nbytes
+        entries[name] = LayerReport(name, _scheme_label(scheme), tuple(linear.weight.shape),
+                                    8.0 * after / linear.weight.numel(), before, after, sqnr)
+        parent_name, _, child = name.rpartition(".")
+        replaced.append((model.get_submodule(parent_name) if parent_name else model, child, linear))
+        logger.debug("quantized %s: %s", name, _scheme_label(scheme))
+        return q
+
+    try:
+        if calibrated:
+            batches = list(calibration_batches)
+            forward = forward_fn or (lambda m, b: m(b))
+            quantize_sequential(model, layers, batches, forward, build_layer, build_quantizers,
+                                progress=progress, undo=undo)
+            calibration_batches = batches
+        else:
+            items = list(layers.items())
+            for name, scheme in (progress(items, desc="quantizing") if progress else items):
+                _set_module(model, name, build_layer(name, model.get_submodule(name), scheme))
+        report.layers = [entries[n] for n in layers]
         if static and quantize_weights:
             calibrate(model, [model.get_submodule(n) for n in static], calibration_batches, forward_fn)
     except BaseException:
-        for name, linear in reversed(originals):
-            _set_module(model, name, linear)
+        for parent, child, linear in reversed(replaced):
+            setattr(parent, child, linear)
+        with torch.no_grad():
+            for t, old in reversed(undo):
+                t.copy_(old)
         raise
     return report
 
 
-def _check_applicable(model: nn.Module, layers: dict, static: list, calibration_batches, check_weights: bool) -> None:
+def _check_applicable(model: nn.Module, layers: dict, static: list, calibration_batches, check_weights: bool,
+                      calibrated: tuple = ()) -> None:
     """What can be known before the first layer changes: calibration data where the plan needs it,
     float layers only, and weights a format can hold."""
+    if calibrated and calibration_batches is None:
+        s = layers[calibrated[0]]
+        what = "gptq" if s["algorithm"] == "gptq" else ("awq" if s["awq"] else "smoothquant")
+        raise PlanError(f"{len(calibrated)} layers ask for {what} (e.g. {calibrated[0]}), which calibrates on data, "
+                        f"but no calibration_batches were given")
     if static and calibration_batches is None:
         raise PlanError(f"{len(static)} layers ask for act_static (e.g. {static[0]}) but no calibration_batches "
                         f"were given")

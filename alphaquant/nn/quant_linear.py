@@ -47,7 +47,15 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, w_quantizer: BaseQuantizer,
                     a_quantizer: Optional[BaseQuantizer] = None, scheme: Optional[dict] = None) -> "QuantLinear":
-        packed = w_quantizer.quantize_weight(linear.weight)
+        return cls.from_packed(linear, w_quantizer.quantize_weight(linear.weight), a_quantizer, scheme)
+
+    @classmethod
+    def from_packed(cls, linear: nn.Linear, packed: PackedTensor, a_quantizer: Optional[BaseQuantizer] = None,
+                    scheme: Optional[dict] = None) -> "QuantLinear":
+        """A layer with ``linear``'s shape and bias whose weight is ``packed`` (e.g. chosen by GPTQ)."""
+        if tuple(packed.shape) != (linear.out_features, linear.in_features):
+            raise ValueError(f"packed weight of shape {tuple(packed.shape)} does not fit a linear layer "
+                             f"{linear.in_features} -> {linear.out_features}")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, packed.fmt, packed.symmetric,
                     packed.group_size, a_quantizer, linear.weight.dtype, linear.weight.device, packed.scale.dtype,
                     scheme=scheme)

@@ -1,0 +1,210 @@
+"""Calibrated quantization one block at a time (the sequential pipeline).
+
+Models made of repeated blocks (decoder layers, encoder layers) are quantized block by block:
+the calibration inputs of block i are the outputs of blocks 0..i-1 *as quantized*, so every
+block is calibrated on what it will really see, and only one block's activations are held at a
+time. Inside a block: per-channel scaling (AWQ / SmoothQuant, alphaquant.algorithms.smoothing)
+is searched and folded first, then each linear's input Hessian is collected in one pass and the
+linears are quantized (GPTQ or round-to-nearest). Linears outside the blocks (an LM head, a
+pooler) are calibrated last, with the whole quantized model in front of them.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .._logging import logger
+from .gptq import HessianAccumulator
+from . import smoothing
+
+# Keyword arguments that carry a KV cache: a calibration pass must not fill one.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+class _StopForward(Exception):
+    pass
+
+
+def uses_hessian(scheme: dict) -> bool:
+    return scheme.get("algorithm", "rtn") == "gptq"
+
+
+def uses_scaling(scheme: dict) -> Optional[str]:
+    if scheme.get("awq"):
+        return "awq"
+    if scheme.get("smoothquant"):
+        return "smoothquant"
+    return None
+
+
+def needs_calibration(scheme: dict) -> bool:
+    return uses_hessian(scheme) or uses_scaling(scheme) is not None
+
+
+def find_blocks(model: nn.Module, names: Iterable[str]) -> tuple[Optional[str], Optional[nn.ModuleList]]:
+    """(name, list) of the model's repeated blocks: the longest nn.ModuleList whose children
+    hold layers of ``names``; (None, None) when there is none."""
+    names = list(names)
+    best = (None, None)
+    for list_name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
+            continue
+        prefix = f"{list_name}." if list_name else ""
+        hits = sum(any(n.startswith(f"{prefix}{i}.") for n in names) for i in range(len(mod)))
+        if hits >= 2 and (best[1] is None or len(mod) > len(best[1])):
+            best = (list_name, mod)
+    return best
+
+
+def _clean_kwargs(kwargs: dict) -> dict:
+    kwargs = dict(kwargs)
+    for key in _CACHE_KWARGS:
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches, forward_fn) -> list:
+    """[(args, kwargs)] that ``block`` receives for every calibration batch (the model is run
+    only up to it)."""
+    captured = []
+
+    def hook(mod, args, kwargs):
+        captured.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), _clean_kwargs(kwargs)))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                forward_fn(model, batch)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError("calibration reached none of the model's blocks (empty calibration_batches?)")
+    return captured
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list) -> list:
+    """The block's outputs as the next block's inputs (same keyword arguments)."""
+    out = []
+    for args, kwargs in inputs:
+        y = block(*args, **kwargs)
+        h = y[0] if isinstance(y, (tuple, list)) else y
+        out.append(((h,) + tuple(args[1:]), kwargs))
+    return out
+
+
+@torch.no_grad()
+def _collect(block: nn.Module, inputs: list, targets: dict, rows_per_batch: int = 0) -> tuple[dict, dict]:
+    """Run ``block`` over ``inputs`` with hooks on ``targets`` {name: module}: returns
+    ({name: HessianAccumulator}, {name: [T, K] sampled inputs} when rows_per_batch > 0)."""
+    hess = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in targets.items()}
+    samples = {n: [] for n in targets}
+    handles = []
+    for n, m in targets.items():
+        def hook(mod, args, n=n):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            hess[n].add(x)
+            if rows_per_batch:
+                samples[n].append(smoothing.subsample_rows(x, rows_per_batch).float())
+        handles.append(m.register_forward_pre_hook(hook))
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return hess, {n: torch.cat(v) for n, v in samples.items() if v}
+
+
+def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _scale_block(block: nn.Module, prefix: str, schemes: dict, inputs: list, build_quantizers: Callable,
+                 undo: list) -> None:
+    wanted = lambda n: n in schemes and uses_scaling(schemes[n]) is not None  # noqa: E731
+    mappings = smoothing.block_mappings(block, wanted)
+    if not mappings:
+        return
+    rows = max(1, smoothing.MAX_TOKENS // max(1, len(inputs)))
+    _, samples = _collect(block, inputs, {m.consumer_names[0]: m.consumers[0] for m in mappings}, rows)
+    for m in mappings:
+        scheme = schemes[m.consumer_names[0]]
+        method = uses_scaling(scheme)
+        quantizers = [build_quantizers(schemes[n]) for n in m.consumer_names]
+        s, alpha, err, base = smoothing.search_scales(samples[m.consumer_names[0]], m, quantizers, method,
+                                                      scheme.get("smooth_alpha"))
+        for t in [m.producer.weight, getattr(m.producer, "bias", None)] + [c.weight for c in m.consumers]:
+            if t is not None:
+                undo.append((t, t.detach().clone()))
+        smoothing.fold(m, s)
+        logger.debug("%s%s -> %s: %s alpha %.2f, output error %.4g -> %.4g", prefix, m.producer_name,
+                     ",".join(m.consumer_names), method, alpha, base, err)
+
+
+def quantize_sequential(model: nn.Module, schemes: dict, batches: list, forward_fn: Callable,
+                        build_layer: Callable, build_quantizers: Callable, progress=None,
+                        undo: Optional[list] = None) -> None:
+    """Quantize every linear of ``schemes`` {name: scheme}, calibrated block by block.
+
+    ``build_layer(name, linear, scheme, hessian or None)`` returns the quantized module that
+    replaces the linear (it is put into the model here); ``build_quantizers(scheme)`` gives the
+    (weight, activation) quantizers. Tensors changed in place by folded scaling are appended to
+    ``undo`` as (tensor, original copy) so that a caller can put them back.
+    """
+    undo = [] if undo is None else undo
+    list_name, blocks = find_blocks(model, schemes)
+    done = set()
+    if blocks is not None:
+        inputs = capture_block_inputs(model, blocks[0], batches, forward_fn)
+        items = list(enumerate(blocks))
+        for i, block in (progress(items, desc="calibrated quantization") if progress else items):
+            prefix = f"{list_name}.{i}." if list_name else f"{i}."
+            local = {n[len(prefix):]: s for n, s in schemes.items() if n.startswith(prefix)}
+            if local:
+                _scale_block(block, prefix, local, inputs, build_quantizers, undo)
+                targets = {n: block.get_submodule(n) for n, s in local.items() if uses_hessian(s)}
+                hess = _collect(block, inputs, targets)[0] if targets else {}
+                for n, s in local.items():
+                    h = hess[n].hessian() if n in hess else None
+                    _set_child(block, n, build_layer(prefix + n, block.get_submodule(n), s, h))
+                    done.add(prefix + n)
+            if i + 1 < len(blocks):
+                inputs = run_block(block, inputs)
+        del inputs
+    rest = {n: s for n, s in schemes.items() if n not in done}
+    if not rest:
+        return
+    # Outside the blocks: one pass of the (quantized) model collects the remaining Hessians.
+    targets = {n: model.get_submodule(n) for n, s in rest.items() if uses_hessian(s)}
+    hess = {}
+    if targets:
+        wrapped = [(tuple(), {"__batch__": b}) for b in batches]
+        hess = _collect(_ForwardAdapter(model, forward_fn), wrapped, {f"model.{n}": m for n, m in targets.items()})[0]
+        hess = {n[len("model."):]: h for n, h in hess.items()}
+    for n, s in rest.items():
+        h = hess[n].hessian() if n in hess else None
+        _set_child(model, n, build_layer(n, model.get_submodule(n), s, h))
+
+
+class _ForwardAdapter(nn.Module):
+    """Lets _collect drive a whole model through forward_fn(model, batch)."""
+
+    def __init__(self, model, forward_fn):
+        super().__init__()
+        self.model = model
+        self._forward_fn = forward_fn
+
+    def forward(self, __batch__):
+        return self._forward_fn(self.model, __batch__)
