@@ -41,18 +41,6 @@ def logit_error(model, ref, data):
 W3 = {"wq": "int3", "aq": "none", "group_size": 32, "symmetric": False, "dtype": "float32"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def int3():
-    from alphaquant.quantizers.int_quantizers import IntConfig, IntQuantizer
-    from alphaquant.quantizers.registry import QUANTIZER_REGISTRY, register_quantizer
-
-    class INT3Quantizer(IntQuantizer):
-        bits = 3
-    register_quantizer("int3", INT3Quantizer, IntConfig)
-    yield
-    QUANTIZER_REGISTRY.pop("int3")
-
-
 def test_find_blocks():
     model = tiny_llama()
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -50,7 +50,7 @@ def test_bad_inputs_exit_nonzero_without_leftovers(tiny_model_dir, tmp_path, cap
     assert main(["quantize", tiny_model_dir, "--plan", "no-such-plan", "--out", str(tmp_path / "x")]) == 2
     assert "neither a file nor a preset" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
-    bad.write_text('{"default": {"wq": "int5"}}')
+    bad.write_text('{"default": {"wq": "int9"}}')
     assert main(["quantize", tiny_model_dir, "--plan", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "unknown quantizer" in capsys.readouterr().err
     existing = tmp_path / "exists"
@@ -214,3 +214,39 @@ def test_ctrl_c_while_replacing_keeps_the_old_checkpoint(tiny_model_dir, tmp_pat
     assert capsys.readouterr().err.strip().splitlines()[-1] == "alphaquant: interrupted"
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["q"]
+
+
+def test_gptq_plan_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "g")
+    plan = tmp_path / "gptq.json"
+    plan.write_text(json.dumps({"default": {"wq": "int4", "group_size": 32, "symmetric": False,
+                                            "algorithm": "gptq", "awq": True, "dtype": "float32"}}))
+    assert main(["quantize", tiny_model_dir, "--plan", str(plan), "--out", out, "--eval-tokens", "1024",
+                 "--calib-tokens", "1024"]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert all(layer["scheme"].endswith("awq gptq") for layer in report["layers"])
+    capsys.readouterr()
+    assert main(["eval", out, "--eval-tokens", "1024"]) == 0  # folded scales and GPTQ codes reload as written
+    ppl = float(capsys.readouterr().out.split("perplexity")[-1])
+    assert abs(ppl - report["eval"]["after"]["perplexity"]) < 1e-3 * ppl
+
+
+def test_plan_command_writes_a_plan_within_budget_and_a_curve(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "mixed.json")
+    assert main(["plan", tiny_model_dir, "--budget", "4", "--out", out, "--curve", "3,5", "--uniform",
+                 "--calib-tokens", "512", "--eval-tokens", "512"]) == 0
+    plan = json.load(open(out))
+    assert len(plan["overrides"]) == 15
+    curve = json.load(open(str(tmp_path / "mixed_curve.json")))
+    mixed = {p["label"]: p for p in curve["points"] if p["kind"] == "mixed"}
+    assert set(mixed) == {"3", "5"} and all(p["bits"] <= float(k) for k, p in mixed.items())
+    assert len([p for p in curve["points"] if p["kind"] == "uniform"]) == 8
+    assert os.path.getsize(str(tmp_path / "mixed_curve.png")) > 1000
+    q = str(tmp_path / "q")
+    assert main(["quantize", tiny_model_dir, "--plan", out, "--out", q, "--no-eval"]) == 0
+    report = json.load(open(os.path.join(q, "report.json")))
+    assert 8.0 * report["total"]["bytes_after"] / (report["total"]["bytes_before"] / 4) <= 4.0
+    assert main(["plan", tiny_model_dir, "--budget", "0.5", "--out", str(tmp_path / "p.json")]) == 2
+    assert "between 1 and 16" in capsys.readouterr().err
+    assert main(["plan", tiny_model_dir, "--budget", "1.5", "--out", str(tmp_path / "p.json"), "--curve", ""]) == 2
+    assert "below the smallest candidate mix" in capsys.readouterr().err

@@ -199,7 +199,7 @@ def test_checkpoint_errors(tmp_path):
 
 
 @pytest.mark.parametrize("plan,match", [
-    ({"default": {"wq": "int5"}}, "unknown quantizer 'int5'"),
+    ({"default": {"wq": "int9"}}, "unknown quantizer 'int9'"),
     ({"default": {"wq": "int4", "groupsize": 3}}, "unknown keys"),
     ({"overrides": [{"wq": "int4"}]}, "needs a non-empty string 'pattern'"),
     ({"default": {"group_size": -4}}, "group_size must be a positive integer"),

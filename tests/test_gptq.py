@@ -84,16 +84,9 @@ def test_gptq_beats_round_to_nearest(name, symmetric, act_order):
     rows, k = 33, 70  # odd rows, k not a multiple of the group
     x = correlated_inputs(400, k, seed=5).float()
     w = torch.randn(rows, k)
-    if name == "int3":
-        from alphaquant.quantizers.int_quantizers import IntConfig, IntQuantizer
-
-        class INT3(IntQuantizer):
-            bits = 3
-        quantizer = INT3(IntConfig(symmetric=symmetric, group_size=16, dtype="float32"))
-    else:
-        q_cls, cfg = lookup(name)
-        kwargs = {"symmetric": symmetric} if name.startswith("int") else {}
-        quantizer = q_cls(cfg(group_size=16, dtype="float32", **kwargs))
+    q_cls, cfg = lookup(name)
+    kwargs = {"symmetric": symmetric} if name.startswith("int") else {}
+    quantizer = q_cls(cfg(group_size=16, dtype="float32", **kwargs))
     acc = HessianAccumulator(k)
     acc.add(x)
     h = acc.hessian()

@@ -50,15 +50,17 @@ class GPTQOptions:
 
 
 class HessianAccumulator:
-    """Running H = 2/n * sum x x^T over the rows of every input seen (float64 for the sum)."""
+    """Running H = 2/n * sum x x^T over the rows of every input seen (each batch's product in
+    float32, the running sum in float64)."""
 
     def __init__(self, k: int, device=None):
         self.h = torch.zeros(k, k, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        self.h.addmm_(x.T, x)
+        x = x.detach().reshape(-1, x.shape[-1])
+        x = x.to(torch.float32) if x.dtype != torch.float64 else x
+        self.h += (x.T @ x).to(torch.float64)
         self.n += x.shape[0]
 
     def hessian(self) -> torch.Tensor:

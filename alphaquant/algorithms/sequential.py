@@ -109,21 +109,32 @@ def _collect(block: nn.Module, inputs: list, targets: dict, rows_per_batch: int 
     ({name: HessianAccumulator}, {name: [T, K] sampled inputs} when rows_per_batch > 0)."""
     hess = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in targets.items()}
     samples = {n: [] for n in targets}
+    # Linears fed the very same tensor (q/k/v, gate/up) share one Hessian: decided on the first
+    # batch, when a layer's input is found to be one that another target already took.
+    owner, seen = {}, {}
     handles = []
     for n, m in targets.items():
         def hook(mod, args, n=n):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            x = args[0].detach()
+            if n not in owner:
+                key = (x.data_ptr(), tuple(x.shape), x.stride())
+                owner[n] = seen.setdefault(key, (n, x))[0]  # x held: its address stays its own
+            if owner[n] != n:
+                return
+            x = x.reshape(-1, x.shape[-1])
             hess[n].add(x)
             if rows_per_batch:
                 samples[n].append(smoothing.subsample_rows(x, rows_per_batch).float())
         handles.append(m.register_forward_pre_hook(hook))
     try:
         for args, kwargs in inputs:
+            seen.clear()
             block(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return hess, {n: torch.cat(v) for n, v in samples.items() if v}
+    hess = {n: hess[owner.get(n, n)] for n in targets}
+    return hess, {n: torch.cat(samples[owner.get(n, n)]) for n in targets if samples[owner.get(n, n)]}
 
 
 def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:

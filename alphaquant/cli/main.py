@@ -88,6 +88,18 @@ def _metric_line(m: dict) -> str:
     return f"cosine similarity to float {m['cosine']:.5f}" if "cosine" in m else "reference embeddings"
 
 
+CALIBRATION_TOKENS_ALGORITHMS = 128 * CALIBRATION_WINDOW  # gptq/awq/smoothquant: up to 128 windows
+
+
+def calibration_need(plan: dict):
+    """"algorithm" when some scheme of the plan runs gptq/awq/smoothquant, "static" when it only
+    calibrates static activation scales, None when it needs no data."""
+    schemes = [plan["default"], *plan["overrides"]]
+    if any(s.get("algorithm", "rtn") != "rtn" or s.get("awq") or s.get("smoothquant") for s in schemes):
+        return "algorithm"
+    return "static" if any(s.get("act_static") for s in schemes) else None
+
+
 def cmd_quantize(args) -> int:
     from ..plans import PlanError, apply_plan, unmatched_patterns
     from . import evaluation
@@ -128,12 +140,14 @@ def cmd_quantize(args) -> int:
         before = evaluate(loaded.model, loaded.tokenizer, loaded.is_causal_lm, eval_text, args.eval_tokens,
                           progress=progress)
     calib = None
-    if any(o.get("act_static") for o in [plan["default"], *plan["overrides"]]):
+    needs = calibration_need(plan)
+    if needs:
         tok = loaded.tokenizer
+        n_tokens = args.calib_tokens or (CALIBRATION_TOKENS_ALGORITHMS if needs == "algorithm" else 2048)
         if loaded.is_causal_lm:
-            calib = list(evaluation.token_windows(tok, calib_text, args.calib_tokens, CALIBRATION_WINDOW))
+            calib = list(evaluation.token_windows(tok, calib_text, n_tokens, CALIBRATION_WINDOW))
         else:
-            sents = evaluation.eval_sentences(calib_text, 64)
+            sents = evaluation.eval_sentences(calib_text, 256 if needs == "algorithm" else 64)
             calib = [tok(sents[i:i + 16], padding=True, return_tensors="pt") for i in range(0, len(sents), 16)]
     try:
         forward = None if loaded.is_causal_lm else (lambda m, b: m(**b))
@@ -257,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strict", action="store_true", help="a plan pattern that matches no layer is an error")
     q.add_argument("--eval-tokens", type=eval_tokens, default=4096, help="held-out tokens for perplexity")
     q.add_argument("--calib-tokens", type=_int_at_least(CALIBRATION_WINDOW, " (one calibration window)"),
-                   default=2048, help="calibration tokens when the plan asks for them")
+                   default=None, help="calibration tokens when the plan asks for them (default: 2048 for static "
+                   f"activation scales, up to {CALIBRATION_TOKENS_ALGORITHMS} for gptq/awq/smoothquant)")
     q.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", help="perplexity (or embedding cosine) of a quantized checkpoint")
@@ -268,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="what a packed checkpoint holds")
     i.add_argument("checkpoint")
     i.set_defaults(func=cmd_inspect)
+    from .plan_command import add_parser as add_plan_parser
+
+    add_plan_parser(sub, eval_tokens, _int_at_least)
     g = sub.add_parser("generate", help="generate text with a quantized checkpoint")
     g.add_argument("checkpoint")
     g.add_argument("--prompt", default="The capital of France is")

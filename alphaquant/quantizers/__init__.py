@@ -5,8 +5,12 @@ from .fp8 import FP8Config, FP8Quantizer
 from .int_quantizers import (
     INT2Config,
     INT2Quantizer,
+    INT3Config,
+    INT3Quantizer,
     INT4Config,
     INT4Quantizer,
+    INT5Config,
+    INT5Quantizer,
     INT6Config,
     INT6Quantizer,
     INT8Config,
@@ -18,7 +22,8 @@ from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver,
 
 __all__ = [
     "BaseQuantizer", "QuantizerConfig", "IntConfig", "IntQuantizer",
-    "INT2Quantizer", "INT2Config", "INT4Quantizer", "INT4Config", "INT6Quantizer", "INT6Config",
+    "INT2Quantizer", "INT2Config", "INT3Quantizer", "INT3Config", "INT4Quantizer", "INT4Config",
+    "INT5Quantizer", "INT5Config", "INT6Quantizer", "INT6Config",
     "INT8Quantizer", "INT8Config", "FP4Quantizer", "FP4Config", "FP8Quantizer", "FP8Config",
     "ObserverBase", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
 ]

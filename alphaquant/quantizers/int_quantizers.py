@@ -1,4 +1,5 @@
-"""Integer quantizers INT2, INT4, INT6, INT8 (symmetric [-2^(n-1), 2^(n-1)-1] or asymmetric [0, 2^n-1])."""
+"""Integer quantizers INT2..INT8 (symmetric [-2^(n-1), 2^(n-1)-1] or asymmetric [0, 2^n-1]); INT3 and INT5
+fill the gaps for mixed precision under a size budget."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,7 +29,17 @@ class INT2Config(IntConfig):
 
 
 @dataclass
+class INT3Config(IntConfig):
+    pass
+
+
+@dataclass
 class INT4Config(IntConfig):
+    pass
+
+
+@dataclass
+class INT5Config(IntConfig):
     pass
 
 
@@ -68,9 +79,19 @@ class INT2Quantizer(IntQuantizer):
     config_class = INT2Config
 
 
+class INT3Quantizer(IntQuantizer):
+    bits = 3
+    config_class = INT3Config
+
+
 class INT4Quantizer(IntQuantizer):
     bits = 4
     config_class = INT4Config
+
+
+class INT5Quantizer(IntQuantizer):
+    bits = 5
+    config_class = INT5Config
 
 
 class INT6Quantizer(IntQuantizer):

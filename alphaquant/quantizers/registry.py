@@ -13,13 +13,15 @@ from typing import Optional
 from .base import QuantizerConfig
 from .fp4 import FP4Config, FP4Quantizer
 from .fp8 import FP8Config, FP8Quantizer
-from .int_quantizers import (INT2Config, INT2Quantizer, INT4Config, INT4Quantizer, INT6Config, INT6Quantizer,
-                             INT8Config, INT8Quantizer)
+from .int_quantizers import (INT2Config, INT2Quantizer, INT3Config, INT3Quantizer, INT4Config, INT4Quantizer,
+                             INT5Config, INT5Quantizer, INT6Config, INT6Quantizer, INT8Config, INT8Quantizer)
 
 # name -> (quantizer class, config class, config defaults the name fixes)
 QUANTIZER_REGISTRY: dict = {
     "int2": (INT2Quantizer, INT2Config, {}),
+    "int3": (INT3Quantizer, INT3Config, {}),
     "int4": (INT4Quantizer, INT4Config, {}),
+    "int5": (INT5Quantizer, INT5Config, {}),
     "int6": (INT6Quantizer, INT6Config, {}),
     "int8": (INT8Quantizer, INT8Config, {}),
     "fp8": (FP8Quantizer, FP8Config, {"format": "e4m3"}),
