@@ -19,12 +19,13 @@ are visited by decreasing Hessian diagonal and the scales of all groups are chos
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .. import ops
-from ..formats import FLOAT_INFO
+from ..formats import FLOAT_INFO, format_bits, int_range
 from ..layout import PER_CHANNEL, PER_TENSOR, group_length
 from ..packed import PackedTensor
 from ..quantizers.base import BaseQuantizer
@@ -86,17 +87,27 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _quantize_column(w: torch.Tensor, quantizer: BaseQuantizer, scale: torch.Tensor, zero) -> torch.Tensor:
-    """fake_quantize of one column [rows] with its per-row scale (and zero point) [rows, 1].
+    """Quantize-dequantize one column [rows] with its per-row scale (and zero point) [rows, 1].
 
-    Error feedback can push a weight past its group's range: float formats saturate there (e5m2
-    would round it to Inf), as integer codes do by clamping."""
+    Integers use the kernels' formula (quant_math.h: rint(x / s + z), clamped, then (q - z) * s,
+    in float32) directly, which is much cheaper than an op call per column; float formats go
+    through the format's own fake_quantize kernel. Error feedback can push a weight past its
+    group's range: float formats saturate there (e5m2 would round it to Inf), as integer codes
+    do by clamping."""
     x = w.unsqueeze(1).to(torch.float32)
+    if quantizer.fmt.startswith("int"):
+        qmin, qmax = int_range(format_bits(quantizer.fmt), quantizer.symmetric)
+        z = zero if zero is not None else 0.0
+        return ((x / scale + z).round_().clamp_(qmin, qmax) - z).mul_(scale).squeeze(1)
     if quantizer.fmt in FLOAT_INFO:
         limit = scale * FLOAT_INFO[quantizer.fmt].max_value
         x = torch.maximum(torch.minimum(x, limit), -limit)
     q = ops.fake_quantize(x, quantizer.fmt, symmetric=quantizer.symmetric,
                           group_size=1, scale=scale, zero_point=zero)
     return q.squeeze(1)
+
+
+ROW_CHUNK = 2048  # rows are independent given H: chunks keep a block of columns in cache
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: BaseQuantizer,
@@ -113,77 +124,111 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: BaseQu
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight with {k} input columns")
     if not torch.isfinite(weight).all():
         raise ValueError("GPTQ needs a finite weight (it holds NaN or Inf)")
-    # Double precision for the error feedback: the updates add up over up to k columns.
-    w = weight.detach().to(torch.float64).clone()
     h = hessian.detach().to(torch.float64).clone()
     if not torch.isfinite(h).all():
         raise ValueError("the calibration Hessian holds NaN or Inf (non-finite activations?)")
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0  # inputs that are always zero: their weights never matter
 
     gs = quantizer.config.op_group_size
     glen = group_length(k, gs) if gs > 0 else k
     perm = torch.argsort(torch.diagonal(h), descending=True) if options.act_order else None
     if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
+        h = h[perm][:, perm]
     u = _inverse_cholesky(h, options.damp)
 
     # Scales: per tensor and per channel they are known up front; per group they are chosen when
     # the group's first column comes up (or all at once with act_order, from the original weight).
     static = gs in (PER_TENSOR, PER_CHANNEL) or options.act_order
+    col_group = None
     if static:
-        orig = weight.detach().to(torch.float32)
-        scale, zero = quantizer.choose_weight_scales(orig)
-        scale = scale.expand(rows, -1) if gs == PER_TENSOR else scale
-        zero = None if zero is None else (zero.expand(rows, -1) if gs == PER_TENSOR else zero)
-        col_group = torch.arange(k) // glen if gs > 0 else torch.zeros(k, dtype=torch.long)
+        scale, zero = quantizer.choose_weight_scales(weight.detach().to(torch.float32))
+        scale = scale.expand(rows, -1).contiguous() if gs == PER_TENSOR else scale
+        zero = None if zero is None else (zero.expand(rows, -1).contiguous() if gs == PER_TENSOR else zero)
+        col_group = (torch.arange(k) // glen if gs > 0 else torch.zeros(k, dtype=torch.long)).tolist()
         if perm is not None:
-            col_group = col_group[perm]
+            col_group = [col_group[j] for j in perm.tolist()]
     else:
         n_groups = (k + glen - 1) // glen
         scale = torch.empty(rows, n_groups, dtype=torch.float32, device=weight.device)
         zero = torch.empty_like(scale) if quantizer.config.asymmetric_int else None
 
-    q = torch.zeros_like(w)
-    block = options.block_size
+    q = torch.empty(rows, k, dtype=torch.float32, device=weight.device)
+    with _one_cpu_thread(weight.device):
+        _all_rows(weight, u, quantizer, scale, zero, col_group, glen, options.block_size, dead, perm, q)
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    if gs == PER_TENSOR:
+        scale = scale[:1, :1]
+        zero = None if zero is None else zero[:1, :1]
+    return quantizer.pack_with_scales(q, scale.contiguous(), None if zero is None else zero.contiguous())
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device):
+    """The column loop is thousands of small ops: on the CPU, thread hand-offs cost more than
+    they save (7x slower with 2 threads on a busy 2-core machine), so it runs on one thread."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _all_rows(weight, u, quantizer, scale, zero, col_group, glen, block, dead, perm, q):
+    rows = weight.shape[0]
+    for r0 in range(0, rows, ROW_CHUNK):
+        r1 = min(r0 + ROW_CHUNK, rows)
+        # Double precision for the error feedback: the updates add up over up to k columns.
+        w = weight[r0:r1].detach().to(torch.float64).clone()
+        w[:, dead] = 0.0  # inputs that are always zero: their weights never matter
+        if perm is not None:
+            w = w[:, perm]
+        q[r0:r1] = _gptq_rows(w, u, quantizer, scale[r0:r1], None if zero is None else zero[r0:r1],
+                              col_group, glen, block)
+
+
+def _gptq_rows(w, u, quantizer, scale, zero, col_group, glen, block):
+    """The column loop over a chunk of rows ``w`` [r, k] (float64, permuted); fills ``scale`` /
+    ``zero`` of dynamic groups in place; returns the quantized values [r, k] float32."""
+    rows, k = w.shape
+    static = col_group is not None
     if not static and block % glen and glen < block:
         block = max(glen, block // glen * glen)  # blocks hold whole groups
+    q = torch.empty(rows, k, dtype=torch.float32, device=w.device)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        w_blk = w[:, b0:b1].clone()
-        err_blk = torch.zeros_like(w_blk)
+        # transposed: column i of the block is the contiguous row i of w_blk
+        w_blk = w[:, b0:b1].T.contiguous()
+        err_blk = torch.empty_like(w_blk)
         u_blk = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
             if static:
-                g = col_group[col].item() if gs > 0 else 0
+                g = col_group[col]
             else:
                 g = col // glen
                 if col % glen == 0:
                     # the group as it stands now: this block's updated columns, then the rest
-                    cols = torch.cat([w_blk[:, i:], w[:, b1:]], dim=1)[:, :min(glen, k - col)]
+                    cols = torch.cat([w_blk[i:].T, w[:, b1:]], dim=1)[:, :min(glen, k - col)]
                     s_g, z_g = quantizer.choose_weight_scales(cols.to(torch.float32), group_size=PER_CHANNEL)
                     scale[:, g:g + 1] = s_g
                     if zero is not None:
                         zero[:, g:g + 1] = z_g
             s_col = scale[:, g:g + 1].contiguous()
             z_col = None if zero is None else zero[:, g:g + 1].contiguous()
-            wc = w_blk[:, i]
-            qc = _quantize_column(wc, quantizer, s_col, z_col).to(torch.float64)
+            wc = w_blk[i]
+            qc = _quantize_column(wc, quantizer, s_col, z_col)
             q[:, col] = qc
-            e = (wc - qc) / u_blk[i, i]
-            w_blk[:, i:] -= e.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
-            err_blk[:, i] = e
-        w[:, b1:] -= err_blk @ u[b0:b1, b1:]
-
-    if perm is not None:
-        q = q[:, torch.argsort(perm)]
-    q = q.to(torch.float32)
-    if gs == PER_TENSOR:
-        scale = scale[:1, :1]
-        zero = None if zero is None else zero[:1, :1]
-    return quantizer.pack_with_scales(q, scale.contiguous(), None if zero is None else zero.contiguous())
+            e = (wc - qc.to(torch.float64)) / u_blk[i, i]
+            w_blk[i:] -= u_blk[i, i:].unsqueeze(1) * e.unsqueeze(0)
+            err_blk[i] = e
+        w[:, b1:] -= err_blk.T @ u[b0:b1, b1:]
+    return q
 
 
 def layer_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
