@@ -28,7 +28,8 @@ from alphaquant.cli.models import load_model  # noqa: E402
 from alphaquant.cli.presets import resolve_plan  # noqa: E402
 from alphaquant.plans import apply_plan  # noqa: E402
 
-PRESETS = ["w8a8", "w8a16", "fp8", "w4a16_g128", "w4a16_g128_mse", "w4a16_g64", "w4a16_g32", "fp4", "w2a16"]
+PRESETS = ["w8a8", "w8a8_smoothquant", "w8a16", "fp8", "w4a16_g128", "w4a16_g128_mse", "w4a16_g64", "awq_w4_g64",
+           "gptq_w4_g64", "w4a16_g32", "fp4", "gptq_w3_g64", "w2a16", "gptq_w2_g32"]
 
 
 def linears(model):
@@ -116,44 +117,80 @@ def evaluate(model, tok, is_lm, text, n_tokens, ref):
     return evaluation.cosine_similarity(ref, evaluation.embeddings(model, tok, evaluation.eval_sentences(text)))
 
 
-def run_model(name: str, path, n_tokens: int) -> list:
+def calibration_batches(loaded, calib_text: str, need):
+    """The calibration data the CLI would use for a plan (the same windows / sentences)."""
+    from alphaquant.cli.main import CALIBRATION_TOKENS_ALGORITHMS
+
+    if need is None:
+        return None
+    tok = loaded.tokenizer
+    if loaded.is_causal_lm:
+        n = CALIBRATION_TOKENS_ALGORITHMS if need == "algorithm" else 2048
+        return list(evaluation.token_windows(tok, calib_text, n, evaluation.CALIBRATION_WINDOW))
+    sents = evaluation.eval_sentences(calib_text, 256 if need == "algorithm" else 64)
+    return [tok(sents[i:i + 16], padding=True, return_tensors="pt") for i in range(0, len(sents), 16)]
+
+
+def run_model(name: str, path, n_tokens: int, presets: list, with_peers: bool, second: bool,
+              llmc_python: str = "") -> list:
+    """Rows [model, method, metric, bits, value, value on the second corpus, seconds]."""
+    from alphaquant.cli.main import calibration_need
+
     loaded = load_model(path)
     is_lm = loaded.is_causal_lm
     calib_text, eval_text = evaluation.split_text(evaluation.corpus_text())
-    ref = None if is_lm else evaluation.embeddings(loaded.model, loaded.tokenizer, evaluation.eval_sentences(eval_text))
+    texts = [eval_text] + ([evaluation.license_text()] if second else [])
+    refs = [None if is_lm else evaluation.embeddings(loaded.model, loaded.tokenizer, evaluation.eval_sentences(t))
+            for t in texts]
     metric = "perplexity" if is_lm else "cosine"
+
+    def measure(model):
+        values = [evaluate(model, loaded.tokenizer, is_lm, t, n_tokens, r) for t, r in zip(texts, refs)]
+        return [f"{v:.4f}" for v in values] + ([] if second else ["-"])
+
     rows = []
     t = time.time()
-    base = evaluate(loaded.model, loaded.tokenizer, is_lm, eval_text, n_tokens, ref)
-    rows.append([name, "float32", "-", 32.0, f"{base:.4f}", f"{time.time() - t:.0f}"])
-    for preset in PRESETS:
+    rows.append([name, "float32", "-", 32.0, *measure(loaded.model), f"{time.time() - t:.0f}"])
+    for preset in presets:
         t = time.time()
         model = copy.deepcopy(loaded.model)
         plan_name, plan = resolve_plan(preset)
-        calib = None
-        if any(o.get("act_static") for o in [plan["default"], *plan["overrides"]]):
-            calib = list(evaluation.token_windows(loaded.tokenizer, calib_text, 2048, 256))
+        calib = calibration_batches(loaded, calib_text, calibration_need(plan))
+        forward = None if is_lm else (lambda m, b: m(**b))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = apply_plan(model, plan, calibration_batches=calib)
+            report = apply_plan(model, plan, calibration_batches=calib, forward_fn=forward)
         n = sum(r.bytes_before // 4 for r in report.layers)
         bits = 8.0 * report.bytes_after / n
-        v = evaluate(model, loaded.tokenizer, is_lm, eval_text, n_tokens, ref)
-        rows.append([name, f"alphaquant {plan_name}", metric, round(bits, 3), f"{v:.4f}", f"{time.time() - t:.0f}"])
+        rows.append([name, f"alphaquant {plan_name}", metric, round(bits, 3), *measure(model), f"{time.time() - t:.0f}"])
         print(rows[-1], flush=True)
-    for peer_name, kind, fn in peers(is_lm):
+    for peer_name, kind, fn in (peers(is_lm) if with_peers else []):
         t = time.time()
         model = copy.deepcopy(loaded.model)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 bits = replace_weights(model, fn) if kind == "replace" else fn(model)
-            v = evaluate(model, loaded.tokenizer, is_lm, eval_text, n_tokens, ref)
-            rows.append([name, peer_name, metric, round(bits, 3), f"{v:.4f}", f"{time.time() - t:.0f}"])
+            rows.append([name, peer_name, metric, round(bits, 3), *measure(model), f"{time.time() - t:.0f}"])
         except Exception as e:  # a peer that fails here is reported, not hidden
-            rows.append([name, peer_name, metric, "-", f"failed: {type(e).__name__}: {str(e)[:60]}", "-"])
+            rows.append([name, peer_name, metric, "-", f"failed: {type(e).__name__}: {str(e)[:60]}", "-", "-"])
         print(rows[-1], flush=True)
+    if llmc_python and is_lm:
+        rows += llmcompressor_peer_rows(name, loaded, calib_text, measure, llmc_python, metric)
     return rows
+
+
+def llmcompressor_peer_rows(name, loaded, calib_text, measure, python: str, metric: str) -> list:
+    """llm-compressor (GPTQ, AWQ) run in its own venv on the same calibration windows as ours."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
+    from llmcompressor_rows import llmcompressor_rows  # noqa: E402
+
+    calib = calibration_batches(loaded, calib_text, "algorithm")
+    out = []
+    for method, bits, values, seconds in llmcompressor_rows(loaded.model, loaded.tokenizer, calib, measure, python):
+        out.append([name, method, metric, round(bits, 3), *values, f"{seconds:.0f}"])
+        print(out[-1], flush=True)
+    return out
 
 
 def minilm_path() -> str:
@@ -175,14 +212,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="smollm2,minilm")
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--presets", default=",".join(PRESETS), help="our presets to run (comma separated)")
+    parser.add_argument("--no-peers", action="store_true", help="skip bitsandbytes/HQQ/torchao/quanto")
+    parser.add_argument("--second-corpus", action="store_true",
+                        help="also evaluate on the license texts of /usr/share/common-licenses (never calibrated on)")
+    parser.add_argument("--llmcompressor-python", default="",
+                        help="python of a venv with llmcompressor (benchmarks/peers/README.md): adds its GPTQ/AWQ rows")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
+    presets = [p for p in args.presets.split(",") if p]
     for m in args.models.split(","):
         rows += run_model("SmolLM2-135M" if m == "smollm2" else "all-MiniLM-L6-v2",
-                          None if m == "smollm2" else minilm_path(), args.eval_tokens)
+                          None if m == "smollm2" else minilm_path(), args.eval_tokens, presets, not args.no_peers,
+                          args.second_corpus, args.llmcompressor_python)
     print(f"\n# bench_accuracy, torch {torch.__version__}, {args.eval_tokens} eval tokens")
-    print_table(["model", "method", "metric", "bits/weight", "value", "s"], rows)
+    print_table(["model", "method", "metric", "bits/weight", "value", "licenses", "s"], rows)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,51 @@ def test_bad_algorithm_keys(scheme, match):
 def test_awq_in_default_and_smoothquant_in_override_conflict():
     with pytest.raises(PlanError, match="pick one"):
         load_plan({"default": {**W3, "awq": True}, "overrides": [{"pattern": "*", "smoothquant": True}]})
+
+
+def test_lm_head_hessian_from_replayed_blocks_matches_a_full_forward(monkeypatch):
+    import contextlib
+
+    from alphaquant.algorithms import gptq as gptq_mod
+    from alphaquant.algorithms import sequential
+
+    original = gptq_mod.gptq_quantize
+    seen = []
+
+    def record(weight, hessian, *a, **k):
+        if weight.shape[0] == 256:  # the lm_head
+            seen.append(hessian.clone())
+        return original(weight, hessian, *a, **k)
+    monkeypatch.setattr(gptq_mod, "gptq_quantize", record)
+    plan = {"default": {**W3, "algorithm": "gptq"}}
+    monkeypatch.setattr(sequential, "merge_inputs", lambda inputs, rows=0: inputs)
+    apply_plan(tiny_llama(), plan, calibration_batches=batches(5))
+    monkeypatch.setattr(sequential, "_replaying", lambda *a, **k: contextlib.nullcontext())
+    apply_plan(tiny_llama(), plan, calibration_batches=batches(5))
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0], seen[1], rtol=1e-4, atol=1e-6)
+
+
+def test_merge_inputs_only_merges_what_is_the_same():
+    from alphaquant.algorithms.sequential import merge_inputs
+
+    pos = torch.arange(4).unsqueeze(0)
+    same = [((torch.randn(1, 4, 8),), {"position_ids": pos.clone(), "mask": None}) for _ in range(5)]
+    merged = merge_inputs(same, rows=8)
+    assert [m[0][0].shape[0] for m in merged] == [2, 2, 1]
+    differ = same[:2] + [((torch.randn(1, 4, 8),), {"position_ids": pos + 1, "mask": None})]
+    assert merge_inputs(differ, rows=8) is differ
+    wide = [((torch.randn(2, 4, 8),), {}) for _ in range(3)]
+    assert merge_inputs(wide) is wide
+
+
+def test_merged_calibration_batches_give_the_same_block_outputs():
+    from alphaquant.algorithms.sequential import capture_block_inputs, merge_inputs, run_block
+
+    model = tiny_llama()
+    inputs = capture_block_inputs(model, model.model.layers[0], batches(5), lambda m, b: m(b))
+    merged = merge_inputs(inputs, rows=64)
+    assert len(merged) == 3
+    a = torch.cat([x[0][0] for x in run_block(model.model.layers[0], inputs)])
+    b = torch.cat([x[0][0] for x in run_block(model.model.layers[0], merged)])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ pooler) are calibrated last, with the whole quantized model in front of them.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -92,15 +93,79 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches, forward_fn
     return captured
 
 
+MERGE_ROWS = 2048  # tokens per merged calibration batch
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            a.dtype == b.dtype and (a.data_ptr() == b.data_ptr() or torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a is b or (type(a) is type(b) and a == b) if not isinstance(a, nn.Module) else a is b
+
+
+def merge_inputs(inputs: list, rows: int = MERGE_ROWS) -> list:
+    """Calibration inputs stacked along the batch dimension, ``rows`` tokens at a time, where
+    that means the same thing: a single positional tensor [1, T, ...] per batch and keyword
+    arguments that are the same for all (equal-length windows without padding: position
+    embeddings broadcast over the batch, no attention mask). Bigger matrix products, fewer
+    calls; anything else is left as it is."""
+    if len(inputs) < 2:
+        return inputs
+    (args0, kw0) = inputs[0]
+    shape = args0[0].shape if args0 and isinstance(args0[0], torch.Tensor) else None
+    ok = shape is not None and len(shape) >= 2 and shape[0] == 1 and all(
+        len(a) == 1 and isinstance(a[0], torch.Tensor) and a[0].shape == shape and kw.keys() == kw0.keys()
+        and all(_same(kw[k], kw0[k]) for k in kw0) for a, kw in inputs)
+    if not ok or any(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] != 1 for v in kw0.values()):
+        return inputs
+    per = max(1, rows // shape[1])
+    return [((torch.cat([a[0] for a, _ in inputs[i:i + per]]),), kw0) for i in range(0, len(inputs), per)]
+
+
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: list) -> list:
-    """The block's outputs as the next block's inputs (same keyword arguments)."""
+def run_block(block: nn.Module, inputs: list, info: Optional[dict] = None) -> list:
+    """The block's outputs as the next block's inputs (same keyword arguments); ``info["tuple"]``
+    says whether the block returns a tuple."""
     out = []
     for args, kwargs in inputs:
         y = block(*args, **kwargs)
+        if info is not None:
+            info["tuple"] = isinstance(y, (tuple, list))
         h = y[0] if isinstance(y, (tuple, list)) else y
         out.append(((h,) + tuple(args[1:]), kwargs))
     return out
+
+
+class _Replay(nn.Module):
+    """Stands in for a model's first block: returns the stored outputs of its last block, one
+    calibration batch after another (the others pass their input through)."""
+
+    def __init__(self, outputs: Optional[list], as_tuple: bool):
+        super().__init__()
+        self.outputs, self.as_tuple, self.next = outputs, as_tuple, 0
+
+    def forward(self, hidden, *args, **kwargs):
+        if self.outputs is not None:
+            hidden = self.outputs[self.next]
+            self.next += 1
+        return (hidden,) if self.as_tuple else hidden
+
+
+@contextlib.contextmanager
+def _replaying(blocks: nn.ModuleList, final_inputs: list, n_batches: int, as_tuple: bool):
+    outputs = [args[0] for (args, _) in final_inputs]
+    if len(outputs) != n_batches:
+        outputs = [t for o in outputs for t in o.split(1)]  # undo merge_inputs
+    saved = list(blocks)
+    try:
+        for i in range(len(blocks)):
+            blocks[i] = _Replay(outputs if i == 0 else None, as_tuple)
+        yield
+    finally:
+        for i, b in enumerate(saved):
+            blocks[i] = b
 
 
 @torch.no_grad()
@@ -176,9 +241,9 @@ def quantize_sequential(model: nn.Module, schemes: dict, batches: list, forward_
     """
     undo = [] if undo is None else undo
     list_name, blocks = find_blocks(model, schemes)
-    done = set()
+    done, info = set(), {}
     if blocks is not None:
-        inputs = capture_block_inputs(model, blocks[0], batches, forward_fn)
+        inputs = merge_inputs(capture_block_inputs(model, blocks[0], batches, forward_fn))
         items = list(enumerate(blocks))
         for i, block in (progress(items, desc="calibrated quantization") if progress else items):
             prefix = f"{list_name}.{i}." if list_name else f"{i}."
@@ -191,19 +256,22 @@ def quantize_sequential(model: nn.Module, schemes: dict, batches: list, forward_
                     h = hess[n].hessian() if n in hess else None
                     _set_child(block, n, build_layer(prefix + n, block.get_submodule(n), s, h))
                     done.add(prefix + n)
-            if i + 1 < len(blocks):
-                inputs = run_block(block, inputs)
-        del inputs
+            inputs = run_block(block, inputs, info)
     rest = {n: s for n, s in schemes.items() if n not in done}
     if not rest:
         return
-    # Outside the blocks: one pass of the (quantized) model collects the remaining Hessians.
-    targets = {n: model.get_submodule(n) for n, s in rest.items() if uses_hessian(s)}
+    # Outside the blocks: one pass of the model collects the remaining Hessians, with the blocks
+    # replaced by a replay of the last block's (quantized) outputs, so they are not run again.
+    targets = {n: m for n, m in ((n, model.get_submodule(n)) for n, s in rest.items() if uses_hessian(s))}
     hess = {}
     if targets:
         wrapped = [(tuple(), {"__batch__": b}) for b in batches]
-        hess = _collect(_ForwardAdapter(model, forward_fn), wrapped, {f"model.{n}": m for n, m in targets.items()})[0]
-        hess = {n[len("model."):]: h for n, h in hess.items()}
+        adapter = _ForwardAdapter(model, forward_fn)
+        if blocks is not None:
+            with _replaying(blocks, inputs, len(batches), info.get("tuple", False)):
+                hess = _collect(adapter, wrapped, targets)[0]
+        else:
+            hess = _collect(adapter, wrapped, targets)[0]
     for n, s in rest.items():
         h = hess[n].hessian() if n in hess else None
         _set_child(model, n, build_layer(n, model.get_submodule(n), s, h))

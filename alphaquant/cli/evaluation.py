@@ -19,6 +19,20 @@ def corpus_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+LICENSE_TEXTS = ("GPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "GPL-2")
+
+
+def license_text() -> str:
+    """A second English corpus, never used for calibration: the free-software licenses that
+    Debian-family systems ship in /usr/share/common-licenses (about 130k characters of legal
+    prose, unlike the pydoc topics). Raises FileNotFoundError where they are missing."""
+    parts = []
+    for name in LICENSE_TEXTS:
+        with open(f"/usr/share/common-licenses/{name}", encoding="utf-8") as f:
+            parts.append(f.read())
+    return "\n\n".join(parts)
+
+
 def split_text(text: str) -> tuple[str, str]:
     """(calibration, evaluation): the first fifth and the rest, so the two never overlap."""
     cut = len(text) // 5
