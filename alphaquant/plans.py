@@ -18,7 +18,8 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
   scale_dtype       storage of weight scales/zero points: float32 (default), float16, bfloat16
   algorithm         rtn (default: round to nearest) or gptq (calibrated error feedback, needs
                     calibration data; alphaquant/algorithms/gptq.py)
-  damp, block_size, act_order   GPTQ options (0.01, 128, false)
+  damp, block_size, act_order, refit   GPTQ options (0.01, 128, false, false; refit: scales and
+                    zero points refitted to the chosen codes by least squares on the Hessian)
   awq               true: activation-aware per-channel scaling, searched on calibration data and
                     folded into the preceding norm/linear (with rtn or gptq)
   smoothquant       true: SmoothQuant-style migration of activation outliers into the weights
@@ -49,14 +50,14 @@ from .quantizers.registry import FLOAT_NAMES, lookup
 
 SCHEME_KEYS = {"wq", "aq", "group_size", "granularity", "act_granularity", "symmetric", "dtype", "act_static",
                "observer", "skip", "clip_search", "zero_opt", "scale_dtype", "algorithm", "damp", "block_size",
-               "act_order", "awq", "smoothquant", "smooth_alpha"}
+               "act_order", "refit", "awq", "smoothquant", "smooth_alpha"}
 ALGORITHMS = ("rtn", "gptq")
 OBSERVERS = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
              "percentile": PercentileObserver, "mse": MSEObserver}
 DEFAULTS = {"wq": "int8", "aq": None, "group_size": 128, "granularity": "per_group", "act_granularity": "per_group",
             "symmetric": True, "dtype": "bfloat16", "act_static": False, "observer": "minmax", "skip": False,
             "clip_search": False, "zero_opt": False, "scale_dtype": "float32", "algorithm": "rtn", "damp": 0.01,
-            "block_size": 128, "act_order": False, "awq": False, "smoothquant": False, "smooth_alpha": None}
+            "block_size": 128, "act_order": False, "refit": False, "awq": False, "smoothquant": False, "smooth_alpha": None}
 
 
 class PlanError(ValueError):
@@ -151,7 +152,7 @@ def _check_scheme(s: dict, where: str) -> None:
     for key in ("granularity", "act_granularity"):
         if key in s and not (isinstance(s[key], str) and s[key] in GRANULARITIES):
             raise PlanError(f"{where}.{key} must be one of {GRANULARITIES}; got {_short(s[key])}")
-    for key in ("symmetric", "act_static", "skip", "clip_search", "zero_opt", "act_order", "awq", "smoothquant"):
+    for key in ("symmetric", "act_static", "skip", "clip_search", "zero_opt", "act_order", "refit", "awq", "smoothquant"):
         if key in s and not isinstance(s[key], bool):
             raise PlanError(f"{where}.{key} must be true or false; got {_short(s[key])}")
     for key in ("dtype", "scale_dtype"):
@@ -346,7 +347,7 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
                 from .algorithms.gptq import GPTQOptions, gptq_quantize
 
                 options = GPTQOptions(damp=scheme["damp"], block_size=scheme["block_size"],
-                                      act_order=scheme["act_order"])
+                                      act_order=scheme["act_order"], refit=scheme["refit"])
                 packed = gptq_quantize(linear.weight, hessian, wq, options)
             else:
                 packed = wq.quantize_weight(linear.weight)

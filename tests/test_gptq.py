@@ -142,3 +142,22 @@ def test_gptq_bad_input():
         GPTQOptions(damp=2.0)
     with pytest.raises(ValueError, match="block_size"):
         GPTQOptions(block_size=0)
+
+
+@pytest.mark.parametrize("name,symmetric", [("int4", False), ("int3", True), ("fp4", True), ("int2", False)])
+def test_refit_keeps_the_codes_and_lowers_the_layer_error(name, symmetric):
+    torch.manual_seed(7)
+    x = correlated_inputs(500, 48, seed=8).float()
+    w = torch.randn(20, 48)
+    q_cls, cfg = lookup(name)
+    kwargs = {"symmetric": symmetric} if name.startswith("int") else {}
+    quantizer = q_cls(cfg(group_size=16, dtype="float32", scale_dtype="float16", **kwargs))
+    acc = HessianAccumulator(48)
+    acc.add(x)
+    h = acc.hessian()
+    plain = gptq_quantize(w, h, quantizer, GPTQOptions())
+    refit = gptq_quantize(w, h, quantizer, GPTQOptions(refit=True))
+    assert torch.equal(ops.unpack(plain.data, plain.bits, 48), ops.unpack(refit.data, refit.bits, 48))
+    assert refit.scale.dtype == torch.float16
+    e_plain = layer_output_error(w, plain.dequantize(torch.float32), h)
+    assert layer_output_error(w, refit.dequantize(torch.float32), h) < e_plain

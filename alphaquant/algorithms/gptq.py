@@ -35,11 +35,14 @@ from ..quantizers.base import BaseQuantizer
 class GPTQOptions:
     """damp: fraction of the mean Hessian diagonal added to it (numerical safety; GPTQ uses 0.01).
     block_size: columns whose updates are applied to the rest in one matrix product.
-    act_order: visit columns by decreasing Hessian diagonal (static group scales)."""
+    act_order: visit columns by decreasing Hessian diagonal (static group scales).
+    refit: afterwards refit each group's scale / zero point to the chosen codes (least squares
+    on the group's block of the Hessian)."""
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    refit: bool = False
 
     def __post_init__(self):
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 <= self.damp < 1:
@@ -161,7 +164,66 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: BaseQu
     if gs == PER_TENSOR:
         scale = scale[:1, :1]
         zero = None if zero is None else zero[:1, :1]
+    elif options.refit and gs > 0:
+        q, scale, zero = refit_group_scales(weight.detach().to(torch.float32), q, scale, zero, hessian, glen,
+                                            quantizer)
     return quantizer.pack_with_scales(q, scale.contiguous(), None if zero is None else zero.contiguous())
+
+
+def refit_group_scales(w, q, scale, zero, hessian, glen, quantizer):
+    """With the codes GPTQ chose fixed, refit each group's scale (and zero point) to minimize the
+    layer's output error (w - w_hat)^T H (w - w_hat), one group at a time with the others held
+    (block coordinate descent): a 2x2 (or 1x1) least-squares problem per row and group. A refit
+    is kept only where it lowers the error after rounding to the scale dtype and stays a valid
+    scale, so the error never rises; the codes never change."""
+    rows, k = w.shape
+    h = hessian.detach().to(torch.float64)
+    scale, zero = scale.clone(), None if zero is None else zero.clone()
+    out = q.clone()
+    resid = w.double() - q.double()  # w - w_hat, kept current as groups change
+    for g, c0 in enumerate(range(0, k, glen)):
+        c1 = min(c0 + glen, k)
+        hg = h[c0:c1, c0:c1]
+        wg, qg = w[:, c0:c1].double(), q[:, c0:c1].double()
+        # the other groups' residuals pull on this group through H's off-diagonal blocks
+        pull = resid @ h[:, c0:c1] - resid[:, c0:c1] @ hg
+        s0 = scale[:, g].double()
+        z0 = zero[:, g].double() if zero is not None else torch.zeros_like(s0)
+        codes = qg / s0.unsqueeze(1)  # integer codes (asym: after + z) or code values (others)
+        if zero is not None:
+            codes = codes + z0.unsqueeze(1)
+        if quantizer.fmt.startswith("int"):
+            codes = codes.round()
+        ones = torch.ones_like(codes)
+        hc, h1, hw = codes @ hg, ones @ hg, wg @ hg + pull
+        a11, b1 = (hc * codes).sum(1), (hw * codes).sum(1)
+        if zero is not None:  # w_hat = s * c - m, m = s * z
+            a12, a22, b2 = -(hc * ones).sum(1), (h1 * ones).sum(1), -(hw * ones).sum(1)
+            det = a11 * a22 - a12 * a12
+            ok = det.abs() > 1e-12 * (a11.abs() * a22.abs()).clamp_min(1e-300)
+            s_new = torch.where(ok, (b1 * a22 - a12 * b2) / det, s0)
+            m_new = torch.where(ok, (a11 * b2 - a12 * b1) / det, s0 * z0)
+            z_new = m_new / torch.where(s_new != 0, s_new, torch.ones_like(s_new))
+        else:  # w_hat = s * c
+            s_new = torch.where(a11 > 0, b1 / a11.clamp_min(1e-300), s0)
+            z_new = z0
+        s_new, z_new = quantizer._round_scales(s_new.float().unsqueeze(1),
+                                               None if zero is None else z_new.float().unsqueeze(1))
+        s_new = s_new.squeeze(1).double()
+        z_new = z_new.squeeze(1).double() if zero is not None else z0
+
+        def err(s_, z_):
+            d = wg - (codes - z_.unsqueeze(1) if zero is not None else codes) * s_.unsqueeze(1)
+            return ((d @ hg) * d).sum(1) + 2 * (d * pull).sum(1)
+        better = (s_new > 0) & torch.isfinite(s_new) & torch.isfinite(z_new) & (err(s_new, z_new) < err(s0, z0))
+        scale[:, g] = torch.where(better, s_new, s0).float()
+        if zero is not None:
+            zero[:, g] = torch.where(better, z_new, z0).float()
+        s_g = scale[:, g].double().unsqueeze(1)
+        shifted = codes - zero[:, g].double().unsqueeze(1) if zero is not None else codes  # keeps -0 as -0
+        out[:, c0:c1] = (shifted * s_g).float()
+        resid[:, c0:c1] = wg - out[:, c0:c1].double()
+    return out, scale, zero
 
 
 @contextlib.contextmanager
