@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import _native  # noqa: F401  (registers the ops)
-from .formats import FLOAT_FORMATS, FLOAT_INFO, packed_row_bytes
+from .formats import CODEBOOK_FORMATS, FLOAT_FORMATS, format_bits, packed_row_bytes
 from .layout import check_op_group_size, scale_shape  # scale_shape also re-exported: ops.scale_shape
 
 _ops = torch.ops.alphaquant
@@ -44,16 +44,18 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 
 def encode_float(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Encode float values (float32/16/bf16, any shape) as codes of a float format, one uint8 each.
+    """Encode float values (float32/16/bf16, any shape) as codes of a float or code book format, one uint8 each.
 
     Rounds to nearest even. fp8_e4m3 saturates overflow and Inf to +-448 and keeps NaN; fp8_e5m2
     rounds overflow to Inf (both as torch's casts do); fp6/fp4 saturate overflow and reject NaN/Inf.
+    nf4 takes the nearest table value (a value on a midpoint takes the lower code), saturates
+    beyond +-1 and rejects NaN/Inf.
     """
     return _ops.encode_float(x, fmt)
 
 
 def decode_float(codes: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Decode uint8 codes of a float format to ``dtype`` (float32/16/bf16), same shape."""
+    """Decode uint8 codes of a float or code book format to ``dtype`` (float32/16/bf16), same shape."""
     return _ops.decode_float(codes, fmt, dtype)
 
 
@@ -146,7 +148,7 @@ def linear(
 # The same rules and messages as csrc/arg_checks.cpp and csrc/format_and_layout.cpp.
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FORMAT_NAMES = "int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1"
+_FORMAT_NAMES = "int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, nf4"
 _MAX_ROW_LENGTH = (2**63 - 1) // 8  # a row's length in bits still fits in int64
 _INT64_MAX = 2**63 - 1
 
@@ -170,12 +172,13 @@ def _parse_format(fmt: str, symmetric: bool) -> tuple[int, bool]:
             raise ValueError("alphaquant: int1 has no symmetric form (its symmetric range [-1, 0] has qmax = 0, so "
                              "max|x| / qmax is undefined); use symmetric=False")
         return int(fmt[3]), not symmetric
-    if fmt not in FLOAT_FORMATS:
+    if fmt not in FLOAT_FORMATS + CODEBOOK_FORMATS:
         raise ValueError(f"alphaquant: unknown format '{fmt}'; allowed: {_FORMAT_NAMES}")
     if not symmetric:
-        raise ValueError(f"alphaquant: float format {fmt} is symmetric by definition; asymmetric (symmetric=False) "
+        kind = "code book" if fmt in CODEBOOK_FORMATS else "float"
+        raise ValueError(f"alphaquant: {kind} format {fmt} is symmetric by definition; asymmetric (symmetric=False) "
                          f"is only for int formats")
-    return FLOAT_INFO[fmt].bits, False
+    return format_bits(fmt), False
 
 
 def _check_bits(op: str, bits: int) -> None:
@@ -299,8 +302,9 @@ def _check_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size
 
 def _check_float_format(op: str, fmt: str) -> int:
     bits, _ = _parse_format(fmt, True)
-    if fmt not in FLOAT_FORMATS:
-        raise _value_error(op, f"{fmt} is not a float format; allowed: {', '.join(FLOAT_FORMATS)}")
+    if fmt not in FLOAT_FORMATS + CODEBOOK_FORMATS:
+        raise _value_error(op, f"{fmt} is not a float format (nor a code book format); allowed: "
+                               f"{', '.join(FLOAT_FORMATS + CODEBOOK_FORMATS)}")
     return bits
 
 

@@ -74,8 +74,9 @@ void check_unpack_args(const char* op, const at::Tensor& packed, int64_t bits, i
 }
 
 void check_decode_args(const char* op, const at::Tensor& codes, const FormatSpec& fmt) {
-  TORCH_CHECK_VALUE(fmt.is_float(), "alphaquant.", op, ": ", format_name(fmt),
-                    " is not a float format; allowed: fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1");
+  TORCH_CHECK_VALUE(fmt.is_float_or_codebook(), "alphaquant.", op, ": ", format_name(fmt),
+                    " is not a float format (nor a code book format); allowed: fp8_e4m3, fp8_e5m2, fp6_e3m2, ",
+                    "fp6_e2m3, fp4_e2m1, nf4");
   TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "alphaquant.", op, ": codes must be uint8; got ",
                    codes.scalar_type());
   if (fmt.bits < 8 && codes.numel() > 0) {

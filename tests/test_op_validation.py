@@ -160,7 +160,7 @@ BAD_SCALES = [NAN, 0.0, -1.0, INF, -INF]
 
 @pytest.mark.parametrize("bad", BAD_SCALES)
 @pytest.mark.parametrize("fmt,sym,group_size", [("int4", True, 16), ("int4", False, 16), ("int3", True, 10),
-                                                ("fp8_e4m3", True, 0), ("fp4_e2m1", True, -1)])
+                                                ("fp8_e4m3", True, 0), ("fp4_e2m1", True, -1), ("nf4", True, 10)])
 def test_dequantize_rejects_bad_scales(fmt, sym, group_size, bad, device):
     p, s, z = _weight(fmt, sym, group_size, device=device)
     s = s.clone()
@@ -187,7 +187,7 @@ def test_dequantize_and_linear_reject_non_finite_zero_points(bad, device):
 @pytest.mark.parametrize("bad", BAD_SCALES)
 @pytest.mark.parametrize("m", [1, 5, 40])  # decode paths (vectorized and generic) and the GEMM path
 @pytest.mark.parametrize("fmt,sym,group_size", [("int4", True, 16), ("int3", False, 16), ("fp8_e5m2", True, 0),
-                                                ("int8", True, -1)])
+                                                ("int8", True, -1), ("nf4", True, 16)])
 def test_linear_rejects_bad_scales(fmt, sym, group_size, m, bad, device):
     p, s, z = _weight(fmt, sym, group_size, device=device)
     s = s.clone()

@@ -14,11 +14,13 @@ from .int_quantizers import (
     IntConfig,
     IntQuantizer,
 )
+from .nf4 import NF4Config, NF4Quantizer
 from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, ObserverBase, PercentileObserver
 
 __all__ = [
     "BaseQuantizer", "QuantizerConfig", "IntConfig", "IntQuantizer",
     "INT2Quantizer", "INT2Config", "INT4Quantizer", "INT4Config", "INT6Quantizer", "INT6Config",
     "INT8Quantizer", "INT8Config", "FP4Quantizer", "FP4Config", "FP8Quantizer", "FP8Config",
+    "NF4Quantizer", "NF4Config",
     "ObserverBase", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
 ]

@@ -104,7 +104,7 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m, std::at
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Weights of 1/2/4/6/8 bits (integers; fp4/fp6/fp8 through their value table) whose rows and
+// Weights of 1/2/4/6/8 bits (integers; fp4/fp6/fp8/nf4 through their value table) whose rows and
 // groups fill whole chunks (8 bytes; 6 bytes for 6-bit codes).
 template <int BITS, int M, bool TABLE>
 void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<bool>& bad_scale) {
@@ -157,7 +157,7 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m, std
         const int64_t rows = std::min<int64_t>(4, m - r0);
         const float* xr = x + r0 * a.layout.k;
         std::vector<float> yr(rows * a.layout.rows);
-        const bool table = a.fmt.is_float();
+        const bool table = a.fmt.is_float_or_codebook();
         switch (rows * 2 + table) {
           case 2: gemv_rows_avx2<BITS, 1, false>(a, xr, yr.data(), bad_scale); break;
           case 3: gemv_rows_avx2<BITS, 1, true>(a, xr, yr.data(), bad_scale); break;
