@@ -8,6 +8,12 @@ FLOAT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1")
 # Code book formats: a code indexes a fixed table of values in [-1, 1]; scale = max|x| per group.
 CODEBOOK_FORMATS = ("nf4",)
 ALL_FORMATS = INT_FORMATS + FLOAT_FORMATS + CODEBOOK_FORMATS
+# Learned code books: 4-bit codes index 16 values fitted to each weight (or each of its rows) and
+# stored beside codes and scales (alphaquant.quantizers.codebook). Not a fixed format, so not in
+# ALL_FORMATS: the ops that take a format name do not take it; dequantize_codebook and
+# linear_codebook take the table itself.
+LEARNED_FORMATS = ("lut4",)
+LEARNED_CODEBOOK_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ def format_max(fmt: str) -> float:
 
 def format_bits(fmt: str) -> int:
     """Bits per stored code."""
+    if fmt in LEARNED_FORMATS:
+        return (LEARNED_CODEBOOK_SIZE - 1).bit_length()
     check_format(fmt)
     if fmt in FLOAT_INFO:
         return FLOAT_INFO[fmt].bits

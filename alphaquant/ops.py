@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from . import _native  # noqa: F401  (registers the ops)
-from .formats import CODEBOOK_FORMATS, FLOAT_FORMATS, format_bits, packed_row_bytes
+from .formats import (CODEBOOK_FORMATS, FLOAT_FORMATS, LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, format_bits,
+                      packed_row_bytes)
 from .layout import check_op_group_size, scale_shape  # scale_shape also re-exported: ops.scale_shape
 
 _ops = torch.ops.alphaquant
@@ -142,6 +143,46 @@ def linear(
     the packed weight and its scales get no gradient.
     """
     return _ops.linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k, validate)
+
+
+def dequantize_codebook(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    group_size: int = 64,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+    validate: bool = True,
+) -> torch.Tensor:
+    """4-bit codes of a learned code book (lut4) -> float [..., k]: ``codebook[row or 0][code] * scale``.
+
+    packed: uint8 [..., ceil(k/2)] (two codes a byte, low nibble first); scale: float [..., groups]
+    (all ones per tensor) as for :func:`dequantize`; codebook: floating [16] (one for the tensor)
+    or [..., 16] (one per row, ``packed.shape[:-1] + (16,)``). ``validate`` checks every scale
+    (finite, > 0) and every code book value (finite).
+    """
+    return _ops.dequantize_codebook(packed, scale, codebook, group_size, k, dtype, validate)
+
+
+def linear_codebook(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    codebook: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    group_size: int = 64,
+    k: int,
+    validate: bool = True,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` with W the learned-code-book weight, dequantized inside the kernel.
+
+    x: [..., k] float32/16/bf16; packed: uint8 [n, ceil(k/2)]; scale: [n, groups] ([1, 1] per
+    tensor); codebook: [16] or [n, 16]; bias: [n] floating or None. Returns [..., n] in x's
+    dtype. Differentiable in x and bias, as :func:`linear`.
+    """
+    return _ops.linear_codebook(x, packed, scale, codebook, bias, group_size, k, validate)
 
 
 # ---------------------------------------------------------------- argument checks of the fake kernels
@@ -300,6 +341,21 @@ def _check_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size
             raise _type_error(op, f"bias must be a floating tensor; got {bias.dtype}")
 
 
+def _check_codebook(op: str, packed, scale, codebook, group_size, k) -> None:
+    """The checks of dequantize_codebook (csrc/arg_checks.cpp: prepare_dequantize_codebook)."""
+    _check_packed_rows(op, packed, 4, k, "values")
+    out_shape = tuple(packed.shape[:-1]) + (k,)
+    _check_layout(out_shape, group_size)
+    _check_params(op, packed, "packed", scale, "scale", scale_shape(out_shape, group_size), out_shape, group_size)
+    _check_same_device(op, packed, "packed", codebook, "codebook")
+    per_row = out_shape[:-1] + (LEARNED_CODEBOOK_SIZE,)
+    if tuple(codebook.shape) not in (per_row, (LEARNED_CODEBOOK_SIZE,)):
+        raise _value_error(op, f"codebook has shape {_shape(codebook)}; expected [{LEARNED_CODEBOOK_SIZE}] (one for "
+                               f"the tensor) or {list(per_row)} (one per row) for values of shape {list(out_shape)}")
+    if not codebook.dtype.is_floating_point:
+        raise _type_error(op, f"codebook must be a floating tensor; got {codebook.dtype}")
+
+
 def _check_float_format(op: str, fmt: str) -> int:
     bits, _ = _parse_format(fmt, True)
     if fmt not in FLOAT_FORMATS + CODEBOOK_FORMATS:
@@ -373,6 +429,35 @@ def _linear_fake(x, packed, scale, zero_point, bias, fmt, symmetric, group_size,
     return x.new_empty(tuple(x.shape[:-1]) + (packed.shape[0],))
 
 
+@torch.library.register_fake("alphaquant::dequantize_codebook")
+def _dequantize_codebook_fake(packed, scale, codebook, group_size, k, dtype, validate=True):
+    _check_output_dtype("dequantize_codebook", dtype)
+    _check_codebook("dequantize_codebook", packed, scale, codebook, group_size, k)
+    return packed.new_empty(tuple(packed.shape[:-1]) + (k,), dtype=dtype)
+
+
+@torch.library.register_fake("alphaquant::linear_codebook")
+def _linear_codebook_fake(x, packed, scale, codebook, bias, group_size, k, validate=True):
+    op = "linear_codebook"
+    _check_floating(op, x)
+    _check_same_device(op, x, "x", packed, "packed")
+    _check_same_device(op, x, "x", bias, "bias")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise _value_error(op, f"x must have last dimension k={k}; got shape {_shape(x)}")
+    if packed.dim() != 2:
+        raise _value_error(op, f"the packed weight must be 2-D [n, bytes per row]; got shape {_shape(packed)}")
+    _check_codebook(op, packed, scale, codebook, group_size, k)
+    if x.numel() == 0:
+        raise _value_error(op, f"x is empty (shape {_shape(x)})")
+    if bias is not None:
+        n = packed.shape[0]
+        if bias.dim() != 1 or bias.shape[0] != n:
+            raise _value_error(op, f"bias must have shape [{n}]; got {_shape(bias)}")
+        if not bias.dtype.is_floating_point:
+            raise _type_error(op, f"bias must be a floating tensor; got {bias.dtype}")
+    return x.new_empty(tuple(x.shape[:-1]) + (packed.shape[0],))
+
+
 # ---------------------------------------------------------------- autograd
 
 def _fake_quantize_backward(ctx, grad):
@@ -414,8 +499,34 @@ def _linear_backward(ctx, grad):
 torch.library.register_autograd("alphaquant::linear", _linear_backward, setup_context=_linear_setup)
 
 
+def _linear_codebook_setup(ctx, inputs, output):
+    x, packed, scale, codebook, bias, group_size, k, _validate = inputs
+    ctx.save_for_backward(packed, scale, codebook)
+    ctx.args = (group_size, k)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_codebook_backward(ctx, grad):
+    # as _linear_backward: the packed weight, its scales and its code book are constants
+    packed, scale, codebook = ctx.saved_tensors
+    group_size, k = ctx.args
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = _ops.dequantize_codebook(packed, scale, codebook, group_size, k, grad.dtype, False)
+        grad_x = grad @ w
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None, None, None
+
+
+torch.library.register_autograd("alphaquant::linear_codebook", _linear_codebook_backward,
+                                setup_context=_linear_codebook_setup)
+
+
 def _quantize_fake_shapes(rows: int, k: int, fmt: str, symmetric: bool, group_size: int):
     """(packed, scale, zero_point or None) shapes of a [rows, k] tensor quantized with these settings."""
+    if fmt in LEARNED_FORMATS:
+        return (rows, packed_row_bytes(k, format_bits(fmt))), scale_shape((rows, k), group_size), None
     bits, asym = _parse_format(fmt, symmetric)
     s = scale_shape((rows, k), group_size)
     return (rows, packed_row_bytes(k, bits)), s, (s if asym else None)

@@ -305,3 +305,23 @@ def linear(x, packed, scale, zero_point, bias, fmt, symmetric=True, group_size=1
                    symmetric, group_size, k, torch.float32)
     b = None if bias is None else bias.cpu().to(torch.float32)
     return torch.nn.functional.linear(x.cpu().to(torch.float32), w, b)
+
+
+# ---------------------------------------------------------------- learned code books (lut4)
+
+def dequantize_codebook(packed, scale, codebook, group_size=64, k=None, dtype=torch.float32):
+    """Reference of torch.ops.alphaquant.dequantize_codebook: codebook[row or 0][code] * scale."""
+    codes = unpack(packed, 4, k).to(torch.int64)
+    table = codebook.to(torch.float32)
+    if table.dim() == 1:
+        values = table[codes]
+    else:
+        values = torch.gather(table, -1, codes)
+    return (values * _expand(scale.to(torch.float32), codes.shape, group_size)).to(dtype)
+
+
+def linear_codebook(x, packed, scale, codebook, bias, group_size=64, k=None):
+    """float32 dequantize-then-matmul: the oracle of torch.ops.alphaquant.linear_codebook."""
+    w = dequantize_codebook(packed.cpu(), scale.cpu(), codebook.cpu(), group_size, k, torch.float32)
+    b = None if bias is None else bias.cpu().to(torch.float32)
+    return torch.nn.functional.linear(x.cpu().to(torch.float32), w, b)

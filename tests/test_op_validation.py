@@ -47,6 +47,18 @@ def _mixed_device_calls():
         "bias is on meta but x is on cpu"
     yield "linear x", lambda: lin(x.to(meta), p, s, None, None, "int4", group_size=16, k=32), \
         "packed is on cpu but x is on meta"
+    cb = torch.linspace(-1, 1, 16)
+    yield "dequantize_codebook codebook", lambda: ops.dequantize_codebook(p, s, cb.to(meta), group_size=16, k=32), \
+        "codebook is on meta but packed is on cpu"
+    yield "dequantize_codebook packed", lambda: ops.dequantize_codebook(p.to(meta), s, cb, group_size=16, k=32), \
+        "scale is on cpu but packed is on meta"
+    lcb = ops.linear_codebook
+    yield "linear_codebook codebook", lambda: lcb(x, p, s, cb.to(meta), None, group_size=16, k=32), \
+        "codebook is on meta but packed is on cpu"
+    yield "linear_codebook bias", lambda: lcb(x, p, s, cb, torch.zeros(8, device=meta), group_size=16, k=32), \
+        "bias is on meta but x is on cpu"
+    yield "linear_codebook x", lambda: lcb(x.to(meta), p, s, cb, None, group_size=16, k=32), \
+        "packed is on cpu but x is on meta"
 
 
 @pytest.mark.parametrize("call,message", [pytest.param(c, m, id=n) for n, c, m in _mixed_device_calls()])

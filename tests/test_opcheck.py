@@ -45,6 +45,17 @@ def samples(device):
     yield "linear", (torch.randn(3, 40, device=device, requires_grad=True), pn, sn, None,
                      torch.randn(24, device=device), "nf4", True, 16, 40)
     yield "linear", (torch.randn(18, 40, device=device), pn, sn, None, None, "nf4", True, 16, 40, False)
+    # learned code books: per tensor in float16, per row in float32; decode, vectorized and GEMM paths
+    cb = torch.linspace(-1, 1, 16, device=device).half()
+    cb_rows = torch.randn(24, 16, device=device).sort(-1).values
+    yield "dequantize_codebook", (pn, sn, cb, 16, 40, torch.bfloat16)
+    yield "dequantize_codebook", (pn, sn, cb_rows, 16, 40, torch.float32, False)
+    yield "linear_codebook", (torch.randn(3, 40, device=device, requires_grad=True), pn, sn, cb_rows,
+                              torch.randn(24, device=device, requires_grad=True), 16, 40)
+    yield "linear_codebook", (torch.randn(2, 9, 40, device=device).half(), pn, sn, cb, None, 16, 40, False)
+    p64, s64, _ = torch.ops.alphaquant.quantize(torch.randn(8, 64, device=device), "nf4", True, -1, None, None,
+                                                False, 0)
+    yield "linear_codebook", (torch.randn(5, 64, device=device), p64, s64, cb, None, -1, 64)
     # with gradients (x and bias) and without the scale check
     yield "linear", (torch.randn(4, 40, device=device, requires_grad=True), packed, s, z,
                      torch.randn(24, device=device, requires_grad=True), "int4", False, 16, 40, False)

@@ -1,5 +1,6 @@
 """Quantizers, their configs and observers: the public quantization API."""
 from .base import BaseQuantizer, QuantizerConfig
+from .codebook import CodebookConfig, CodebookQuantizer
 from .fp4 import FP4Config, FP4Quantizer
 from .fp8 import FP8Config, FP8Quantizer
 from .int_quantizers import (
@@ -21,6 +22,6 @@ __all__ = [
     "BaseQuantizer", "QuantizerConfig", "IntConfig", "IntQuantizer",
     "INT2Quantizer", "INT2Config", "INT4Quantizer", "INT4Config", "INT6Quantizer", "INT6Config",
     "INT8Quantizer", "INT8Config", "FP4Quantizer", "FP4Config", "FP8Quantizer", "FP8Config",
-    "NF4Quantizer", "NF4Config",
+    "NF4Quantizer", "NF4Config", "CodebookQuantizer", "CodebookConfig",
     "ObserverBase", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
 ]

@@ -11,6 +11,7 @@ import reprlib
 from typing import Optional
 
 from .base import QuantizerConfig
+from .codebook import CodebookConfig, CodebookQuantizer
 from .fp4 import FP4Config, FP4Quantizer
 from .fp8 import FP8Config, FP8Quantizer
 from .int_quantizers import (INT2Config, INT2Quantizer, INT4Config, INT4Quantizer, INT6Config, INT6Quantizer,
@@ -29,6 +30,7 @@ QUANTIZER_REGISTRY: dict = {
     "fp4": (FP4Quantizer, FP4Config, {"format": "e2m1"}),
     "fp4_e2m1": (FP4Quantizer, FP4Config, {"format": "e2m1"}),
     "nf4": (NF4Quantizer, NF4Config, {"format": "nf4"}),
+    "lut4": (CodebookQuantizer, CodebookConfig, {}),
 }
 FLOAT_NAMES = (None, "none", "float")  # keep this side in floating point
 

@@ -17,6 +17,11 @@
 // infinity); see NF4 at the end of this file for its table.
 //   nf4       4-bit code c -> value[c], values sorted, value[7] = 0, value[0] = -1, value[15] = 1
 //
+// Learned code books (lut4): 4-bit codes index 16 float values that are not fixed but fitted to
+// each tensor (or each row: an output channel of a weight) and passed to the ops beside the
+// codes and the scales (see LearnedCodebook at the end of this file):
+//   value = codebook[row or 0][code] * scale[group]
+//
 // Packing (every format, every width b): each row is a little-endian bit stream; code i of the
 // row sits in bits [i*b, i*b + b), counted from bit 0 of the row's first byte. A row of K codes
 // takes ceil(K*b/8) bytes, so rows start on byte boundaries and can be read alone. Eight codes
@@ -291,5 +296,16 @@ static_assert(NF4::value(0) == -1.0f && NF4::value(7) == 0.0f && NF4::value(15) 
               "nf4: -1 at code 0, an exact zero at code 7, +1 (the format's max) at code 15");
 static_assert(codebook_checks::nf4_table_is_sorted_with_midpoints_between(),
               "nf4: values strictly increasing, so 'count the midpoints below x' is nearest rounding");
+
+// Learned code books (lut4): a row of k 4-bit codes is packed like every 4-bit format (two codes
+// a byte, low nibble first); each code indexes a table of kSize float values, one table per
+// tensor ([16]) or one per row ([rows, 16]), and the value is table[code] * scale of its group.
+// The tables are data, not part of the format: kernels receive them as float32.
+struct LearnedCodebook {
+  static constexpr int kBits = 4;
+  static constexpr int kSize = 1 << kBits;
+};
+static_assert(LearnedCodebook::kSize == 16 && LearnedCodebook::kBits == NF4::kBits,
+              "lut4: 16 values a table, codes packed like nf4");
 
 }  // namespace alphaquant
