@@ -33,6 +33,9 @@ _SAFETENSORS_DTYPE = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", t
                       torch.float8_e5m2: "F8_E5M2"}
 _MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 _LAYER_FIELDS = {"fmt": str, "symmetric": bool, "group_size": int, "shape": list}
+# Layers of a learned code book format also record the layout of their code book, which no
+# plan key fixes: its shape ([16] or [out, 16]) and its dtype.
+_CODEBOOK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def current_umask() -> int:
@@ -55,6 +58,9 @@ def _layer_meta(model: nn.Module) -> dict:
         if isinstance(m, QuantLinear):
             entry = {"fmt": m.fmt, "symmetric": m.symmetric, "group_size": m.group_size,
                      "shape": [m.out_features, m.in_features]}
+            if m.weight_codebook is not None:
+                entry["codebook_shape"] = list(m.weight_codebook.shape)
+                entry["codebook_dtype"] = str(m.weight_codebook.dtype).removeprefix("torch.")
             aq = m.act_quantizer
             if aq is not None and aq.is_static:
                 entry["act_scale"] = aq.static_scale.flatten().tolist()
@@ -185,6 +191,13 @@ def _check_layer_entry(name: str, e: object, path: str) -> None:
             raise ValueError(f"{where}: {key!r} must be a {kind.__name__}")
     if len(e["shape"]) != 2 or not all(type(d) is int and d > 0 for d in e["shape"]):
         raise ValueError(f"{where}: 'shape' must be two positive integers")
+    if "codebook_shape" in e or "codebook_dtype" in e:
+        shape, dtype = e.get("codebook_shape"), e.get("codebook_dtype")
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
+                or not all(type(d) is int and d > 0 for d in shape)):
+            raise ValueError(f"{where}: 'codebook_shape' must be a list of one or two positive integers")
+        if dtype not in _CODEBOOK_DTYPES:
+            raise ValueError(f"{where}: 'codebook_dtype' must be one of {sorted(_CODEBOOK_DTYPES)}")
     if "act_scale" in e:
         scale, shape = e["act_scale"], e.get("act_scale_shape")
         zp = e.get("act_zero_point")
@@ -224,9 +237,10 @@ def _check_scales(state: dict, layer_names, path: str) -> None:
             v = scale[bad][0].item()
             raise ValueError(f"checkpoint {path}: tensor {name}.weight_scale holds {int(bad.sum())} invalid "
                              f"scale(s) (e.g. {v}); scales must be finite and positive")
-        zp = state.get(f"{name}.weight_zero_point")
-        if zp is not None and not torch.isfinite(zp.float()).all():
-            raise ValueError(f"checkpoint {path}: tensor {name}.weight_zero_point holds non-finite values")
+        for key in ("weight_zero_point", "weight_codebook"):
+            t = state.get(f"{name}.{key}")
+            if t is not None and not torch.isfinite(t.float()).all():
+                raise ValueError(f"checkpoint {path}: tensor {name}.{key} holds non-finite values")
 
 
 def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
@@ -242,6 +256,14 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
         apply_plan(model, meta["plan"], quantize_weights=False)
     except PlanError as e:
         raise ValueError(f"checkpoint {path}: its plan cannot be applied to this model: {e}") from None
+    modules = dict(model.named_modules())
+    for name, entry in meta["layers"].items():  # code book layouts, which the plan does not fix
+        m = modules.get(name) if "codebook_shape" in entry else None
+        if isinstance(m, QuantLinear) and m.weight_codebook is not None:
+            try:
+                m.allocate_codebook(tuple(entry["codebook_shape"]), _CODEBOOK_DTYPES[entry["codebook_dtype"]])
+            except ValueError as e:
+                raise ValueError(f"checkpoint {path}: layer {name}: {e}") from None
     layers = _layer_meta(model)
     if set(layers) != set(meta["layers"]):
         missing, extra = sorted(set(meta["layers"]) - set(layers)), sorted(set(layers) - set(meta["layers"]))
@@ -249,8 +271,8 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
                          f"only in the model {extra[:5]}")
     for name, entry in meta["layers"].items():
         ours = layers[name]
-        for key in ("fmt", "symmetric", "group_size", "shape"):
-            if ours[key] != entry[key]:
+        for key in ("fmt", "symmetric", "group_size", "shape", "codebook_shape", "codebook_dtype"):
+            if ours.get(key) != entry.get(key):
                 raise ValueError(f"checkpoint {path}: layer {name} has {key}={entry[key]!r} but the plan gives "
                                  f"{ours[key]!r} for this model")
     expected = {k: (_SAFETENSORS_DTYPE.get(v.dtype), tuple(v.shape)) for k, v in model.state_dict().items()}

@@ -5,7 +5,15 @@ from dataclasses import dataclass
 
 INT_FORMATS = tuple(f"int{b}" for b in range(1, 9))
 FLOAT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1")
-ALL_FORMATS = INT_FORMATS + FLOAT_FORMATS
+# Code book formats: a code indexes a fixed table of values in [-1, 1]; scale = max|x| per group.
+CODEBOOK_FORMATS = ("nf4",)
+ALL_FORMATS = INT_FORMATS + FLOAT_FORMATS + CODEBOOK_FORMATS
+# Learned code books: 4-bit codes index 16 values fitted to each weight (or each of its rows) and
+# stored beside codes and scales (alphaquant.quantizers.codebook). Not a fixed format, so not in
+# ALL_FORMATS: the ops that take a format name do not take it; dequantize_codebook and
+# linear_codebook take the table itself.
+LEARNED_FORMATS = ("lut4",)
+LEARNED_CODEBOOK_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,17 @@ FLOAT_INFO = {
 }
 
 
+# NF4 (4-bit NormalFloat of QLoRA / bitsandbytes): code c -> NF4_VALUES[c], the float32 values
+# bitsandbytes defines (normal quantiles scaled to [-1, 1] with an exact 0), sorted.
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+CODEBOOK_VALUES = {"nf4": NF4_VALUES}
+
+
 def check_format(fmt: str) -> str:
     if fmt not in ALL_FORMATS:
         raise ValueError(f"unknown format {fmt!r}; allowed: {', '.join(ALL_FORMATS)}")
@@ -41,10 +60,31 @@ def is_float_format(fmt: str) -> bool:
     return check_format(fmt) in FLOAT_FORMATS
 
 
+def is_codebook_format(fmt: str) -> bool:
+    return check_format(fmt) in CODEBOOK_FORMATS
+
+
+def is_int_format(fmt: str) -> bool:
+    return check_format(fmt) in INT_FORMATS
+
+
+def format_max(fmt: str) -> float:
+    """Largest value of a float or code book format: their scale is max|x| / format_max."""
+    if is_int_format(fmt):
+        raise ValueError(f"{fmt} is an integer format: its range depends on symmetry (int_range)")
+    return FLOAT_INFO[fmt].max_value if fmt in FLOAT_INFO else max(CODEBOOK_VALUES[fmt])
+
+
 def format_bits(fmt: str) -> int:
     """Bits per stored code."""
+    if fmt in LEARNED_FORMATS:
+        return (LEARNED_CODEBOOK_SIZE - 1).bit_length()
     check_format(fmt)
-    return FLOAT_INFO[fmt].bits if fmt in FLOAT_INFO else int(fmt[3:])
+    if fmt in FLOAT_INFO:
+        return FLOAT_INFO[fmt].bits
+    if fmt in CODEBOOK_VALUES:
+        return (len(CODEBOOK_VALUES[fmt]) - 1).bit_length()
+    return int(fmt[3:])
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from . import _native  # noqa: F401  (registers the ops)
-from .formats import FLOAT_FORMATS, FLOAT_INFO, packed_row_bytes
+from .formats import (CODEBOOK_FORMATS, FLOAT_FORMATS, LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, format_bits,
+                      packed_row_bytes)
 from .layout import check_op_group_size, scale_shape  # scale_shape also re-exported: ops.scale_shape
 
 _ops = torch.ops.alphaquant
@@ -44,16 +45,18 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 
 def encode_float(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Encode float values (float32/16/bf16, any shape) as codes of a float format, one uint8 each.
+    """Encode float values (float32/16/bf16, any shape) as codes of a float or code book format, one uint8 each.
 
     Rounds to nearest even. fp8_e4m3 saturates overflow and Inf to +-448 and keeps NaN; fp8_e5m2
     rounds overflow to Inf (both as torch's casts do); fp6/fp4 saturate overflow and reject NaN/Inf.
+    nf4 takes the nearest table value (a value on a midpoint takes the lower code), saturates
+    beyond +-1 and rejects NaN/Inf.
     """
     return _ops.encode_float(x, fmt)
 
 
 def decode_float(codes: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Decode uint8 codes of a float format to ``dtype`` (float32/16/bf16), same shape."""
+    """Decode uint8 codes of a float or code book format to ``dtype`` (float32/16/bf16), same shape."""
     return _ops.decode_float(codes, fmt, dtype)
 
 
@@ -142,11 +145,51 @@ def linear(
     return _ops.linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k, validate)
 
 
+def dequantize_codebook(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    group_size: int = 64,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+    validate: bool = True,
+) -> torch.Tensor:
+    """4-bit codes of a learned code book (lut4) -> float [..., k]: ``codebook[row or 0][code] * scale``.
+
+    packed: uint8 [..., ceil(k/2)] (two codes a byte, low nibble first); scale: float [..., groups]
+    (all ones per tensor) as for :func:`dequantize`; codebook: floating [16] (one for the tensor)
+    or [..., 16] (one per row, ``packed.shape[:-1] + (16,)``). ``validate`` checks every scale
+    (finite, > 0) and every code book value (finite).
+    """
+    return _ops.dequantize_codebook(packed, scale, codebook, group_size, k, dtype, validate)
+
+
+def linear_codebook(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    codebook: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    group_size: int = 64,
+    k: int,
+    validate: bool = True,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` with W the learned-code-book weight, dequantized inside the kernel.
+
+    x: [..., k] float32/16/bf16; packed: uint8 [n, ceil(k/2)]; scale: [n, groups] ([1, 1] per
+    tensor); codebook: [16] or [n, 16]; bias: [n] floating or None. Returns [..., n] in x's
+    dtype. Differentiable in x and bias, as :func:`linear`.
+    """
+    return _ops.linear_codebook(x, packed, scale, codebook, bias, group_size, k, validate)
+
+
 # ---------------------------------------------------------------- argument checks of the fake kernels
 # The same rules and messages as csrc/arg_checks.cpp and csrc/format_and_layout.cpp.
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FORMAT_NAMES = "int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1"
+_FORMAT_NAMES = "int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, nf4"
 _MAX_ROW_LENGTH = (2**63 - 1) // 8  # a row's length in bits still fits in int64
 _INT64_MAX = 2**63 - 1
 
@@ -170,12 +213,13 @@ def _parse_format(fmt: str, symmetric: bool) -> tuple[int, bool]:
             raise ValueError("alphaquant: int1 has no symmetric form (its symmetric range [-1, 0] has qmax = 0, so "
                              "max|x| / qmax is undefined); use symmetric=False")
         return int(fmt[3]), not symmetric
-    if fmt not in FLOAT_FORMATS:
+    if fmt not in FLOAT_FORMATS + CODEBOOK_FORMATS:
         raise ValueError(f"alphaquant: unknown format '{fmt}'; allowed: {_FORMAT_NAMES}")
     if not symmetric:
-        raise ValueError(f"alphaquant: float format {fmt} is symmetric by definition; asymmetric (symmetric=False) "
+        kind = "code book" if fmt in CODEBOOK_FORMATS else "float"
+        raise ValueError(f"alphaquant: {kind} format {fmt} is symmetric by definition; asymmetric (symmetric=False) "
                          f"is only for int formats")
-    return FLOAT_INFO[fmt].bits, False
+    return format_bits(fmt), False
 
 
 def _check_bits(op: str, bits: int) -> None:
@@ -297,10 +341,26 @@ def _check_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size
             raise _type_error(op, f"bias must be a floating tensor; got {bias.dtype}")
 
 
+def _check_codebook(op: str, packed, scale, codebook, group_size, k) -> None:
+    """The checks of dequantize_codebook (csrc/arg_checks.cpp: prepare_dequantize_codebook)."""
+    _check_packed_rows(op, packed, 4, k, "values")
+    out_shape = tuple(packed.shape[:-1]) + (k,)
+    _check_layout(out_shape, group_size)
+    _check_params(op, packed, "packed", scale, "scale", scale_shape(out_shape, group_size), out_shape, group_size)
+    _check_same_device(op, packed, "packed", codebook, "codebook")
+    per_row = out_shape[:-1] + (LEARNED_CODEBOOK_SIZE,)
+    if tuple(codebook.shape) not in (per_row, (LEARNED_CODEBOOK_SIZE,)):
+        raise _value_error(op, f"codebook has shape {_shape(codebook)}; expected [{LEARNED_CODEBOOK_SIZE}] (one for "
+                               f"the tensor) or {list(per_row)} (one per row) for values of shape {list(out_shape)}")
+    if not codebook.dtype.is_floating_point:
+        raise _type_error(op, f"codebook must be a floating tensor; got {codebook.dtype}")
+
+
 def _check_float_format(op: str, fmt: str) -> int:
     bits, _ = _parse_format(fmt, True)
-    if fmt not in FLOAT_FORMATS:
-        raise _value_error(op, f"{fmt} is not a float format; allowed: {', '.join(FLOAT_FORMATS)}")
+    if fmt not in FLOAT_FORMATS + CODEBOOK_FORMATS:
+        raise _value_error(op, f"{fmt} is not a float format (nor a code book format); allowed: "
+                               f"{', '.join(FLOAT_FORMATS + CODEBOOK_FORMATS)}")
     return bits
 
 
@@ -369,6 +429,35 @@ def _linear_fake(x, packed, scale, zero_point, bias, fmt, symmetric, group_size,
     return x.new_empty(tuple(x.shape[:-1]) + (packed.shape[0],))
 
 
+@torch.library.register_fake("alphaquant::dequantize_codebook")
+def _dequantize_codebook_fake(packed, scale, codebook, group_size, k, dtype, validate=True):
+    _check_output_dtype("dequantize_codebook", dtype)
+    _check_codebook("dequantize_codebook", packed, scale, codebook, group_size, k)
+    return packed.new_empty(tuple(packed.shape[:-1]) + (k,), dtype=dtype)
+
+
+@torch.library.register_fake("alphaquant::linear_codebook")
+def _linear_codebook_fake(x, packed, scale, codebook, bias, group_size, k, validate=True):
+    op = "linear_codebook"
+    _check_floating(op, x)
+    _check_same_device(op, x, "x", packed, "packed")
+    _check_same_device(op, x, "x", bias, "bias")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise _value_error(op, f"x must have last dimension k={k}; got shape {_shape(x)}")
+    if packed.dim() != 2:
+        raise _value_error(op, f"the packed weight must be 2-D [n, bytes per row]; got shape {_shape(packed)}")
+    _check_codebook(op, packed, scale, codebook, group_size, k)
+    if x.numel() == 0:
+        raise _value_error(op, f"x is empty (shape {_shape(x)})")
+    if bias is not None:
+        n = packed.shape[0]
+        if bias.dim() != 1 or bias.shape[0] != n:
+            raise _value_error(op, f"bias must have shape [{n}]; got {_shape(bias)}")
+        if not bias.dtype.is_floating_point:
+            raise _type_error(op, f"bias must be a floating tensor; got {bias.dtype}")
+    return x.new_empty(tuple(x.shape[:-1]) + (packed.shape[0],))
+
+
 # ---------------------------------------------------------------- autograd
 
 def _fake_quantize_backward(ctx, grad):
@@ -410,8 +499,34 @@ def _linear_backward(ctx, grad):
 torch.library.register_autograd("alphaquant::linear", _linear_backward, setup_context=_linear_setup)
 
 
+def _linear_codebook_setup(ctx, inputs, output):
+    x, packed, scale, codebook, bias, group_size, k, _validate = inputs
+    ctx.save_for_backward(packed, scale, codebook)
+    ctx.args = (group_size, k)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_codebook_backward(ctx, grad):
+    # as _linear_backward: the packed weight, its scales and its code book are constants
+    packed, scale, codebook = ctx.saved_tensors
+    group_size, k = ctx.args
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = _ops.dequantize_codebook(packed, scale, codebook, group_size, k, grad.dtype, False)
+        grad_x = grad @ w
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None, None, None
+
+
+torch.library.register_autograd("alphaquant::linear_codebook", _linear_codebook_backward,
+                                setup_context=_linear_codebook_setup)
+
+
 def _quantize_fake_shapes(rows: int, k: int, fmt: str, symmetric: bool, group_size: int):
     """(packed, scale, zero_point or None) shapes of a [rows, k] tensor quantized with these settings."""
+    if fmt in LEARNED_FORMATS:
+        return (rows, packed_row_bytes(k, format_bits(fmt))), scale_shape((rows, k), group_size), None
     bits, asym = _parse_format(fmt, symmetric)
     s = scale_shape((rows, k), group_size)
     return (rows, packed_row_bytes(k, bits)), s, (s if asym else None)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .formats import check_format, format_bits
+from .formats import LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, check_format, format_bits
 from .layout import scale_shape
 
 
@@ -17,7 +17,8 @@ class PackedTensor:
 
     data: uint8 [..., ceil(k*bits/8)] (one bit stream per row, see formats.h); scale / zero_point:
     float32 [..., groups] ([1, ..] per tensor; zero_point None unless asymmetric int); shape: the
-    original shape; dtype: what :meth:`dequantize` returns by default.
+    original shape; dtype: what :meth:`dequantize` returns by default; codebook: the 16 values of a
+    learned code book format (``lut4``), [16] or one per row [..., 16], None for every other format.
     """
 
     data: torch.Tensor
@@ -28,9 +29,21 @@ class PackedTensor:
     group_size: int
     shape: tuple
     dtype: torch.dtype = torch.float32
+    codebook: Optional[torch.Tensor] = None
 
     def __post_init__(self):
-        check_format(self.fmt)
+        if self.fmt in LEARNED_FORMATS:
+            per_row = tuple(self.shape[:-1]) + (LEARNED_CODEBOOK_SIZE,)
+            if (not isinstance(self.codebook, torch.Tensor) or not torch.is_floating_point(self.codebook)
+                    or tuple(self.codebook.shape) not in ((LEARNED_CODEBOOK_SIZE,), per_row)):
+                raise ValueError(f"PackedTensor({self.fmt}) needs a floating codebook of shape "
+                                 f"[{LEARNED_CODEBOOK_SIZE}] or {list(per_row)}; got "
+                                 f"{getattr(self.codebook, 'shape', self.codebook)!r}")
+        else:
+            check_format(self.fmt)
+            if self.codebook is not None:
+                raise ValueError(f"PackedTensor.codebook is only for learned code book formats {LEARNED_FORMATS}; "
+                                 f"{self.fmt} has its values built in")
         if not isinstance(self.data, torch.Tensor) or self.data.dtype != torch.uint8:
             raise TypeError(f"PackedTensor.data must be a uint8 tensor; got {getattr(self.data, 'dtype', self.data)!r}")
         expected = scale_shape(self.shape, self.group_size)
@@ -50,10 +63,11 @@ class PackedTensor:
 
     @property
     def nbytes(self) -> int:
-        """True storage in bytes: packed codes plus scales and zero points."""
+        """True storage in bytes: packed codes plus scales, zero points and code book."""
         n = self.data.numel() + self.scale.numel() * self.scale.element_size()
-        if self.zero_point is not None:
-            n += self.zero_point.numel() * self.zero_point.element_size()
+        for t in (self.zero_point, self.codebook):
+            if t is not None:
+                n += t.numel() * t.element_size()
         return n
 
     @property
@@ -64,6 +78,9 @@ class PackedTensor:
         return 8.0 * self.nbytes / numel
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if self.codebook is not None:
+            return ops.dequantize_codebook(self.data, self.scale, self.codebook, group_size=self.group_size,
+                                           k=self.shape[-1], dtype=dtype or self.dtype)
         return ops.dequantize(self.data, self.scale, self.zero_point, self.fmt, symmetric=self.symmetric,
                               group_size=self.group_size, k=self.shape[-1], dtype=dtype or self.dtype)
 
@@ -75,8 +92,9 @@ class PackedTensor:
                             f"{device}; use .dequantize({device}) for float values")
         device = torch.device(device)
         zp = None if self.zero_point is None else self.zero_point.to(device)
+        cb = None if self.codebook is None else self.codebook.to(device)
         return PackedTensor(self.data.to(device), self.scale.to(device), zp, self.fmt, self.symmetric,
-                            self.group_size, self.shape, self.dtype)
+                            self.group_size, self.shape, self.dtype, cb)
 
     def __repr__(self) -> str:
         asym = "" if self.symmetric or self.fmt.startswith("fp") else ", asymmetric"

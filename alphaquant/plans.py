@@ -3,7 +3,7 @@
 A plan is {"default": {...}, "overrides": [{"pattern": "glob", ...}, ...]}. Every layer starts
 from "default"; then every override whose glob ``pattern`` matches the module's name is applied
 in order, so later overrides win over earlier ones. Keys of a scheme:
-  wq, aq            quantizer names (int2, int4, int6, int8, fp8, fp8_e4m3, fp8_e5m2, fp4, fp4_e2m1)
+  wq, aq            quantizer names (int2, int4, int6, int8, fp8, fp8_e4m3, fp8_e5m2, fp4, fp4_e2m1, nf4)
                     or "none" (weights: keep the layer in float; activations: leave them float)
   group_size        values per scale (default 128)
   granularity       per_group (default), per_channel or per_tensor, for the weight

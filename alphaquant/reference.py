@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from .formats import FLOAT_INFO, format_bits, holds_nonfinite, int_range, is_float_format
+from .formats import (CODEBOOK_VALUES, FLOAT_INFO, format_bits, format_max, holds_nonfinite, int_range,
+                      is_codebook_format, is_float_format, is_int_format)
 
 _FLOAT_MAX = 3.4028234663852886e38
 _M32 = 0xFFFFFFFF
@@ -140,6 +141,36 @@ def encode_float(
     return (sign | mag).to(torch.uint8)
 
 
+# ---------------------------------------------------------------- code book formats (nf4)
+
+def _codebook(fmt: str) -> torch.Tensor:
+    return torch.tensor(CODEBOOK_VALUES[fmt], dtype=torch.float32)
+
+
+def decode_codebook(codes: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return _codebook(fmt)[codes.to(torch.int64)].to(dtype)
+
+
+def encode_codebook(x: torch.Tensor, fmt: str, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """float -> uint8 codes of a code book format (x finite; beyond the table's ends saturates).
+
+    Nearest: binary search among the float32 midpoints of neighbouring values, a value on a
+    midpoint taking the lower code (bitsandbytes' rule). Stochastic (``noise`` given): between
+    the neighbours lo <= x < hi, up when uniform < (x - lo) / (hi - lo).
+    """
+    values = _codebook(fmt)
+    xf = x.to(torch.float32).contiguous()
+    if noise is None:
+        mids = (values[:-1] + values[1:]) / 2
+        return torch.bucketize(xf, mids, right=False).to(torch.uint8)  # count of midpoints < x
+    below = torch.bucketize(xf, values[1:], right=True)  # count of values[1:] <= x
+    top = len(values) - 1
+    lo = values[below.clamp(max=top - 1)]
+    hi = values[(below + 1).clamp(max=top)]
+    up = _uniform01(noise) < (xf - lo) / (hi - lo)
+    return torch.where(below == top, below, below + up.to(torch.int64)).to(torch.uint8)
+
+
 # ---------------------------------------------------------------- quantize
 
 def _layout(shape, group_size: int):
@@ -150,8 +181,8 @@ def _layout(shape, group_size: int):
 
 
 def _qrange(fmt: str, symmetric: bool) -> tuple[float, float]:
-    if is_float_format(fmt):
-        m = FLOAT_INFO[fmt].max_value
+    if not is_int_format(fmt):
+        m = format_max(fmt)
         return -m, m
     qmin, qmax = int_range(format_bits(fmt), symmetric)
     return float(qmin), float(qmax)
@@ -178,7 +209,7 @@ def group_scales(x: torch.Tensor, fmt: str, symmetric: bool, group_size: int):
         mx = hi.reshape(*x.shape[:-1], groups, g).amax(-1)
     qmin, qmax = _qrange(fmt, symmetric)
     one = torch.ones((), dtype=torch.float32)
-    if is_float_format(fmt) or symmetric:
+    if not is_int_format(fmt) or symmetric:
         amax = torch.maximum(mn.abs(), mx.abs())
         scale = amax / torch.tensor(qmax, dtype=torch.float32)
         scale = torch.where((scale > 0) & torch.isfinite(scale), scale, one)
@@ -228,6 +259,8 @@ def quantize_codes(
         noise = random_bits(seed, torch.arange(x.numel(), dtype=torch.int64).reshape(x.shape))
     if is_float_format(fmt):
         codes = encode_float(xf / s, fmt, noise)
+    elif is_codebook_format(fmt):
+        codes = encode_codebook(xf / s, fmt, noise)
     else:
         qmin, qmax = _qrange(fmt, symmetric)
         v = xf / s + z
@@ -239,7 +272,7 @@ def quantize_codes(
 def quantize(x, fmt, symmetric=True, group_size=128, scale=None, zero_point=None, stochastic=False, seed=0):
     """Reference of torch.ops.alphaquant.quantize: (packed, scale, zero_point)."""
     codes, scale, zero = quantize_codes(x, fmt, symmetric, group_size, scale, zero_point, stochastic, seed)
-    asym = not is_float_format(fmt) and not symmetric
+    asym = is_int_format(fmt) and not symmetric
     return pack(codes, format_bits(fmt)), scale, (zero if asym else torch.empty(0))
 
 
@@ -247,6 +280,8 @@ def dequantize_codes(codes, scale, zero_point, fmt, symmetric=True, group_size=1
     s = _expand(scale.to(torch.float32), codes.shape, group_size)
     if is_float_format(fmt):
         return (decode_float(codes, fmt) * s).to(dtype)
+    if is_codebook_format(fmt):
+        return (decode_codebook(codes, fmt) * s).to(dtype)
     qmin, _ = _qrange(fmt, symmetric)
     z = _expand(zero_point.to(torch.float32), codes.shape, group_size) if zero_point is not None and zero_point.numel() else 0.0
     # saturated: the top code times a scale from a maximum near the float32 limit can round past it
@@ -268,5 +303,25 @@ def linear(x, packed, scale, zero_point, bias, fmt, symmetric=True, group_size=1
     """float32 dequantize-then-matmul: the oracle of torch.ops.alphaquant.linear."""
     w = dequantize(packed.cpu(), scale.cpu(), None if zero_point is None else zero_point.cpu(), fmt,
                    symmetric, group_size, k, torch.float32)
+    b = None if bias is None else bias.cpu().to(torch.float32)
+    return torch.nn.functional.linear(x.cpu().to(torch.float32), w, b)
+
+
+# ---------------------------------------------------------------- learned code books (lut4)
+
+def dequantize_codebook(packed, scale, codebook, group_size=64, k=None, dtype=torch.float32):
+    """Reference of torch.ops.alphaquant.dequantize_codebook: codebook[row or 0][code] * scale."""
+    codes = unpack(packed, 4, k).to(torch.int64)
+    table = codebook.to(torch.float32)
+    if table.dim() == 1:
+        values = table[codes]
+    else:
+        values = torch.gather(table, -1, codes)
+    return (values * _expand(scale.to(torch.float32), codes.shape, group_size)).to(dtype)
+
+
+def linear_codebook(x, packed, scale, codebook, bias, group_size=64, k=None):
+    """float32 dequantize-then-matmul: the oracle of torch.ops.alphaquant.linear_codebook."""
+    w = dequantize_codebook(packed.cpu(), scale.cpu(), codebook.cpu(), group_size, k, torch.float32)
     b = None if bias is None else bias.cpu().to(torch.float32)
     return torch.nn.functional.linear(x.cpu().to(torch.float32), w, b)

@@ -39,6 +39,12 @@ void raise_kernel_error(const char* op, int flags, const FormatSpec& fmt) {
   TORCH_INTERNAL_ASSERT(false, "alphaquant.", op, ": unknown kernel error flags ", flags);
 }
 
+void raise_codebook_error(const char* op, int flags) {
+  TORCH_CHECK_VALUE(!(flags & kErrBadScale), "alphaquant.", op, ": scale must be finite and > 0 everywhere");
+  TORCH_CHECK_VALUE(!(flags & kErrBadCodebook), "alphaquant.", op, ": codebook values must be finite");
+  TORCH_INTERNAL_ASSERT(false, "alphaquant.", op, ": unknown kernel error flags ", flags);
+}
+
 static void check_bits(const char* op, int64_t bits) {
   TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, "alphaquant.", op, ": bits must be in 1..8; got ", bits);
 }
@@ -74,8 +80,9 @@ void check_unpack_args(const char* op, const at::Tensor& packed, int64_t bits, i
 }
 
 void check_decode_args(const char* op, const at::Tensor& codes, const FormatSpec& fmt) {
-  TORCH_CHECK_VALUE(fmt.is_float(), "alphaquant.", op, ": ", format_name(fmt),
-                    " is not a float format; allowed: fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1");
+  TORCH_CHECK_VALUE(fmt.is_float_or_codebook(), "alphaquant.", op, ": ", format_name(fmt),
+                    " is not a float format (nor a code book format); allowed: fp8_e4m3, fp8_e5m2, fp6_e3m2, ",
+                    "fp6_e2m3, fp4_e2m1, nf4");
   TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "alphaquant.", op, ": codes must be uint8; got ",
                    codes.scalar_type());
   if (fmt.bits < 8 && codes.numel() > 0) {
@@ -220,6 +227,76 @@ at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype, int64_t 
   if (a.zero) zero = slice(*a.zero);
   return op.call(a.packed.narrow(0, n0, rows), slice(a.scale), zero, a.fmt_name, a.fmt.symmetric, a.group_size_arg,
                  a.layout.k, dtype, a.validate);
+}
+
+// ---------------------------------------------------------------- learned code books (lut4)
+
+CodebookArgs prepare_dequantize_codebook(const char* op, const at::Tensor& packed, const at::Tensor& scale,
+                                         const at::Tensor& codebook, int64_t group_size, int64_t k, bool validate) {
+  constexpr int kSize = LearnedCodebook::kSize;
+  CodebookArgs a;
+  a.validate = validate;
+  check_packed_rows(op, packed, LearnedCodebook::kBits, k, "values");
+  a.out_shape = packed.sizes().vec();
+  a.out_shape.back() = k;
+  a.layout = make_layout(a.out_shape, group_size);
+  a.packed = packed.contiguous();
+  const std::string ctx = layout_context(a.out_shape, group_size);
+  a.scale = checked_params(op, packed, "packed", scale, "scale", scale_shape(a.out_shape, a.layout), ctx);
+  check_same_device(op, packed, "packed", codebook, "codebook");
+  std::vector<int64_t> per_row = a.out_shape;
+  per_row.back() = kSize;
+  a.per_row = codebook.sizes().vec() == per_row;
+  TORCH_CHECK_VALUE(a.per_row || (codebook.dim() == 1 && codebook.size(0) == kSize), "alphaquant.", op,
+                    ": codebook has shape ", codebook.sizes(), "; expected [", kSize, "] (one for the tensor) or ",
+                    at::IntArrayRef(per_row), " (one per row) for values of shape ", at::IntArrayRef(a.out_shape));
+  TORCH_CHECK_TYPE(codebook.is_floating_point(), "alphaquant.", op, ": codebook must be a floating tensor; got ",
+                   codebook.scalar_type());
+  a.codebook = codebook.to(at::kFloat).contiguous().reshape({-1});
+  return a;
+}
+
+CodebookLinearArgs prepare_linear_codebook(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                           const at::Tensor& codebook, const std::optional<at::Tensor>& bias,
+                                           int64_t group_size, int64_t k, bool validate) {
+  const char* op = "linear_codebook";
+  check_floating(op, x);
+  check_same_device(op, x, "x", packed, "packed");
+  if (bias.has_value()) check_same_device(op, x, "x", *bias, "bias");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "alphaquant.", op, ": x must have last dimension k=", k,
+                    "; got shape ", x.sizes());
+  TORCH_CHECK_VALUE(packed.dim() == 2, "alphaquant.", op, ": the packed weight must be 2-D [n, bytes per row]; ",
+                    "got shape ", packed.sizes());
+  CodebookArgs w = prepare_dequantize_codebook(op, packed, scale, codebook, group_size, k, validate);
+  TORCH_CHECK_VALUE(x.numel() > 0, "alphaquant.", op, ": x is empty (shape ", x.sizes(), ")");
+  CodebookLinearArgs a{.x2d = x.reshape({-1, k}).contiguous(),
+                       .w = std::move(w),
+                       .bias = std::nullopt,
+                       .out_shape = x.sizes().vec(),
+                       .group_size_arg = group_size};
+  const int64_t n = packed.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, "alphaquant.", op, ": bias must have shape [", n,
+                      "]; got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->is_floating_point(), "alphaquant.", op, ": bias must be a floating tensor; got ",
+                     bias->scalar_type());
+    a.bias = bias->to(at::kFloat).contiguous();
+  }
+  a.out_shape.back() = n;
+  return a;
+}
+
+at::Tensor dequantize_codebook_weight(const CodebookLinearArgs& a, at::ScalarType dtype, int64_t n0, int64_t rows) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("alphaquant::dequantize_codebook", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                         at::ScalarType, bool)>();
+  const CodebookArgs& w = a.w;
+  if (rows < 0) rows = w.layout.rows - n0;
+  const at::Tensor scale = w.layout.per_tensor ? w.scale : w.scale.narrow(0, n0, rows);
+  const at::Tensor codebook = w.per_row ? w.codebook.view({w.layout.rows, LearnedCodebook::kSize}).narrow(0, n0, rows)
+                                        : w.codebook;
+  return op.call(w.packed.narrow(0, n0, rows), scale, codebook, a.group_size_arg, w.layout.k, dtype, w.validate);
 }
 
 }  // namespace alphaquant

@@ -7,7 +7,7 @@
 namespace alphaquant {
 
 namespace {
-const char* kFormatNames = "int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1";
+const char* kFormatNames = "int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, nf4";
 
 FormatSpec float_format(FormatId id, int bits, float max_value) {
   return {.id = id, .bits = bits, .symmetric = true, .max_value = max_value};
@@ -26,8 +26,9 @@ FormatSpec parse_format(const std::string& name, bool symmetric) {
   else if (name == "fp6_e3m2") f = float_format(FormatId::kFP6E3M2, 6, FP6E3M2::max_value());
   else if (name == "fp6_e2m3") f = float_format(FormatId::kFP6E2M3, 6, FP6E2M3::max_value());
   else if (name == "fp4_e2m1") f = float_format(FormatId::kFP4E2M1, 4, FP4E2M1::max_value());
+  else if (name == "nf4") f = float_format(FormatId::kNF4, 4, NF4::max_value());
   else TORCH_CHECK_VALUE(false, "alphaquant: unknown format '", name, "'; allowed: ", kFormatNames);
-  TORCH_CHECK_VALUE(symmetric, "alphaquant: float format ", name,
+  TORCH_CHECK_VALUE(symmetric, "alphaquant: ", f.id == FormatId::kNF4 ? "code book" : "float", " format ", name,
                     " is symmetric by definition; asymmetric (symmetric=False) is only for int formats");
   return f;
 }
@@ -40,6 +41,7 @@ std::string format_name(const FormatSpec& f) {
     case FormatId::kFP6E3M2: return "fp6_e3m2";
     case FormatId::kFP6E2M3: return "fp6_e2m3";
     case FormatId::kFP4E2M1: return "fp4_e2m1";
+    case FormatId::kNF4: return "nf4";
   }
   return "?";
 }

@@ -53,4 +53,20 @@ TORCH_LIBRARY(alphaquant, m) {
   m.def(
       "linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero_point, Tensor? bias, str fmt, bool symmetric, "
       "int group_size, int k, bool validate=True) -> Tensor");
+
+  // Learned code books (lut4, formats.h: LearnedCodebook). The table is a tensor argument rather
+  // than a format name: it is fitted per weight, so no fixed format can name it, and a format
+  // string plus a table would let the two disagree. packed: [..., ceil(k/2)] uint8 4-bit codes;
+  // scale: [..., groups] as for dequantize (no zero point); codebook: [16] for the tensor or
+  // [..., 16] per row (packed.shape[:-1] + [16]), any float dtype (fp16 or fp32 storage).
+  // validate: check every scale (finite, > 0) and every code book value (finite).
+  m.def(
+      "dequantize_codebook(Tensor packed, Tensor scale, Tensor codebook, int group_size, int k, ScalarType dtype, "
+      "bool validate=True) -> Tensor");
+  // y = x @ dequantize_codebook(weight).T + bias. x: [..., k] float, packed: [n, ceil(k/2)],
+  // scale: [n, groups] (or [1, 1]), codebook: [16] or [n, 16]. Returns [..., n] in x's dtype.
+  // Gradients (alphaquant/ops.py) flow to x and bias only.
+  m.def(
+      "linear_codebook(Tensor x, Tensor packed, Tensor scale, Tensor codebook, Tensor? bias, int group_size, int k, "
+      "bool validate=True) -> Tensor");
 }

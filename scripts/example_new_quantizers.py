@@ -1,9 +1,9 @@
 """Usage examples of the quantizer API, runnable: quantize a random tensor to every format and print error and bytes."""
 import torch
 
-from alphaquant.quantizers import (FP4Config, FP4Quantizer, FP8Config, FP8Quantizer, INT2Config, INT2Quantizer,
-                                   INT4Config, INT4Quantizer, INT6Config, INT6Quantizer, INT8Config, INT8Quantizer,
-                                   MinMaxObserver)
+from alphaquant.quantizers import (CodebookConfig, CodebookQuantizer, FP4Config, FP4Quantizer, FP8Config, FP8Quantizer,
+                                   INT2Config, INT2Quantizer, INT4Config, INT4Quantizer, INT6Config, INT6Quantizer,
+                                   INT8Config, INT8Quantizer, MinMaxObserver, NF4Config, NF4Quantizer)
 from alphaquant.utils.replacement import create_quantizer_from_scheme
 
 
@@ -21,6 +21,8 @@ def main() -> None:
         FP8Quantizer(FP8Config(format="e4m3", group_size=128)),
         FP8Quantizer(FP8Config(format="e5m2", group_size=128)),
         FP4Quantizer(FP4Config(format="e2m1", group_size=32)),
+        NF4Quantizer(NF4Config(group_size=64)),
+        CodebookQuantizer(CodebookConfig(group_size=64)),  # lut4: 16 values fitted to this weight
     ]
     for q in quantizers:
         packed = q.quantize_weight(weights)

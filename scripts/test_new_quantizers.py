@@ -6,7 +6,7 @@ import sys
 import torch
 
 from alphaquant import ops, reference as ref
-from alphaquant.formats import FLOAT_FORMATS, INT_FORMATS
+from alphaquant.formats import CODEBOOK_FORMATS, FLOAT_FORMATS, INT_FORMATS
 
 
 def main() -> int:
@@ -14,7 +14,7 @@ def main() -> int:
     failures = 0
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     schemes = [(f, s) for f in INT_FORMATS for s in (True, False) if not (f == "int1" and s)]
-    schemes += [(f, True) for f in FLOAT_FORMATS]
+    schemes += [(f, True) for f in FLOAT_FORMATS + CODEBOOK_FORMATS]
     for dev in devices:
         for fmt, sym in schemes:
             for group_size in (32, 7, 0, -1):

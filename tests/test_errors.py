@@ -43,7 +43,7 @@ def test_bits_out_of_range():
         ops.pack(torch.full((4, 8), 4, dtype=torch.uint8), 2)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8", "fp4_e2m1", "fp6_e2m3"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp4_e2m1", "fp6_e2m3", "nf4"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_rejected_where_format_cannot_hold_it(fmt, bad, device):
     x = torch.randn(4, 8, device=device)

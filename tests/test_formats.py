@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from alphaquant import ops, reference as ref
-from alphaquant.formats import FLOAT_FORMATS
+from alphaquant.formats import CODEBOOK_FORMATS, FLOAT_FORMATS, format_bits
 
 TORCH_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 ML_DTYPES = {
@@ -89,17 +89,17 @@ def test_reference_codec_matches_kernel(fmt):
     assert torch.equal(ops.encode_float(x, fmt), ref.encode_float(x, fmt))
 
 
-@pytest.mark.parametrize("fmt", FLOAT_FORMATS)
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS + CODEBOOK_FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_encode_half_inputs_equal_float32_path(fmt, dtype, device):
     x = (torch.randn(4099) * 30).to(dtype)
     assert torch.equal(ops.encode_float(x.to(device), fmt).cpu(), ops.encode_float(x.float(), fmt))
 
 
-@pytest.mark.parametrize("fmt", FLOAT_FORMATS)
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS + CODEBOOK_FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_decode_output_dtype(fmt, dtype, device):
-    codes = torch.arange(1 << ref.FLOAT_INFO[fmt].bits, dtype=torch.uint8, device=device)
+    codes = torch.arange(1 << format_bits(fmt), dtype=torch.uint8, device=device)
     out = ops.decode_float(codes, fmt, dtype)
     assert out.dtype == dtype
     expected = ops.decode_float(codes.cpu(), fmt, torch.float32).to(dtype)

@@ -13,7 +13,8 @@ from alphaquant.nn import QuantLinear
 from alphaquant.plans import PlanError, apply_plan, load_plan, resolve
 from alphaquant.quantizers import (FP4Config, FP4Quantizer, FP8Config, FP8Quantizer, INT2Config, INT2Quantizer,
                                    INT4Config, INT4Quantizer, INT6Config, INT6Quantizer, INT8Config, INT8Quantizer,
-                                   MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver)
+                                   MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, NF4Config, NF4Quantizer,
+                                   PercentileObserver)
 from alphaquant.utils.replacement import create_quantizer_from_scheme
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -75,7 +76,8 @@ def test_invalid_configs_name_the_field(kwargs, match):
 
 @pytest.mark.parametrize("q,bits", [(INT2Quantizer(INT2Config()), 2), (INT4Quantizer(INT4Config()), 4),
                                     (INT6Quantizer(INT6Config()), 6), (INT8Quantizer(INT8Config()), 8),
-                                    (FP4Quantizer(FP4Config()), 4), (FP8Quantizer(FP8Config()), 8)])
+                                    (FP4Quantizer(FP4Config()), 4), (FP8Quantizer(FP8Config()), 8),
+                                    (NF4Quantizer(NF4Config()), 4)])
 def test_weights_are_really_packed(q, bits):
     w = torch.randn(48, 256)
     p = q.quantize_weight(w)
@@ -248,6 +250,7 @@ def test_unmatched_pattern_warns():
 
 @pytest.mark.parametrize("make", [lambda cs: INT4Quantizer(INT4Config(symmetric=False, group_size=64, clip_search=cs)),
                                   lambda cs: FP4Quantizer(FP4Config(clip_search=cs)),
+                                  lambda cs: NF4Quantizer(NF4Config(clip_search=cs)),
                                   lambda cs: INT2Quantizer(INT2Config(granularity="per_channel", clip_search=cs))])
 def test_clip_search_never_worse_than_min_max(make):
     w = torch.randn(64, 256)

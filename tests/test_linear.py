@@ -6,7 +6,7 @@ from alphaquant import ops, reference as ref
 
 SCHEMES = [("int2", True, 128), ("int2", False, 64), ("int4", True, 128), ("int4", False, 32), ("int6", True, 128),
            ("int8", True, 0), ("int8", False, 128), ("int3", True, 50), ("fp8_e4m3", True, 0), ("fp8_e5m2", True, 128),
-           ("fp4_e2m1", True, 32), ("fp6_e2m3", True, -1), ("int4", True, -1)]
+           ("fp4_e2m1", True, 32), ("fp6_e2m3", True, -1), ("int4", True, -1), ("nf4", True, 64), ("nf4", True, 10)]
 
 
 @pytest.mark.parametrize("fmt,sym,group_size", SCHEMES)

@@ -32,7 +32,7 @@ def test_gradcheck_float32():
 
 
 @pytest.mark.parametrize("fmt,sym,group_size", [("int4", True, 16), ("int3", False, 10), ("fp8_e4m3", True, 0),
-                                                ("fp4_e2m1", True, -1)])
+                                                ("fp4_e2m1", True, -1), ("nf4", True, 16)])
 @pytest.mark.parametrize("shape", [(1, 40), (5, 40), (2, 20, 40)])  # decode path and GEMM path (m > 16)
 def test_gradients_match_float_linear(fmt, sym, group_size, shape, device):
     p, s, z, w = _weight(fmt, sym, group_size, device=device)

@@ -47,6 +47,18 @@ def _mixed_device_calls():
         "bias is on meta but x is on cpu"
     yield "linear x", lambda: lin(x.to(meta), p, s, None, None, "int4", group_size=16, k=32), \
         "packed is on cpu but x is on meta"
+    cb = torch.linspace(-1, 1, 16)
+    yield "dequantize_codebook codebook", lambda: ops.dequantize_codebook(p, s, cb.to(meta), group_size=16, k=32), \
+        "codebook is on meta but packed is on cpu"
+    yield "dequantize_codebook packed", lambda: ops.dequantize_codebook(p.to(meta), s, cb, group_size=16, k=32), \
+        "scale is on cpu but packed is on meta"
+    lcb = ops.linear_codebook
+    yield "linear_codebook codebook", lambda: lcb(x, p, s, cb.to(meta), None, group_size=16, k=32), \
+        "codebook is on meta but packed is on cpu"
+    yield "linear_codebook bias", lambda: lcb(x, p, s, cb, torch.zeros(8, device=meta), group_size=16, k=32), \
+        "bias is on meta but x is on cpu"
+    yield "linear_codebook x", lambda: lcb(x.to(meta), p, s, cb, None, group_size=16, k=32), \
+        "packed is on cpu but x is on meta"
 
 
 @pytest.mark.parametrize("call,message", [pytest.param(c, m, id=n) for n, c, m in _mixed_device_calls()])
@@ -160,7 +172,7 @@ BAD_SCALES = [NAN, 0.0, -1.0, INF, -INF]
 
 @pytest.mark.parametrize("bad", BAD_SCALES)
 @pytest.mark.parametrize("fmt,sym,group_size", [("int4", True, 16), ("int4", False, 16), ("int3", True, 10),
-                                                ("fp8_e4m3", True, 0), ("fp4_e2m1", True, -1)])
+                                                ("fp8_e4m3", True, 0), ("fp4_e2m1", True, -1), ("nf4", True, 10)])
 def test_dequantize_rejects_bad_scales(fmt, sym, group_size, bad, device):
     p, s, z = _weight(fmt, sym, group_size, device=device)
     s = s.clone()
@@ -187,7 +199,7 @@ def test_dequantize_and_linear_reject_non_finite_zero_points(bad, device):
 @pytest.mark.parametrize("bad", BAD_SCALES)
 @pytest.mark.parametrize("m", [1, 5, 40])  # decode paths (vectorized and generic) and the GEMM path
 @pytest.mark.parametrize("fmt,sym,group_size", [("int4", True, 16), ("int3", False, 16), ("fp8_e5m2", True, 0),
-                                                ("int8", True, -1)])
+                                                ("int8", True, -1), ("nf4", True, 16)])
 def test_linear_rejects_bad_scales(fmt, sym, group_size, m, bad, device):
     p, s, z = _weight(fmt, sym, group_size, device=device)
     s = s.clone()

@@ -17,23 +17,45 @@ def samples(device):
     packed, s, z = _w(device)
     p8, s8, _ = torch.ops.alphaquant.quantize(torch.randn(24, 40, device=device), "fp8_e4m3", True, 0, None, None,
                                               False, 0)
+    pn, sn, _ = torch.ops.alphaquant.quantize(torch.randn(24, 40, device=device), "nf4", True, 16, None, None,
+                                              False, 0)
     yield "pack", (codes, 3)
     yield "unpack", (torch.ops.alphaquant.pack(codes, 3), 3, 13)
     yield "encode_float", (x, "fp8_e5m2")
     yield "encode_float", (x.bfloat16(), "fp4_e2m1")
     yield "decode_float", (torch.randint(0, 64, (7,), dtype=torch.uint8, device=device), "fp6_e3m2", torch.bfloat16)
+    yield "encode_float", (x.half(), "nf4")
+    yield "decode_float", (torch.randint(0, 16, (3, 7), dtype=torch.uint8, device=device), "nf4", torch.float32)
     yield "quantize", (x, "int4", True, 16, None, None, False, 0)
     yield "quantize", (x.half(), "int6", False, 0, None, None, True, 5)
     yield "quantize", (x, "fp8_e4m3", True, -1, None, None, False, 0)
+    yield "quantize", (x.bfloat16(), "nf4", True, 10, None, None, True, 11)
+    yield "quantize", (x, "nf4", True, 0, torch.ones(6, 1, device=device), None, False, 0)
     yield "quantize", (x, "int8", False, 16, torch.ones(6, 3, device=device), torch.zeros(6, 3, device=device),
                        False, 0)
     yield "dequantize", (packed, s, z, "int4", False, 16, 40, torch.float16)
     yield "dequantize", (p8, s8, None, "fp8_e4m3", True, 0, 40, torch.bfloat16, False)
+    yield "dequantize", (pn, sn, None, "nf4", True, 16, 40, torch.float32)
     yield "fake_quantize", (x.requires_grad_(), "int4", True, 16, None, None, False, 0)
     yield "fake_quantize", (x.detach().bfloat16(), "fp4_e2m1", True, 32, None, None, True, 3)
+    yield "fake_quantize", (x.detach().requires_grad_(), "nf4", True, -1, None, None, False, 0)
     yield "linear", (torch.randn(3, 40, device=device), packed, s, z, torch.randn(24, device=device), "int4", False,
                      16, 40)
     yield "linear", (torch.randn(2, 5, 40, device=device).bfloat16(), p8, s8, None, None, "fp8_e4m3", True, 0, 40)
+    yield "linear", (torch.randn(3, 40, device=device, requires_grad=True), pn, sn, None,
+                     torch.randn(24, device=device), "nf4", True, 16, 40)
+    yield "linear", (torch.randn(18, 40, device=device), pn, sn, None, None, "nf4", True, 16, 40, False)
+    # learned code books: per tensor in float16, per row in float32; decode, vectorized and GEMM paths
+    cb = torch.linspace(-1, 1, 16, device=device).half()
+    cb_rows = torch.randn(24, 16, device=device).sort(-1).values
+    yield "dequantize_codebook", (pn, sn, cb, 16, 40, torch.bfloat16)
+    yield "dequantize_codebook", (pn, sn, cb_rows, 16, 40, torch.float32, False)
+    yield "linear_codebook", (torch.randn(3, 40, device=device, requires_grad=True), pn, sn, cb_rows,
+                              torch.randn(24, device=device, requires_grad=True), 16, 40)
+    yield "linear_codebook", (torch.randn(2, 9, 40, device=device).half(), pn, sn, cb, None, 16, 40, False)
+    p64, s64, _ = torch.ops.alphaquant.quantize(torch.randn(8, 64, device=device), "nf4", True, -1, None, None,
+                                                False, 0)
+    yield "linear_codebook", (torch.randn(5, 64, device=device), p64, s64, cb, None, -1, 64)
     # with gradients (x and bias) and without the scale check
     yield "linear", (torch.randn(4, 40, device=device, requires_grad=True), packed, s, z,
                      torch.randn(24, device=device, requires_grad=True), "int4", False, 16, 40, False)

@@ -4,10 +4,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from alphaquant import ops, reference as ref
-from alphaquant.formats import FLOAT_FORMATS, INT_FORMATS
+from alphaquant.formats import CODEBOOK_FORMATS, FLOAT_FORMATS, INT_FORMATS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SCHEMES = [(f, True) for f in INT_FORMATS if f != "int1"] + [(f, False) for f in INT_FORMATS] + [(f, True) for f in FLOAT_FORMATS]
+SCHEMES = ([(f, True) for f in INT_FORMATS if f != "int1"] + [(f, False) for f in INT_FORMATS]
+           + [(f, True) for f in FLOAT_FORMATS + CODEBOOK_FORMATS])
 GROUPS = [32, 10, 0, -1]  # groups (with a short last one), unaligned groups, per-channel, per-tensor
 
 
@@ -37,14 +38,15 @@ def test_quantize_matches_reference(fmt, sym, dtype, group_size, device):
 
 
 @pytest.mark.parametrize("fmt,sym", [("int4", True), ("int4", False), ("int2", False), ("fp4_e2m1", True),
-                                     ("fp8_e4m3", True), ("int6", True)])
+                                     ("fp8_e4m3", True), ("int6", True), ("nf4", True)])
 @pytest.mark.parametrize("k", [1, 7, 17, 1025])
 def test_odd_sizes(fmt, sym, k, device):
     x = torch.randn(3, k)
     assert_same(ops.quantize(x.to(device), fmt, symmetric=sym, group_size=16), ref.quantize(x, fmt, sym, 16))
 
 
-@pytest.mark.parametrize("fmt,sym", [("int4", True), ("int3", False), ("fp6_e2m3", True), ("int8", False)])
+@pytest.mark.parametrize("fmt,sym", [("int4", True), ("int3", False), ("fp6_e2m3", True), ("int8", False),
+                                     ("nf4", True)])
 def test_stochastic_matches_reference_and_repeats(fmt, sym, device):
     x = torch.randn(4, 100)
     a = ops.quantize(x.to(device), fmt, symmetric=sym, group_size=32, stochastic=True, seed=123)
@@ -62,7 +64,8 @@ def test_stochastic_rounding_is_unbiased():
     assert abs(y.mean().item() - 0.3) < 0.02
 
 
-@pytest.mark.parametrize("fmt,sym", [("int4", True), ("int4", False), ("fp8_e4m3", True), ("fp4_e2m1", True)])
+@pytest.mark.parametrize("fmt,sym", [("int4", True), ("int4", False), ("fp8_e4m3", True), ("fp4_e2m1", True),
+                                     ("nf4", True)])
 @pytest.mark.parametrize("group_size", [32, 0, -1])
 def test_static_scales(fmt, sym, group_size, device):
     x = torch.randn(6, 64)
@@ -118,12 +121,12 @@ def test_fp8_keeps_nan_and_inf():
     assert torch.isnan(y[0, 1]) and y[0, 2] == 2.0  # saturates to 448 * scale (scale from finite max 2/448)
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4_e2m1", "fp6_e3m2"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4_e2m1", "fp6_e3m2", "nf4"])
 def test_float_error_is_within_half_ulp_of_format(fmt):
     x = torch.randn(8, 256)
     y = ops.fake_quantize(x, fmt, group_size=32)
     rel = ((x - y).norm() / x.norm()).item()
-    assert rel < {"fp8_e4m3": 0.04, "fp4_e2m1": 0.2, "fp6_e3m2": 0.08}[fmt]
+    assert rel < {"fp8_e4m3": 0.04, "fp4_e2m1": 0.2, "fp6_e3m2": 0.08, "nf4": 0.1}[fmt]
 
 
 def test_fake_quantize_straight_through_gradient():
@@ -151,7 +154,7 @@ def test_round_trip_fuzz(scheme, rows, k, group_size, scale_pow, seed):
     y = ops.dequantize(got[0], got[1], _zp(got[2]), fmt, symmetric=sym, group_size=group_size, k=k)
     assert torch.equal(y, ops.fake_quantize(x, fmt, symmetric=sym, group_size=group_size))
     # every value lands within one step of the grid (half a step for round-to-nearest ints)
-    if not fmt.startswith("fp"):
+    if fmt.startswith("int"):
         step = got[1].repeat_interleave(k if group_size in (-1, 0) or group_size >= k else group_size, -1)
         step = step.expand(rows, -1)[:, :k] if group_size != -1 else got[1].reshape(()).expand(rows, k)
         assert ((x - y).abs() <= step * 0.5 * (1 + 1e-5) + 1e-30).all()
@@ -178,7 +181,7 @@ def test_values_near_float32_max(fmt, sym, group_size, device):
     step = s.reshape(-1)[0] if group_size == -1 else s.repeat_interleave(8 if group_size == 0 else 4, -1)
     big = x.abs() > step
     assert (torch.sign(y[big]) == torch.sign(x[big])).all()
-    if fmt != "int1" and not fmt.startswith("fp"):  # int1 has no finite scale for a range over float32 max
+    if fmt != "int1" and fmt.startswith("int"):  # int1 has no finite scale for a range over float32 max
         assert ((x - y).abs() <= step * 0.5 * (1 + 1e-5)).all()
 
 
@@ -193,7 +196,8 @@ def test_overflowing_range_scale_formula():
     assert s1.item() == F32_MAX  # one step cannot span it: the largest finite scale
 
 
-@pytest.mark.parametrize("fmt,sym", [("int4", False), ("int8", True), ("fp8_e4m3", True), ("fp6_e2m3", True)])
+@pytest.mark.parametrize("fmt,sym", [("int4", False), ("int8", True), ("fp8_e4m3", True), ("fp6_e2m3", True),
+                                     ("nf4", True)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_per_tensor_scale_of_large_inputs(fmt, sym, dtype):
     # larger than one thread's share of the per-tensor statistics pass, with the extremes at the ends

@@ -7,7 +7,7 @@ import torch
 
 from alphaquant.packed import PackedTensor
 from alphaquant.quantizers import (FP4Config, FP8Config, INT4Config, INT4Quantizer, INT8Config,
-                                   INT8Quantizer, MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver,
+                                   INT8Quantizer, MinMaxObserver, NF4Config, MovingAverageMinMaxObserver, MSEObserver,
                                    PercentileObserver, QuantizerConfig)
 from alphaquant.quantizers.registry import create_quantizer_from_scheme, lookup
 
@@ -58,7 +58,8 @@ def test_stochastic_weight_quantization_draws_fresh_bits():
 # ---------------------------------------------------------------- registry
 
 @pytest.mark.parametrize("name,base,fmt", [("int8", INT8Config, "int8"), ("fp8", FP8Config, "fp8_e4m3"),
-                                           ("fp8_e5m2", FP8Config, "fp8_e5m2"), ("fp4", FP4Config, "fp4_e2m1")])
+                                           ("fp8_e5m2", FP8Config, "fp8_e5m2"), ("fp4", FP4Config, "fp4_e2m1"),
+                                           ("nf4", NF4Config, "nf4")])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_registry_hands_out_config_classes(name, base, fmt, dtype):
     (WQ, WCfg), (AQ, ACfg) = create_quantizer_from_scheme({"wq": name, "aq": "none"}, dtype)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..formats import LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS
 from ..packed import PackedTensor
 from ..quantizers.base import BaseQuantizer
 
@@ -16,13 +17,16 @@ class QuantLinear(nn.Module):
 
     Buffers (all of the state_dict): ``weight_packed`` uint8 [out, ceil(in*bits/8)],
     ``weight_scale`` (float32, or float16/bfloat16 by the quantizer's scale_dtype),
-    ``weight_zero_point`` (asymmetric ints only) and ``bias``. No float copy of the weight is
-    kept. The output has the input's dtype; gradients flow to the input (and to ``bias`` if it
-    is made to require them), so adapters trained on top of the layer get theirs.
+    ``weight_zero_point`` (asymmetric ints only), ``weight_codebook`` (learned code books (lut4)
+    only: [16] or [out, 16], float16 or float32; computed with torch.ops.alphaquant.linear_codebook)
+    and ``bias``. No float copy of the weight is kept. The output has the input's dtype; gradients
+    flow to the input (and to ``bias`` if it is made to require them), so adapters trained on top
+    of the layer get theirs.
 
-    The weight scales are checked (finite, > 0; zero points finite) once, when they are loaded
-    (:meth:`load_packed`, ``load_state_dict``, or a conversion of their dtype), not at every
-    forward; code that writes the buffers directly should call :meth:`check_scales`.
+    The weight scales are checked (finite, > 0; zero points and code book values finite) once,
+    when they are loaded (:meth:`load_packed`, ``load_state_dict``, or a conversion of their
+    dtype), not at every forward; code that writes the buffers directly should call
+    :meth:`check_scales`.
 
     ``scheme`` is the resolved plan scheme the layer was built from (alphaquant.plans), None when
     the layer was built directly.
@@ -30,8 +34,12 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, symmetric: bool, group_size: int,
                  act_quantizer: Optional[BaseQuantizer] = None, bias_dtype: torch.dtype = torch.float32,
-                 device=None, scale_dtype: torch.dtype = torch.float32, scheme: Optional[dict] = None):
+                 device=None, scale_dtype: torch.dtype = torch.float32, scheme: Optional[dict] = None,
+                 codebook_shape: Optional[tuple] = None, codebook_dtype: torch.dtype = torch.float16):
         super().__init__()
+        if act_quantizer is not None and act_quantizer.fmt in LEARNED_FORMATS:
+            raise ValueError(f"QuantLinear: a {act_quantizer.fmt} code book is fitted to a weight; it cannot "
+                             f"quantize activations (use a fixed format or none)")
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.symmetric, self.group_size = fmt, symmetric, group_size
         self.act_quantizer = act_quantizer
@@ -42,6 +50,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_zero_point",
                              torch.zeros(zero, dtype=scale_dtype, device=device) if zero else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self.register_buffer("weight_codebook", None)
+        if fmt in LEARNED_FORMATS:
+            self.allocate_codebook(codebook_shape or (LEARNED_CODEBOOK_SIZE,), codebook_dtype)
         self.register_load_state_dict_post_hook(_check_loaded_scales)
 
     @classmethod
@@ -56,9 +67,11 @@ class QuantLinear(nn.Module):
         if tuple(packed.shape) != (linear.out_features, linear.in_features):
             raise ValueError(f"packed weight of shape {tuple(packed.shape)} does not fit a linear layer "
                              f"{linear.in_features} -> {linear.out_features}")
+        cb = packed.codebook
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, packed.fmt, packed.symmetric,
                     packed.group_size, a_quantizer, linear.weight.dtype, linear.weight.device, packed.scale.dtype,
-                    scheme=scheme)
+                    scheme=scheme, codebook_shape=None if cb is None else tuple(cb.shape),
+                    codebook_dtype=torch.float16 if cb is None else cb.dtype)
         layer.load_packed(packed)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
@@ -69,22 +82,41 @@ class QuantLinear(nn.Module):
         self.weight_scale.copy_(packed.scale)
         if packed.zero_point is not None:
             self.weight_zero_point.copy_(packed.zero_point)
+        if packed.codebook is not None:
+            self.weight_codebook.copy_(packed.codebook)
         self.check_scales()
+
+    def allocate_codebook(self, shape: tuple, dtype: torch.dtype) -> None:
+        """(Re)allocate the ``weight_codebook`` buffer of a learned code book layer: [16] (one for the
+        weight) or [out_features, 16] (one per output channel), float16 or float32; e.g. to load a
+        checkpoint whose code book layout differs from the default."""
+        if self.fmt not in LEARNED_FORMATS:
+            raise ValueError(f"QuantLinear: {self.fmt} has no learned code book")
+        shape = tuple(shape)
+        if shape not in ((LEARNED_CODEBOOK_SIZE,), (self.out_features, LEARNED_CODEBOOK_SIZE)):
+            raise ValueError(f"QuantLinear({self.in_features} -> {self.out_features}): codebook shape must be "
+                             f"[{LEARNED_CODEBOOK_SIZE}] or [{self.out_features}, {LEARNED_CODEBOOK_SIZE}]; got "
+                             f"{list(shape)}")
+        if dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"QuantLinear: codebook dtype must be float16 or float32; got {dtype}")
+        self.weight_codebook = torch.zeros(shape, dtype=dtype, device=self.weight_packed.device)
 
     def check_scales(self) -> None:
         """Raise ValueError unless every weight scale is finite and > 0 and every zero point finite.
 
         forward() relies on this having been done: it asks the kernel not to check again.
         """
-        scale, zero = self.weight_scale, self.weight_zero_point
+        scale, zero, codebook = self.weight_scale, self.weight_zero_point, self.weight_codebook
         if scale.device.type == "meta" or isinstance(scale, torch._subclasses.FakeTensor):
             return  # no values to check
         bad_scale = not bool(((scale > 0) & torch.isfinite(scale)).all())
         bad_zero = zero is not None and not bool(torch.isfinite(zero).all())
-        if bad_scale or bad_zero:
+        bad_codebook = codebook is not None and not bool(torch.isfinite(codebook).all())
+        if bad_scale or bad_zero or bad_codebook:
+            got = ("a bad scale" if bad_scale else "a non-finite zero point" if bad_zero
+                   else "a non-finite code book value")
             raise ValueError(f"QuantLinear({self.in_features} -> {self.out_features}): weight scales must be finite "
-                             f"and > 0 everywhere (and zero points finite); got "
-                             f"{'a bad scale' if bad_scale else 'a non-finite zero point'}")
+                             f"and > 0 everywhere (and zero points and code book values finite); got {got}")
 
     def _apply(self, fn, recurse=True):
         # A new scale dtype (module.half(), .to(torch.bfloat16)) can round tiny scales to zero:
@@ -98,13 +130,17 @@ class QuantLinear(nn.Module):
     @property
     def packed_weight(self) -> PackedTensor:
         return PackedTensor(self.weight_packed, self.weight_scale, self.weight_zero_point, self.fmt, self.symmetric,
-                            self.group_size, (self.out_features, self.in_features))
+                            self.group_size, (self.out_features, self.in_features), codebook=self.weight_codebook)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.packed_weight.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.act_quantizer.quantize_activation(x) if self.act_quantizer is not None else x
+        if self.weight_codebook is not None:
+            y = ops.linear_codebook(xq, self.weight_packed, self.weight_scale, self.weight_codebook, self.bias,
+                                    group_size=self.group_size, k=self.in_features, validate=False)
+            return y.to(x.dtype)
         y = ops.linear(xq, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias, self.fmt,
                        symmetric=self.symmetric, group_size=self.group_size, k=self.in_features,
                        validate=False)  # checked once when loaded (check_scales)

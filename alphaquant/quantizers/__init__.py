@@ -1,5 +1,6 @@
 """Quantizers, their configs and observers: the public quantization API."""
 from .base import BaseQuantizer, QuantizerConfig
+from .codebook import CodebookConfig, CodebookQuantizer
 from .fp4 import FP4Config, FP4Quantizer
 from .fp8 import FP8Config, FP8Quantizer
 from .int_quantizers import (
@@ -18,6 +19,7 @@ from .int_quantizers import (
     IntConfig,
     IntQuantizer,
 )
+from .nf4 import NF4Config, NF4Quantizer
 from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, ObserverBase, PercentileObserver
 
 __all__ = [
@@ -25,5 +27,6 @@ __all__ = [
     "INT2Quantizer", "INT2Config", "INT3Quantizer", "INT3Config", "INT4Quantizer", "INT4Config",
     "INT5Quantizer", "INT5Config", "INT6Quantizer", "INT6Config",
     "INT8Quantizer", "INT8Config", "FP4Quantizer", "FP4Config", "FP8Quantizer", "FP8Config",
+    "NF4Quantizer", "NF4Config", "CodebookQuantizer", "CodebookConfig",
     "ObserverBase", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
 ]

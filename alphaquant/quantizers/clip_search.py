@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..formats import FLOAT_INFO, format_bits, int_range, is_float_format
+from ..formats import format_bits, format_max, int_range, is_int_format
 from ..layout import group_sums
 from .observers import scales_from_range
 
@@ -15,13 +15,13 @@ def mse_clip_scales(w: torch.Tensor, fmt: str, symmetric: bool, group_size: int,
                     min_ratio: float = 0.5):
     """(scale, zero_point or None) per group of ``w`` minimizing ||w - fake_quantize(w)||^2."""
     _, scale, zero = ops.quantize(w, fmt, symmetric=symmetric, group_size=group_size)
-    asym = not is_float_format(fmt) and not symmetric
+    asym = is_int_format(fmt) and not symmetric
     if asym:
         qmin, qmax = int_range(format_bits(fmt), False)
         mn = (qmin - zero) * scale
         mx = mn + scale * (qmax - qmin)
     else:
-        qmax = FLOAT_INFO[fmt].max_value if is_float_format(fmt) else int_range(format_bits(fmt), True)[1]
+        qmax = format_max(fmt) if not is_int_format(fmt) else int_range(format_bits(fmt), True)[1]
         mx = scale * qmax
         mn = -mx
     wf = w.to(torch.float32)

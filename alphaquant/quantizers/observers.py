@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..formats import FLOAT_INFO, format_bits, int_range, is_float_format
+from ..formats import format_bits, format_max, int_range, is_int_format
 from ..layout import op_group_size, scale_shape, to_groups
 
 
@@ -20,8 +20,8 @@ def scales_from_range(mn: torch.Tensor, mx: torch.Tensor, fmt: str, symmetric: b
     """Scale (and zero point) from a range, with the formulas the kernels apply (quant_math.h)."""
     mn, mx = mn.to(torch.float32), mx.to(torch.float32)
     one = torch.ones((), dtype=torch.float32, device=mn.device)
-    if is_float_format(fmt) or symmetric:
-        qmax = FLOAT_INFO[fmt].max_value if is_float_format(fmt) else int_range(format_bits(fmt), True)[1]
+    if not is_int_format(fmt) or symmetric:
+        qmax = format_max(fmt) if not is_int_format(fmt) else int_range(format_bits(fmt), True)[1]
         scale = torch.maximum(mn.abs(), mx.abs()) / qmax
         return torch.where((scale > 0) & torch.isfinite(scale), scale, one), None
     qmin, qmax = int_range(format_bits(fmt), False)

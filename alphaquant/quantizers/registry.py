@@ -11,10 +11,12 @@ import reprlib
 from typing import Optional
 
 from .base import QuantizerConfig
+from .codebook import CodebookConfig, CodebookQuantizer
 from .fp4 import FP4Config, FP4Quantizer
 from .fp8 import FP8Config, FP8Quantizer
 from .int_quantizers import (INT2Config, INT2Quantizer, INT3Config, INT3Quantizer, INT4Config, INT4Quantizer,
                              INT5Config, INT5Quantizer, INT6Config, INT6Quantizer, INT8Config, INT8Quantizer)
+from .nf4 import NF4Config, NF4Quantizer
 
 # name -> (quantizer class, config class, config defaults the name fixes)
 QUANTIZER_REGISTRY: dict = {
@@ -29,6 +31,8 @@ QUANTIZER_REGISTRY: dict = {
     "fp8_e5m2": (FP8Quantizer, FP8Config, {"format": "e5m2"}),
     "fp4": (FP4Quantizer, FP4Config, {"format": "e2m1"}),
     "fp4_e2m1": (FP4Quantizer, FP4Config, {"format": "e2m1"}),
+    "nf4": (NF4Quantizer, NF4Config, {"format": "nf4"}),
+    "lut4": (CodebookQuantizer, CodebookConfig, {}),
 }
 FLOAT_NAMES = (None, "none", "float")  # keep this side in floating point
 

@@ -1,4 +1,4 @@
-// Float value of every code of a float format (256 entries; unused ones are 0), built once.
+// Value of every code of a float or code book format (256 entries; unused ones are 0), built once.
 #pragma once
 
 #include <array>
@@ -24,6 +24,7 @@ inline const float* decode_table(const FormatSpec& f) {
     case FormatId::kFP6E3M2: return decode_table_for<FP6E3M2>();
     case FormatId::kFP6E2M3: return decode_table_for<FP6E2M3>();
     case FormatId::kFP4E2M1: return decode_table_for<FP4E2M1>();
+    case FormatId::kNF4: return decode_table_for<NF4>();
     case FormatId::kInt: break;
   }
   return nullptr;

@@ -1,5 +1,5 @@
 // AVX2 inner loop of the CPU linear op for weights of 1, 2, 4 or 8 bits (integers, and the
-// fp4/fp8 float formats through a table of their values).
+// fp4/fp8 float formats and the nf4 code book through a table of their values).
 //
 // Eight packed bytes are widened to eight 32-bit lanes; "plane" p of those lanes, (lane >>
 // p*bits) & mask, holds codes (8/bits)*j + p for j = 0..7. Instead of reordering codes, x is

@@ -17,34 +17,13 @@
 #include "alphaquant/arg_checks.h"
 #include "alphaquant/bitstream.h"
 #include "cpu/decode_table.h"
+#include "cpu/dot.h"
 #include "cpu/linear_avx2.h"
 
 namespace alphaquant {
 namespace {
 
 constexpr int64_t kMaxGemvRows = 16;
-
-// sum_i a[i] * b[i]: AVX2 fused multiply-adds where available, else eight independent partial
-// sums that the compiler can keep in one vector register.
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float head = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  head = hsum(_mm256_add_ps(acc0, acc1));
-#endif
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (; i + 8 <= n; i += 8) {
-    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
-  }
-  float tail = 0.0f;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  return head + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
 
 // Sums of x [m, k] over each group of the weight's layout: [m, groups].
 std::vector<float> group_sums(const GroupLayout& l, const float* x, int64_t m) {
@@ -104,7 +83,7 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m, std::at
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// Weights of 1/2/4/6/8 bits (integers; fp4/fp6/fp8 through their value table) whose rows and
+// Weights of 1/2/4/6/8 bits (integers; fp4/fp6/fp8/nf4 through their value table) whose rows and
 // groups fill whole chunks (8 bytes; 6 bytes for 6-bit codes).
 template <int BITS, int M, bool TABLE>
 void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<bool>& bad_scale) {
@@ -157,7 +136,7 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m, std
         const int64_t rows = std::min<int64_t>(4, m - r0);
         const float* xr = x + r0 * a.layout.k;
         std::vector<float> yr(rows * a.layout.rows);
-        const bool table = a.fmt.is_float();
+        const bool table = a.fmt.is_float_or_codebook();
         switch (rows * 2 + table) {
           case 2: gemv_rows_avx2<BITS, 1, false>(a, xr, yr.data(), bad_scale); break;
           case 3: gemv_rows_avx2<BITS, 1, true>(a, xr, yr.data(), bad_scale); break;

@@ -18,6 +18,7 @@ namespace alphaquant {
 // Error bits a kernel raises in its flag word; the launcher turns them into exceptions.
 constexpr int kErrNonFinite = 1;  // NaN/Inf input for a format that cannot hold it
 constexpr int kErrBadScale = 2;   // a scale that is not finite and > 0, or a zero point that is not finite
+constexpr int kErrBadCodebook = 4;  // a learned code book value that is not finite
 
 void check_floating(const char* op, const at::Tensor& x);
 void check_output_dtype(const char* op, at::ScalarType dtype);
@@ -27,6 +28,8 @@ void check_same_device(const char* op, const at::Tensor& ref, const char* ref_na
 // k values per row, `rows` rows: k > 0 and the sizes derived from it fit in int64.
 void check_row_length(const char* op, int64_t k, int64_t rows);
 [[noreturn]] void raise_kernel_error(const char* op, int flags, const FormatSpec& fmt);
+// The same for the learned code book ops (kErrBadScale, kErrBadCodebook).
+[[noreturn]] void raise_codebook_error(const char* op, int flags);
 
 // pack/unpack: bits in 1..8, uint8 codes below 2^bits, non-empty.
 void check_pack_args(const char* op, const at::Tensor& codes, int64_t bits);
@@ -104,5 +107,42 @@ LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const a
 // The weight of a linear op (rows [n0, n0 + rows), default all) dequantized to `dtype` through
 // the dispatcher (any device), validating its scales when the linear op does.
 at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype, int64_t n0 = 0, int64_t rows = -1);
+
+// ---------------------------------------------------------------- learned code books (lut4)
+
+struct CodebookArgs {
+  at::Tensor packed;    // contiguous [..., packed_row_bytes(k, 4)]
+  GroupLayout layout;   // of the values, viewed as [rows, k]
+  at::Tensor scale;     // float32 contiguous
+  at::Tensor codebook;  // float32 contiguous: [16], or [rows * 16] with per_row
+  bool per_row;         // one code book per row (else one for the whole tensor)
+  std::vector<int64_t> out_shape;
+  bool validate;        // check every scale (kErrBadScale) and code book value (kErrBadCodebook)
+
+  // The 16 values of `row`'s code book.
+  const float* table(int64_t row) const {
+    return codebook.data_ptr<float>() + (per_row ? row * LearnedCodebook::kSize : 0);
+  }
+};
+
+CodebookArgs prepare_dequantize_codebook(const char* op, const at::Tensor& packed, const at::Tensor& scale,
+                                         const at::Tensor& codebook, int64_t group_size, int64_t k, bool validate);
+
+struct CodebookLinearArgs {
+  at::Tensor x2d;                  // [m, k], contiguous, x's dtype
+  CodebookArgs w;                  // the weight [n, k]
+  std::optional<at::Tensor> bias;  // float32 [n]
+  std::vector<int64_t> out_shape;  // x.shape[:-1] + [n]
+  int64_t group_size_arg;
+};
+
+CodebookLinearArgs prepare_linear_codebook(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                           const at::Tensor& codebook, const std::optional<at::Tensor>& bias,
+                                           int64_t group_size, int64_t k, bool validate);
+
+// Rows [n0, n0 + rows) (default all) of the weight of linear_codebook dequantized to `dtype`
+// through the dispatcher (any device), validating as the linear op does.
+at::Tensor dequantize_codebook_weight(const CodebookLinearArgs& a, at::ScalarType dtype, int64_t n0 = 0,
+                                      int64_t rows = -1);
 
 }  // namespace alphaquant

@@ -24,7 +24,8 @@ void dispatch_bits(int bits, Fn&& fn) {
 }
 
 // Calls fn.template operator()<CODEC, BITS>() for the format: CODEC is a Minifloat for float
-// formats and void for integers, BITS the code width.
+// formats, NF4 for the code book, void for integers; BITS the code width. Every codec has
+// kBits, decode(code), encode(x, noise, stochastic) and max_value() (formats.h).
 template <class Fn>
 void dispatch_format(const FormatSpec& f, Fn&& fn) {
   switch (f.id) {
@@ -33,6 +34,7 @@ void dispatch_format(const FormatSpec& f, Fn&& fn) {
     case FormatId::kFP6E3M2: return fn.template operator()<FP6E3M2, 6>();
     case FormatId::kFP6E2M3: return fn.template operator()<FP6E2M3, 6>();
     case FormatId::kFP4E2M1: return fn.template operator()<FP4E2M1, 4>();
+    case FormatId::kNF4: return fn.template operator()<NF4, 4>();
     case FormatId::kInt:
       return dispatch_bits(f.bits, [&]<int BITS>() { return fn.template operator()<void, BITS>(); });
   }

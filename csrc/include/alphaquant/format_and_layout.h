@@ -12,7 +12,7 @@
 
 namespace alphaquant {
 
-// "int1".."int8", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1".
+// "int1".."int8", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "nf4".
 FormatSpec parse_format(const std::string& name, bool symmetric);
 std::string format_name(const FormatSpec& fmt);
 

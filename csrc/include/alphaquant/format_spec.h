@@ -13,21 +13,24 @@ enum class FormatId : int {
   kFP6E3M2 = 3,
   kFP6E2M3 = 4,
   kFP4E2M1 = 5,
+  kNF4 = 6,  // code book (formats.h: NF4)
 };
 
 struct FormatSpec {
   FormatId id;
   int bits;
   bool symmetric;
-  float max_value;  // float formats: largest finite value
+  float max_value;  // float and code book formats: largest finite value
 
-  AQ_HD bool is_float() const { return id != FormatId::kInt; }
+  // Float and code book formats: every code has a fixed value (a table lookup on the CPU), the
+  // scale is max|x| / max_value and there is no zero point. Integers compute their values.
+  AQ_HD bool is_float_or_codebook() const { return id != FormatId::kInt; }
   // The only formats with a zero point: integers on [0, 2^bits - 1].
-  AQ_HD bool is_asymmetric_int() const { return !is_float() && !symmetric; }
+  AQ_HD bool is_asymmetric_int() const { return !is_float_or_codebook() && !symmetric; }
   // Float formats hold NaN (and e5m2 Inf) themselves; the others reject non-finite input.
   AQ_HD bool holds_nonfinite() const { return id == FormatId::kFP8E4M3 || id == FormatId::kFP8E5M2; }
-  AQ_HD float qmin() const { return is_float() ? -max_value : int_range(bits, symmetric).qmin; }
-  AQ_HD float qmax() const { return is_float() ? max_value : int_range(bits, symmetric).qmax; }
+  AQ_HD float qmin() const { return is_float_or_codebook() ? -max_value : int_range(bits, symmetric).qmin; }
+  AQ_HD float qmax() const { return is_float_or_codebook() ? max_value : int_range(bits, symmetric).qmax; }
 };
 
 }  // namespace alphaquant

@@ -13,6 +13,15 @@
 //   fp4_e2m1  S EE M      bias 1,  max 6,     no NaN, no infinity  (values 0 .5 1 1.5 2 3 4 6)
 // Exponent field 0 is subnormal: value = mantissa * 2^(1 - bias - mbits).
 //
+// Code book formats: a code indexes a fixed table of values in [-1, 1] (max 1, no NaN, no
+// infinity); see NF4 at the end of this file for its table.
+//   nf4       4-bit code c -> value[c], values sorted, value[7] = 0, value[0] = -1, value[15] = 1
+//
+// Learned code books (lut4): 4-bit codes index 16 float values that are not fixed but fitted to
+// each tensor (or each row: an output channel of a weight) and passed to the ops beside the
+// codes and the scales (see LearnedCodebook at the end of this file):
+//   value = codebook[row or 0][code] * scale[group]
+//
 // Packing (every format, every width b): each row is a little-endian bit stream; code i of the
 // row sits in bits [i*b, i*b + b), counted from bit 0 of the row's first byte. A row of K codes
 // takes ceil(K*b/8) bytes, so rows start on byte boundaries and can be read alone. Eight codes
@@ -206,5 +215,97 @@ AQ_HD uint32_t random_bits(uint64_t seed, uint64_t index) {
 
 // Uniform in [0, 1) with 24 bits, exact in float32.
 AQ_HD float uniform01(uint32_t bits) { return static_cast<float>(bits >> 8) * pow2(-24); }
+
+// NF4 (4-bit NormalFloat, the weight format of QLoRA and bitsandbytes): 16 quantiles of a standard
+// normal distribution scaled to [-1, 1], with an exact zero (so padding and zero weights stay 0).
+// Codes are plain indices, sorted by value, exactly the float32 values of bitsandbytes:
+//
+//   code  value                  midpoint to the next      code  value                midpoint
+//    0   -1.0                   -0.848096371               8    0.07958029955625534  0.120255247
+//    1   -0.6961928009986877    -0.610632896               9    0.16093020141124725  0.203521252
+//    2   -0.5250730514526367    -0.45999527               10    0.24611230194568634  0.292013764
+//    3   -0.39491748809814453   -0.33967942               11    0.33791524171829224  0.389312536
+//    4   -0.28444138169288635   -0.234607399              12    0.44070982933044434  0.501663446
+//    5   -0.18477343022823334   -0.137911737              13    0.5626170039176941   0.64278692
+//    6   -0.09105003625154495   -0.0455250181             14    0.7229568362236023   0.861478448
+//    7    0.0                    0.0397901498             15    1.0
+//
+// Round to nearest: the code is the number of midpoints (value[i] + value[i+1]) / 2 (float32) that
+// x is strictly greater than, so a value exactly on a midpoint takes the lower code, which is the
+// rule bitsandbytes applies (its kernels test x > midpoint); beyond +-1 saturates to code 0 / 15.
+// Stochastic rounding picks between the neighbours lo <= x < hi, up with probability
+// (x - lo) / (hi - lo), from the same 24 random bits as the other formats (uniform01).
+struct NF4 {
+  static constexpr int kBits = 4;
+  static constexpr uint32_t kCodes = 16;
+
+  // A table local to the function (not a namespace-scope array) so that device code may read it.
+  static AQ_HD constexpr float value(uint32_t code) {
+    constexpr float kValues[kCodes] = {-1.0f,
+                                       -0.6961928009986877f,
+                                       -0.5250730514526367f,
+                                       -0.39491748809814453f,
+                                       -0.28444138169288635f,
+                                       -0.18477343022823334f,
+                                       -0.09105003625154495f,
+                                       0.0f,
+                                       0.07958029955625534f,
+                                       0.16093020141124725f,
+                                       0.24611230194568634f,
+                                       0.33791524171829224f,
+                                       0.44070982933044434f,
+                                       0.5626170039176941f,
+                                       0.7229568362236023f,
+                                       1.0f};
+    return kValues[code & (kCodes - 1)];
+  }
+  static AQ_HD constexpr float midpoint(uint32_t i) { return (value(i) + value(i + 1)) * 0.5f; }
+
+  static AQ_HD float decode(uint32_t code) { return value(code); }
+  static AQ_HD float max_value() { return 1.0f; }
+
+  // NaN counts as below every midpoint (code 0); the kernels flag it before it is stored.
+  static AQ_HD uint32_t encode(float x, uint32_t noise = 0, bool stochastic = false) {
+    uint32_t code = 0;
+    if (!stochastic) {
+      // 15 comparisons with constants and no branch: vectorizes on the CPU
+#pragma unroll
+      for (uint32_t i = 0; i + 1 < kCodes; ++i) code += x > midpoint(i) ? 1u : 0u;
+      return code;
+    }
+#pragma unroll
+    for (uint32_t i = 1; i < kCodes; ++i) code += x >= value(i) ? 1u : 0u;
+    if (code == kCodes - 1) return code;  // x >= 1
+    const float lo = value(code), hi = value(code + 1);
+    const float frac = (x - lo) / (hi - lo);  // < 0 below -1: stays at code 0
+    return code + (uniform01(noise) < frac ? 1u : 0u);
+  }
+};
+
+namespace codebook_checks {
+constexpr bool nf4_table_is_sorted_with_midpoints_between() {
+  for (uint32_t i = 0; i + 1 < NF4::kCodes; ++i) {
+    if (!(NF4::value(i) < NF4::midpoint(i) && NF4::midpoint(i) < NF4::value(i + 1))) return false;
+  }
+  return true;
+}
+}  // namespace codebook_checks
+
+static_assert(NF4::kBits == 4 && NF4::kCodes == (1u << NF4::kBits), "nf4: 16 codes of 4 bits");
+static_assert(NF4::value(0) == -1.0f && NF4::value(7) == 0.0f && NF4::value(15) == 1.0f,
+              "nf4: -1 at code 0, an exact zero at code 7, +1 (the format's max) at code 15");
+static_assert(codebook_checks::nf4_table_is_sorted_with_midpoints_between(),
+              "nf4: values strictly increasing, so 'count the midpoints below x' is nearest rounding");
+
+// Learned code books (lut4): a row of k 4-bit codes is packed like every 4-bit format (two codes
+// a byte, low nibble first); each code indexes a table of kSize float values, one table per
+// tensor ([16]) or one per row ([rows, 16]), and the value is table[code] * scale of its group.
+// The tables are data, not part of the format: kernels receive them as float32.
+struct LearnedCodebook {
+  static constexpr int kBits = 4;
+  static constexpr int kSize = 1 << kBits;
+};
+static_assert(LearnedCodebook::kSize == 16 && LearnedCodebook::kBits == NF4::kBits,
+              "lut4: 16 values a table, codes packed like nf4");
 
 }  // namespace alphaquant
