@@ -31,7 +31,7 @@ MAPPINGS = [
     ("attention.output.LayerNorm", ["intermediate.dense"]),
 ]
 GRID = 20
-MAX_TOKENS = 4096  # calibration rows kept per consumer group for the search
+MAX_TOKENS = 1024  # calibration rows kept per consumer group for the search (its cost grows with them)
 
 
 @dataclass
@@ -86,12 +86,11 @@ def fold(mapping: Mapping, s: torch.Tensor) -> None:
         c.weight.mul_(s.to(c.weight.dtype).unsqueeze(0))
 
 
-def _output_error(x: torch.Tensor, consumers: list, quantizers: list, s: torch.Tensor) -> float:
+def _output_error(x: torch.Tensor, consumers: list, quantizers: list, s: torch.Tensor, refs: list) -> float:
     err = 0.0
     xs = x / s
-    for lin, (wq, aq) in zip(consumers, quantizers):
+    for lin, (wq, aq), ref in zip(consumers, quantizers, refs):
         w = lin.weight.detach().float()
-        ref = x @ w.T
         wq_hat = wq.quantize_weight(w * s).dequantize(torch.float32) if wq is not None else w * s
         xin = aq.quantize_activation(xs).float() if aq is not None else xs
         err += (ref - xin @ wq_hat.T).pow(2).sum().item()
@@ -118,7 +117,8 @@ def search_scales(x: torch.Tensor, mapping: Mapping, quantizers: list, method: s
     else:
         raise ValueError(f"unknown scaling method {method!r}; allowed: awq, smoothquant")
     xm, wm = xm.clamp_min(1e-5), wm.clamp_min(1e-5)
-    base = _output_error(x, mapping.consumers, quantizers, torch.ones_like(xm))
+    refs = [x @ c.weight.detach().float().T for c in mapping.consumers]  # the float outputs, once
+    base = _output_error(x, mapping.consumers, quantizers, torch.ones_like(xm), refs)
     best = (torch.ones_like(xm), 0.0, base)
     alphas = [alpha] if alpha is not None else [i / GRID for i in range(GRID)]
     for a in alphas:
@@ -126,7 +126,7 @@ def search_scales(x: torch.Tensor, mapping: Mapping, quantizers: list, method: s
         s = s / (s.max() * s.min()).sqrt()  # centred, so that neither side drifts in magnitude
         if not torch.isfinite(s).all() or (s <= 0).any():
             continue
-        e = _output_error(x, mapping.consumers, quantizers, s)
+        e = _output_error(x, mapping.consumers, quantizers, s, refs)
         if e < best[2] or alpha is not None:
             best = (s, a, e)
     return best[0], best[1], best[2], base
