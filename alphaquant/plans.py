@@ -22,6 +22,7 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
                     zero points refitted to the chosen codes by least squares on the Hessian)
   awq               true: activation-aware per-channel scaling, searched on calibration data and
                     folded into the preceding norm/linear (with rtn or gptq)
+  codebook_granularity  lut4 only: per_tensor (default) or per_channel learned code books
   smoothquant       true: SmoothQuant-style migration of activation outliers into the weights
                     (for int8/fp8 activations); smooth_alpha fixes its exponent (else searched)
 Schemes with gptq, awq or smoothquant are quantized block by block on calibration data
@@ -50,14 +51,15 @@ from .quantizers.registry import FLOAT_NAMES, lookup
 
 SCHEME_KEYS = {"wq", "aq", "group_size", "granularity", "act_granularity", "symmetric", "dtype", "act_static",
                "observer", "skip", "clip_search", "zero_opt", "scale_dtype", "algorithm", "damp", "block_size",
-               "act_order", "refit", "awq", "smoothquant", "smooth_alpha"}
+               "act_order", "refit", "awq", "smoothquant", "smooth_alpha", "codebook_granularity"}
 ALGORITHMS = ("rtn", "gptq")
 OBSERVERS = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
              "percentile": PercentileObserver, "mse": MSEObserver}
 DEFAULTS = {"wq": "int8", "aq": None, "group_size": 128, "granularity": "per_group", "act_granularity": "per_group",
             "symmetric": True, "dtype": "bfloat16", "act_static": False, "observer": "minmax", "skip": False,
             "clip_search": False, "zero_opt": False, "scale_dtype": "float32", "algorithm": "rtn", "damp": 0.01,
-            "block_size": 128, "act_order": False, "refit": False, "awq": False, "smoothquant": False, "smooth_alpha": None}
+            "block_size": 128, "act_order": False, "refit": False, "awq": False, "smoothquant": False, "smooth_alpha": None,
+            "codebook_granularity": "per_tensor"}
 
 
 class PlanError(ValueError):
@@ -171,6 +173,9 @@ def _check_scheme(s: dict, where: str) -> None:
             or not 0 <= s["smooth_alpha"] <= 1):
         raise PlanError(f"{where}.smooth_alpha must be null (searched) or a number in [0, 1]; "
                         f"got {_short(s['smooth_alpha'])}")
+    if "codebook_granularity" in s and s["codebook_granularity"] not in ("per_tensor", "per_channel"):
+        raise PlanError(f"{where}.codebook_granularity must be per_tensor or per_channel (one learned code book for "
+                        f"the weight or one per output channel, lut4 only); got {_short(s['codebook_granularity'])}")
     if s.get("awq") and s.get("smoothquant"):
         raise PlanError(f"{where}: awq and smoothquant both choose per-channel scales; pick one")
     if "observer" in s and not (isinstance(s["observer"], str) and s["observer"] in OBSERVERS):
@@ -204,6 +209,8 @@ def build_quantizers(scheme: dict):
             return None
         q_cls, cfg = found
         kwargs = dict(group_size=scheme["group_size"], dtype=scheme["dtype"], granularity=granularity)
+        if side == "wq" and scheme[side] == "lut4":
+            kwargs["codebook_granularity"] = scheme["codebook_granularity"]
         if side == "wq":
             kwargs["clip_search"] = scheme["clip_search"]
             kwargs["zero_opt"] = scheme["zero_opt"]

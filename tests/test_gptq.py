@@ -74,7 +74,7 @@ def test_gptq_matches_least_squares_per_group(block_size):
 
 
 FORMATS = [("int2", False), ("int3", False), ("int4", True), ("int4", False), ("int6", True), ("int8", True),
-           ("fp8", True), ("fp8_e5m2", True), ("fp4", True)]
+           ("fp8", True), ("fp8_e5m2", True), ("fp4", True), ("nf4", True), ("lut4", True)]
 
 
 @pytest.mark.parametrize("name,symmetric", FORMATS)
@@ -96,7 +96,8 @@ def test_gptq_beats_round_to_nearest(name, symmetric, act_order):
     assert tuple(packed.scale.shape) == tuple(quantizer.quantize_weight(w).scale.shape)
     deq = packed.dequantize(torch.float32)
     # the codes are on the format's grid: packing the dequantized weight again gives the same bytes
-    again = quantizer.pack_with_scales(deq, packed.scale, packed.zero_point)
+    again = quantizer.pack_values(deq, packed.scale, packed.codebook) if name == "lut4" else \
+        quantizer.pack_with_scales(deq, packed.scale, packed.zero_point)
     assert torch.equal(again.data, packed.data)
     assert layer_output_error(w, deq, h) < 0.9 * layer_output_error(w, rtn, h)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -89,7 +90,8 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("the calibration Hessian could not be inverted even with 10% damping")
 
 
-def _quantize_column(w: torch.Tensor, quantizer: BaseQuantizer, scale: torch.Tensor, zero) -> torch.Tensor:
+def _quantize_column(w: torch.Tensor, quantizer: BaseQuantizer, scale: torch.Tensor, zero,
+                     codebook: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Quantize-dequantize one column [rows] with its per-row scale (and zero point) [rows, 1].
 
     Integers use the kernels' formula (quant_math.h: rint(x / s + z), clamped, then (q - z) * s,
@@ -98,6 +100,11 @@ def _quantize_column(w: torch.Tensor, quantizer: BaseQuantizer, scale: torch.Ten
     group's range: float formats saturate there (e5m2 would round it to Inf), as integer codes
     do by clamping."""
     x = w.unsqueeze(1).to(torch.float32)
+    if codebook is not None:  # a learned code book (lut4): the nearest of its values, scaled
+        table = codebook.float()
+        codes = quantizer.nearest(x, scale, table)
+        values = table.gather(-1, codes) if table.dim() == 2 else table[codes]
+        return (values * scale).squeeze(1)
     if quantizer.fmt.startswith("int"):
         qmin, qmax = int_range(format_bits(quantizer.fmt), quantizer.symmetric)
         z = zero if zero is not None else 0.0
@@ -142,9 +149,21 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: BaseQu
 
     # Scales: per tensor and per channel they are known up front; per group they are chosen when
     # the group's first column comes up (or all at once with act_order, from the original weight).
-    static = gs in (PER_TENSOR, PER_CHANNEL) or options.act_order
+    codebook = None
+    static = gs in (PER_TENSOR, PER_CHANNEL) or options.act_order or quantizer.fmt == "lut4"
     col_group = None
-    if static:
+    if quantizer.fmt == "lut4":
+        # The code book is fitted once, up front, weighted by how much each input column matters
+        # (the Hessian's diagonal); then GPTQ picks codes from it column by column.
+        importance = torch.diagonal(hessian).detach().to(torch.float32).clamp_min(0)
+        scale, codebook = quantizer.fit(weight, importance.expand(rows, k))
+        zero = None
+        col_group = (torch.arange(k) // glen if gs > 0 else torch.zeros(k, dtype=torch.long)).tolist()
+        if perm is not None:
+            col_group = [col_group[j] for j in perm.tolist()]
+        if gs == PER_TENSOR:
+            scale = scale.expand(rows, -1).contiguous()
+    elif static:
         scale, zero = quantizer.choose_weight_scales(weight.detach().to(torch.float32))
         scale = scale.expand(rows, -1).contiguous() if gs == PER_TENSOR else scale
         zero = None if zero is None else (zero.expand(rows, -1).contiguous() if gs == PER_TENSOR else zero)
@@ -158,13 +177,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: BaseQu
 
     q = torch.empty(rows, k, dtype=torch.float32, device=weight.device)
     with _one_cpu_thread(weight.device):
-        _all_rows(weight, u, quantizer, scale, zero, col_group, glen, options.block_size, dead, perm, q)
+        _all_rows(weight, u, quantizer, scale, zero, col_group, glen, options.block_size, dead, perm, q, codebook)
     if perm is not None:
         q = q[:, torch.argsort(perm)]
     if gs == PER_TENSOR:
         scale = scale[:1, :1]
         zero = None if zero is None else zero[:1, :1]
-    elif options.refit and gs > 0:
+    if codebook is not None:
+        return quantizer.pack_values(q, scale.contiguous(), codebook)
+    if options.refit and gs > 0:
         q, scale, zero = refit_group_scales(weight.detach().to(torch.float32), q, scale, zero, hessian, glen,
                                             quantizer)
     return quantizer.pack_with_scales(q, scale.contiguous(), None if zero is None else zero.contiguous())
@@ -241,7 +262,7 @@ def _one_cpu_thread(device):
         torch.set_num_threads(before)
 
 
-def _all_rows(weight, u, quantizer, scale, zero, col_group, glen, block, dead, perm, q):
+def _all_rows(weight, u, quantizer, scale, zero, col_group, glen, block, dead, perm, q, codebook=None):
     rows = weight.shape[0]
     for r0 in range(0, rows, ROW_CHUNK):
         r1 = min(r0 + ROW_CHUNK, rows)
@@ -250,11 +271,12 @@ def _all_rows(weight, u, quantizer, scale, zero, col_group, glen, block, dead, p
         w[:, dead] = 0.0  # inputs that are always zero: their weights never matter
         if perm is not None:
             w = w[:, perm]
+        cb = codebook[r0:r1] if codebook is not None and codebook.dim() == 2 else codebook
         q[r0:r1] = _gptq_rows(w, u, quantizer, scale[r0:r1], None if zero is None else zero[r0:r1],
-                              col_group, glen, block)
+                              col_group, glen, block, cb)
 
 
-def _gptq_rows(w, u, quantizer, scale, zero, col_group, glen, block):
+def _gptq_rows(w, u, quantizer, scale, zero, col_group, glen, block, codebook=None):
     """The column loop over a chunk of rows ``w`` [r, k] (float64, permuted); fills ``scale`` /
     ``zero`` of dynamic groups in place; returns the quantized values [r, k] float32."""
     rows, k = w.shape
@@ -284,7 +306,7 @@ def _gptq_rows(w, u, quantizer, scale, zero, col_group, glen, block):
             s_col = scale[:, g:g + 1].contiguous()
             z_col = None if zero is None else zero[:, g:g + 1].contiguous()
             wc = w_blk[i]
-            qc = _quantize_column(wc, quantizer, s_col, z_col)
+            qc = _quantize_column(wc, quantizer, s_col, z_col, codebook)
             q[:, col] = qc
             e = (wc - qc.to(torch.float64)) / u_blk[i, i]
             w_blk[i:] -= u_blk[i, i:].unsqueeze(1) * e.unsqueeze(0)

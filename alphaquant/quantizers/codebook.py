@@ -123,6 +123,11 @@ class CodebookQuantizer(BaseQuantizer):
         importance: optional non-negative per-element weights of the fit, broadcastable to
         ``weight`` (e.g. a diagonal Hessian [k] or [out, k]); None weighs every element alike.
         """
+        scale, codebook = self.fit(weight, importance)
+        return self.pack_values(weight, scale, codebook)
+
+    def fit(self, weight: torch.Tensor, importance: Optional[torch.Tensor] = None):
+        """(scales float32 as stored, code book as stored: [16] or [..., 16]) for ``weight``."""
         cfg = self.config
         if not torch.is_floating_point(weight):
             raise TypeError(f"quantize_weight expects a floating tensor; got {weight.dtype}")
@@ -148,13 +153,30 @@ class CodebookQuantizer(BaseQuantizer):
         per_row = cfg.codebook_granularity == "per_channel"
         fit_u, fit_w = (u, fit_weight) if per_row else (u.reshape(1, -1), fit_weight.reshape(1, -1))
         codebook = fit_codebook(fit_u, fit_w, cfg.iterations).to(DTYPES[cfg.codebook_dtype])
-        table = codebook.float() if per_row else codebook.float().reshape(LEARNED_CODEBOOK_SIZE)
-        codes = nearest_codes(u, table).to(torch.uint8).reshape(w.shape)
-        packed = ops.pack(codes, self.bits)
         stored = codebook.reshape(tuple(w.shape[:-1]) + (LEARNED_CODEBOOK_SIZE,)) if per_row \
             else codebook.reshape(LEARNED_CODEBOOK_SIZE)
-        return PackedTensor(packed, scale.to(sdt), None, self.fmt, True, gs, tuple(w.shape), cfg.torch_dtype,
-                            codebook=stored.contiguous())
+        return scale, stored.contiguous()
+
+    def nearest(self, x: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """Codes (int64) of ``x`` [rows, n] for per-row ``scale`` [rows, 1] and a code book [16] or
+        [rows, 16]: the nearest value of x / scale."""
+        u = (x.to(torch.float32) / scale).clamp(-1.0, 1.0)
+        return nearest_codes(u, codebook.float())
+
+    def pack_values(self, weight: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor) -> PackedTensor:
+        """Pack ``weight`` with given scales (as :meth:`fit` gives them) and code book: each value
+        takes the nearest code (values already on the grid keep their codes)."""
+        cfg = self.config
+        w = weight.detach()
+        gs, k = cfg.op_group_size, w.shape[-1]
+        s = _per_element(scale, w.shape, gs)
+        u = (w.to(torch.float32) / s).clamp(-1.0, 1.0).reshape(-1, k)
+        table = codebook.float().reshape(-1, LEARNED_CODEBOOK_SIZE)
+        table = table if table.shape[0] > 1 else table.reshape(LEARNED_CODEBOOK_SIZE)
+        codes = nearest_codes(u, table).to(torch.uint8).reshape(w.shape)
+        packed = ops.pack(codes, self.bits)
+        return PackedTensor(packed, scale.to(DTYPES[cfg.scale_dtype]), None, self.fmt, True, gs, tuple(w.shape),
+                            cfg.torch_dtype, codebook=codebook.contiguous())
 
 
 def _per_element(scale: torch.Tensor, shape, group_size: int) -> torch.Tensor:
