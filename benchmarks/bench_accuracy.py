@@ -186,8 +186,15 @@ def llmcompressor_peer_rows(name, loaded, calib_text, measure, python: str, metr
     from llmcompressor_rows import llmcompressor_rows  # noqa: E402
 
     calib = calibration_batches(loaded, calib_text, "algorithm")
+    measured = []
+
+    def first_value(model) -> float:  # its interface takes one number; we keep both corpora's
+        measured.append(measure(model))
+        return float(measured[-1][0])
     out = []
-    for method, bits, values, seconds in llmcompressor_rows(loaded.model, loaded.tokenizer, calib, measure, python):
+    rows = llmcompressor_rows(loaded.model, loaded.tokenizer, calib, first_value, python,
+                              ["gptq_w4_asym_g64", "gptq_w4_sym_g64", "awq_w4_asym_g64", "gptq_w3_asym_g64"])
+    for (method, bits, _, seconds), values in zip(rows, measured):
         out.append([name, method, metric, round(bits, 3), *values, f"{seconds:.0f}"])
         print(out[-1], flush=True)
     return out
