@@ -180,6 +180,9 @@ def run_model(name: str, path, n_tokens: int, presets: list, with_peers: bool, s
     return rows
 
 
+LLMC_SCHEMES = ["gptq_w4_asym_g64", "gptq_w4_sym_g64", "awq_w4_asym_g64"]
+
+
 def llmcompressor_peer_rows(name, loaded, calib_text, measure, python: str, metric: str) -> list:
     """llm-compressor (GPTQ, AWQ) run in its own venv on the same calibration windows as ours."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
@@ -192,8 +195,7 @@ def llmcompressor_peer_rows(name, loaded, calib_text, measure, python: str, metr
         measured.append(measure(model))
         return float(measured[-1][0])
     out = []
-    rows = llmcompressor_rows(loaded.model, loaded.tokenizer, calib, first_value, python,
-                              ["gptq_w4_asym_g64", "gptq_w4_sym_g64", "awq_w4_asym_g64", "gptq_w3_asym_g64"])
+    rows = llmcompressor_rows(loaded.model, loaded.tokenizer, calib, first_value, python, LLMC_SCHEMES)
     for (method, bits, _, seconds), values in zip(rows, measured):
         out.append([name, method, metric, round(bits, 3), *values, f"{seconds:.0f}"])
         print(out[-1], flush=True)
@@ -223,9 +225,12 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip bitsandbytes/HQQ/torchao/quanto")
     parser.add_argument("--second-corpus", action="store_true",
                         help="also evaluate on the license texts of /usr/share/common-licenses (never calibrated on)")
+    parser.add_argument("--llmcompressor-schemes", default=",".join(LLMC_SCHEMES),
+                        help="llm-compressor schemes (a scheme not in its cache takes ~10-30 min on 2 cores)")
     parser.add_argument("--llmcompressor-python", default="",
                         help="python of a venv with llmcompressor (benchmarks/peers/README.md): adds its GPTQ/AWQ rows")
     args = parser.parse_args()
+    LLMC_SCHEMES[:] = [x for x in args.llmcompressor_schemes.split(",") if x]
     torch.manual_seed(0)
     rows = []
     presets = [p for p in args.presets.split(",") if p]
