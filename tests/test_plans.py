@@ -140,7 +140,7 @@ def test_failure_during_calibration_restores_the_model():
 def test_failure_midway_restores_the_model(monkeypatch):
     model = _model()
     calls = []
-    real = QuantLinear.from_linear
+    real = QuantLinear.from_packed  # what apply_plan builds every layer with
 
     def fail_second(*args, **kwargs):
         calls.append(1)
@@ -148,7 +148,7 @@ def test_failure_midway_restores_the_model(monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(QuantLinear, "from_linear", fail_second)
+    monkeypatch.setattr(QuantLinear, "from_packed", fail_second)
     with pytest.raises(KeyboardInterrupt):
         apply_plan(model, {"default": {"wq": "int4", "group_size": 8}})
     assert _linears(model) == [nn.Linear, nn.Linear]
