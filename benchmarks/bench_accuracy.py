@@ -98,7 +98,11 @@ def peer_quanto(bits: int):
 
 def peers(is_lm: bool):
     out = []
-    have = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    def have(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # "optimum.quanto" without "optimum"
+            return False
     if have("bitsandbytes"):
         out += [("bitsandbytes NF4 b64", "replace", peer_bnb("nf4")), ("bitsandbytes FP4 b64", "replace", peer_bnb("fp4"))]
     if have("hqq"):
