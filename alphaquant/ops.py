@@ -321,8 +321,8 @@ def _check_dequantize(op: str, packed, scale, zero_point, fmt, symmetric, group_
             raise _value_error(op, f"zero_point is only used by asymmetric int formats; {fmt} takes none")
 
 
-def _check_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k) -> None:
-    op = "linear"
+def _check_linear_input(op: str, x, packed, bias, k) -> None:
+    """What every linear op asks of x, the packed weight's rank and the devices."""
     _check_floating(op, x)
     _check_same_device(op, x, "x", packed, "packed")
     _check_same_device(op, x, "x", bias, "bias")
@@ -330,6 +330,11 @@ def _check_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size
         raise _value_error(op, f"x must have last dimension k={k}; got shape {_shape(x)}")
     if packed.dim() != 2:
         raise _value_error(op, f"the packed weight must be 2-D [n, bytes per row]; got shape {_shape(packed)}")
+
+
+def _check_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k) -> None:
+    op = "linear"
+    _check_linear_input(op, x, packed, bias, k)
     _check_dequantize(op, packed, scale, zero_point, fmt, symmetric, group_size, k)
     if x.numel() == 0:
         raise _value_error(op, f"x is empty (shape {_shape(x)})")
@@ -439,13 +444,7 @@ def _dequantize_codebook_fake(packed, scale, codebook, group_size, k, dtype, val
 @torch.library.register_fake("alphaquant::linear_codebook")
 def _linear_codebook_fake(x, packed, scale, codebook, bias, group_size, k, validate=True):
     op = "linear_codebook"
-    _check_floating(op, x)
-    _check_same_device(op, x, "x", packed, "packed")
-    _check_same_device(op, x, "x", bias, "bias")
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise _value_error(op, f"x must have last dimension k={k}; got shape {_shape(x)}")
-    if packed.dim() != 2:
-        raise _value_error(op, f"the packed weight must be 2-D [n, bytes per row]; got shape {_shape(packed)}")
+    _check_linear_input(op, x, packed, bias, k)
     _check_codebook(op, packed, scale, codebook, group_size, k)
     if x.numel() == 0:
         raise _value_error(op, f"x is empty (shape {_shape(x)})")

@@ -21,6 +21,7 @@
 #include "cpu/dot.h"
 #include "cpu/linear_avx2.h"
 #include "cpu/segments.h"
+#include "cpu/tiled_gemm.h"
 
 namespace alphaquant {
 namespace {
@@ -182,17 +183,9 @@ at::Tensor linear_codebook_cpu(const at::Tensor& x, const at::Tensor& packed, co
   if (m > kMaxGemvRows) {
     // A tile of output features at a time is dequantized (it stays in cache) and handed to GEMM;
     // the dequantize op checks the scales and the code book when validating.
-    constexpr int64_t kTile = 1024;
-    for (int64_t n0 = 0; n0 < n; n0 += kTile) {
-      const int64_t rows = std::min(kTile, n - n0);
-      const at::Tensor w = dequantize_codebook_weight(a, at::kFloat, n0, rows);
-      at::Tensor yt = y.narrow(1, n0, rows);
-      if (a.bias) {
-        yt.copy_(at::addmm(a.bias->narrow(0, n0, rows), xf, w.t()));
-      } else {
-        yt.copy_(at::mm(xf, w.t()));
-      }
-    }
+    gemm_by_dequantized_tiles(xf, a.bias, y, [&](int64_t n0, int64_t rows) {
+      return dequantize_codebook_weight(a, at::kFloat, n0, rows);
+    });
     return y.to(x.scalar_type()).reshape(a.out_shape);
   }
   std::atomic<int> err{0};

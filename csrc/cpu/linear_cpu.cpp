@@ -19,6 +19,7 @@
 #include "cpu/decode_table.h"
 #include "cpu/dot.h"
 #include "cpu/linear_avx2.h"
+#include "cpu/tiled_gemm.h"
 
 namespace alphaquant {
 namespace {
@@ -167,17 +168,9 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
     // Dequantize a tile of output features at a time (it stays in cache) and hand it to GEMM.
     const at::Tensor xf = a.x2d.to(at::kFloat);
     at::Tensor y = at::empty({m, a.layout.rows}, xf.options());
-    constexpr int64_t kTile = 1024;  // 16 MiB of float32 at k = 4096: measured best of 256, 1024, all
-    for (int64_t n0 = 0; n0 < a.layout.rows; n0 += kTile) {
-      const int64_t rows = std::min(kTile, a.layout.rows - n0);
-      const at::Tensor w = dequantize_weight(a, at::kFloat, n0, rows);
-      at::Tensor yt = y.narrow(1, n0, rows);
-      if (a.bias) {
-        yt.copy_(at::addmm(a.bias->narrow(0, n0, rows), xf, w.t()));
-      } else {
-        yt.copy_(at::mm(xf, w.t()));
-      }
-    }
+    gemm_by_dequantized_tiles(xf, a.bias, y, [&](int64_t n0, int64_t rows) {
+      return dequantize_weight(a, at::kFloat, n0, rows);
+    });
     return y.to(x.scalar_type()).reshape(a.out_shape);
   }
   const at::Tensor xf = a.x2d.to(at::kFloat).contiguous();
