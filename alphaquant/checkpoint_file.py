@@ -61,6 +61,8 @@ def _layer_meta(model: nn.Module) -> dict:
             if m.weight_codebook is not None:
                 entry["codebook_shape"] = list(m.weight_codebook.shape)
                 entry["codebook_dtype"] = str(m.weight_codebook.dtype).removeprefix("torch.")
+            if m.input_rotation is not None:
+                entry["input_rotation"] = m.input_rotation
             aq = m.act_quantizer
             if aq is not None and aq.is_static:
                 entry["act_scale"] = aq.static_scale.flatten().tolist()
@@ -198,6 +200,8 @@ def _check_layer_entry(name: str, e: object, path: str) -> None:
             raise ValueError(f"{where}: 'codebook_shape' must be a list of one or two positive integers")
         if dtype not in _CODEBOOK_DTYPES:
             raise ValueError(f"{where}: 'codebook_dtype' must be one of {sorted(_CODEBOOK_DTYPES)}")
+    if "input_rotation" in e and e["input_rotation"] != "hadamard":
+        raise ValueError(f"{where}: 'input_rotation' must be 'hadamard' when present")
     if "act_scale" in e:
         scale, shape = e["act_scale"], e.get("act_scale_shape")
         zp = e.get("act_zero_point")
@@ -271,10 +275,10 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
                          f"only in the model {extra[:5]}")
     for name, entry in meta["layers"].items():
         ours = layers[name]
-        for key in ("fmt", "symmetric", "group_size", "shape", "codebook_shape", "codebook_dtype"):
+        for key in ("fmt", "symmetric", "group_size", "shape", "codebook_shape", "codebook_dtype", "input_rotation"):
             if ours.get(key) != entry.get(key):
-                raise ValueError(f"checkpoint {path}: layer {name} has {key}={entry[key]!r} but the plan gives "
-                                 f"{ours[key]!r} for this model")
+                raise ValueError(f"checkpoint {path}: layer {name} has {key}={entry.get(key)!r} but the plan gives "
+                                 f"{ours.get(key)!r} for this model")
     expected = {k: (_SAFETENSORS_DTYPE.get(v.dtype), tuple(v.shape)) for k, v in model.state_dict().items()}
     for k, (dtype, shape, _) in tensors.items():  # before loading: no tensor of a wrong size is ever allocated
         if k in expected and expected[k] != (dtype, shape):

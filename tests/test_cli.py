@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from alphaquant.algorithms.mixed_precision import DEFAULT_CANDIDATES
 from alphaquant.cli import main
 from tiny_llama import save_tiny_llama
 
@@ -246,6 +247,26 @@ def test_gptq_plan_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     assert abs(ppl - report["eval"]["after"]["perplexity"]) < 1e-3 * ppl
 
 
+def test_rotated_gptq_plan_from_the_command_line_reloads_as_written(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    plan = tmp_path / "rot.json"
+    plan.write_text(json.dumps({"rotation": "hadamard", "default": {"wq": "int4", "group_size": 32, "symmetric": False,
+                                                                      "algorithm": "gptq", "dtype": "float32"}}))
+    assert main(["quantize", tiny_model_dir, "--plan", str(plan), "--out", out, "--eval-tokens", "1024",
+                 "--calib-tokens", "1024"]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    capsys.readouterr()
+    assert main(["eval", out, "--eval-tokens", "1024"]) == 0  # rotated float tensors + online rotation reload
+    ppl = float(capsys.readouterr().out.split("perplexity")[-1])
+    assert abs(ppl - report["eval"]["after"]["perplexity"]) < 1e-3 * ppl
+    mixed = str(tmp_path / "mixed.json")
+    assert main(["plan", tiny_model_dir, "--budget", "3", "--out", mixed, "--curve", "", "--rotation", "hadamard",
+                 "--algorithm", "gptq", "--calib-tokens", "512"]) == 0
+    written = json.load(open(mixed))
+    assert written["rotation"] == "hadamard"
+    assert all(o["algorithm"] == "gptq" and o["act_order"] and o["refit"] for o in written["overrides"])
+
+
 def test_plan_command_writes_a_plan_within_budget_and_a_curve(tiny_model_dir, tmp_path, capsys):
     out = str(tmp_path / "mixed.json")
     assert main(["plan", tiny_model_dir, "--budget", "4", "--out", out, "--curve", "3,5", "--uniform",
@@ -255,7 +276,7 @@ def test_plan_command_writes_a_plan_within_budget_and_a_curve(tiny_model_dir, tm
     curve = json.load(open(str(tmp_path / "mixed_curve.json")))
     mixed = {p["label"]: p for p in curve["points"] if p["kind"] == "mixed"}
     assert set(mixed) == {"3", "5"} and all(p["bits"] <= float(k) for k, p in mixed.items())
-    assert len([p for p in curve["points"] if p["kind"] == "uniform"]) == 8
+    assert len([p for p in curve["points"] if p["kind"] == "uniform"]) == len(DEFAULT_CANDIDATES)
     assert os.path.getsize(str(tmp_path / "mixed_curve.png")) > 1000
     q = str(tmp_path / "q")
     assert main(["quantize", tiny_model_dir, "--plan", out, "--out", q, "--no-eval"]) == 0

@@ -24,9 +24,13 @@ from .. import ops
 # bits is bits + 32 / group size), zero points refined (zero_opt).
 _BASE = {"aq": "none", "symmetric": False, "scale_dtype": "float16", "zero_opt": True}
 DEFAULT_CANDIDATES = {
+    "int2_g128": {**_BASE, "wq": "int2", "group_size": 128},
+    "int2_g64": {**_BASE, "wq": "int2", "group_size": 64},
     "int2_g32": {**_BASE, "wq": "int2", "group_size": 32},
+    "int3_g128": {**_BASE, "wq": "int3", "group_size": 128},
     "int3_g64": {**_BASE, "wq": "int3", "group_size": 64},
     "int3_g32": {**_BASE, "wq": "int3", "group_size": 32},
+    "int4_g128": {**_BASE, "wq": "int4", "group_size": 128},
     "int4_g64": {**_BASE, "wq": "int4", "group_size": 64},
     "int4_g32": {**_BASE, "wq": "int4", "group_size": 32},
     "int5_g64": {**_BASE, "wq": "int5", "group_size": 64},

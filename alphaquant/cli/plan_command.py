@@ -88,9 +88,16 @@ def cmd_plan(args) -> int:
         calib = [tok(sents[i:i + 16], padding=True, return_tensors="pt") for i in range(0, len(sents), 16)]
     import torch
 
+    if args.rotation != "none":
+        from ..algorithms.rotation import RotationError, rotate_model
+
+        try:  # sensitivities of the weights as the plan will quantize them (its plans rotate too)
+            rotate_model(loaded.model)
+        except RotationError as e:
+            raise CliError(str(e)) from None
     names = [n for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear)]
     sens = mp.measure_sensitivity(loaded.model, names, calib, _loss_fn(loaded.is_causal_lm), progress=progress)
-    extra = {"algorithm": "gptq"} if args.algorithm == "gptq" else {}
+    extra = {"algorithm": "gptq", "act_order": True, "refit": True} if args.algorithm == "gptq" else {}
 
     def plan_for(budget: float) -> dict:
         try:
@@ -98,6 +105,8 @@ def cmd_plan(args) -> int:
         except ValueError as e:
             raise CliError(str(e)) from None
         plan = mp.assignment_plan(assignment, sens.candidates, f"mixed precision, {budget} bits per weight", extra)
+        if args.rotation != "none":
+            plan["rotation"] = args.rotation
         plan["description"] = (f"{sens.bits(assignment):.4f} bits per weight (scales included) over "
                                f"{len(assignment)} linear layers; predicted loss increase "
                                f"{sens.predicted_loss(assignment):.4g}")
@@ -148,7 +157,8 @@ def cmd_plan(args) -> int:
         json.dump(summary, f, indent=1)
     save_curve_chart(points, f"{stem}_curve.png",
                      f"{loaded.source.split(os.sep)[-1]}: {metric} vs bits per weight "
-                     f"(float {summary['float']:.3f}; {args.algorithm})")
+                     f"(float {summary['float']:.3f}; {args.algorithm}"
+                     f"{'' if args.rotation == 'none' else ', rotation ' + args.rotation})")
     print(f"wrote {stem}_curve.png and {stem}_curve.json ({time.time() - t0:.0f} s)", file=sys.stderr)
     return 0
 
@@ -159,7 +169,10 @@ def add_parser(sub, eval_tokens_type, int_at_least) -> None:
     p.add_argument("--budget", type=float, required=True, help="average bits per weight, scales included")
     p.add_argument("--out", required=True, help="plan file to write (JSON)")
     p.add_argument("--force", action="store_true", help="replace an existing plan file")
-    p.add_argument("--algorithm", choices=("rtn", "gptq"), default="rtn", help="how the planned layers are quantized")
+    p.add_argument("--algorithm", choices=("rtn", "gptq"), default="rtn",
+                   help="how the planned layers are quantized (gptq: with act-order and refitted scales)")
+    p.add_argument("--rotation", choices=("none", "hadamard"), default="none",
+                   help="hadamard: rotate the model first (Llama family) and plan for the rotated weights")
     p.add_argument("--curve", default=",".join(f"{b:g}" for b in DEFAULT_CURVE),
                    help="budgets whose plans are applied and measured for the curve ('' skips it)")
     p.add_argument("--uniform", action="store_true", help="also measure every candidate format applied everywhere")

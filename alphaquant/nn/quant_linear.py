@@ -10,6 +10,7 @@ from .. import ops
 from ..formats import LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS
 from ..packed import PackedTensor
 from ..quantizers.base import BaseQuantizer
+from ..algorithms.rotation import ATTR as ROTATION_ATTR, set_input_rotation
 
 
 class QuantLinear(nn.Module):
@@ -29,13 +30,16 @@ class QuantLinear(nn.Module):
     :meth:`check_scales`.
 
     ``scheme`` is the resolved plan scheme the layer was built from (alphaquant.plans), None when
-    the layer was built directly.
+    the layer was built directly. ``input_rotation="hadamard"`` makes the layer compute with
+    x H (an orthogonal Hadamard matrix, applied before the activations are quantized), for layers
+    of a rotated model (alphaquant.algorithms.rotation) whose weight was rotated to match.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, symmetric: bool, group_size: int,
                  act_quantizer: Optional[BaseQuantizer] = None, bias_dtype: torch.dtype = torch.float32,
                  device=None, scale_dtype: torch.dtype = torch.float32, scheme: Optional[dict] = None,
-                 codebook_shape: Optional[tuple] = None, codebook_dtype: torch.dtype = torch.float16):
+                 codebook_shape: Optional[tuple] = None, codebook_dtype: torch.dtype = torch.float16,
+                 input_rotation: Optional[str] = None):
         super().__init__()
         if act_quantizer is not None and act_quantizer.fmt in LEARNED_FORMATS:
             raise ValueError(f"QuantLinear: a {act_quantizer.fmt} code book is fitted to a weight; it cannot "
@@ -54,6 +58,11 @@ class QuantLinear(nn.Module):
         if fmt in LEARNED_FORMATS:
             self.allocate_codebook(codebook_shape or (LEARNED_CODEBOOK_SIZE,), codebook_dtype)
         self.register_load_state_dict_post_hook(_check_loaded_scales)
+        set_input_rotation(self, input_rotation)
+
+    @property
+    def input_rotation(self) -> Optional[str]:
+        return getattr(self, ROTATION_ATTR, None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, w_quantizer: BaseQuantizer,
@@ -71,7 +80,8 @@ class QuantLinear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, packed.fmt, packed.symmetric,
                     packed.group_size, a_quantizer, linear.weight.dtype, linear.weight.device, packed.scale.dtype,
                     scheme=scheme, codebook_shape=None if cb is None else tuple(cb.shape),
-                    codebook_dtype=torch.float16 if cb is None else cb.dtype)
+                    codebook_dtype=torch.float16 if cb is None else cb.dtype,
+                    input_rotation=getattr(linear, ROTATION_ATTR, None))
         layer.load_packed(packed)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
@@ -148,9 +158,10 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         act = "float" if self.act_quantizer is None else self.act_quantizer.fmt
+        rot = f", input_rotation={self.input_rotation}" if self.input_rotation else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight={self.fmt}"
                 f"{'' if self.symmetric else ' asym'}, group_size={self.group_size}, activations={act}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}{rot}")
 
 
 def _check_loaded_scales(module: QuantLinear, incompatible_keys) -> None:
