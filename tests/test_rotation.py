@@ -185,3 +185,10 @@ def test_rotating_a_rotated_model_again_changes_nothing():
     rotate_model(model, seed=9)
     apply_plan(model, {**W8A8, "rotation": "hadamard", "default": {**W8A8["default"], "skip": True}})
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_rotated_quant_linear_compiles_with_fullgraph():
+    r = QuantLinear(96, 5, True, "int8", True, 32, input_rotation="hadamard")
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(torch.compile(r, fullgraph=True)(x), r(x), atol=1e-5, rtol=1e-5)
+    assert "rotation_factor0" not in r.state_dict()  # rebuilt from input_rotation, never stored

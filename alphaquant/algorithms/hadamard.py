@@ -101,21 +101,27 @@ def has_hadamard(n: int) -> bool:
     return hadamard_factors(n) is not None
 
 
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """x @ hadamard_matrix(n) over the last dimension (n = x.shape[-1]), one Kronecker factor at a
-    time; same dtype as x (computed in float32 for 16-bit inputs)."""
-    n = x.shape[-1]
+def hadamard_factor_matrices(n: int) -> list:
+    """The +-1 Kronecker factors of hadamard_matrix(n) * sqrt(n), float32 (exact in any float dtype)."""
     factors = hadamard_factors(n)
     if factors is None:
         raise ValueError(f"hadamard_transform: no Hadamard matrix of order {n}")
+    return [_factor_matrix(m).to(torch.float32) for m in factors]
+
+
+def hadamard_transform(x: torch.Tensor, factor_matrices: list | None = None) -> torch.Tensor:
+    """x @ hadamard_matrix(n) over the last dimension (n = x.shape[-1]), one Kronecker factor at a
+    time; same dtype as x (computed in float32 for 16-bit inputs). ``factor_matrices`` (from
+    hadamard_factor_matrices, e.g. kept as a layer's buffers) saves building them per call."""
+    n = x.shape[-1]
+    mats = factor_matrices if factor_matrices is not None else hadamard_factor_matrices(n)
     dtype = x.dtype
     y = x.to(torch.float32) if dtype in (torch.float16, torch.bfloat16) else x
     lead = y.shape[:-1]
-    y = y.reshape(-1, *factors)
-    for axis, m in enumerate(factors, start=1):
-        mat = _factor_matrix(m).to(device=y.device, dtype=y.dtype)
-        y = torch.movedim(torch.tensordot(y, mat, dims=([axis], [0])), -1, axis)
-    return (y.reshape(*lead, n) / math.sqrt(n)).to(dtype)
+    y = y.reshape(-1, *[m.shape[0] for m in mats])
+    for axis, mat in enumerate(mats, start=1):
+        y = torch.movedim(torch.tensordot(y, mat.to(device=y.device, dtype=y.dtype), dims=([axis], [0])), -1, axis)
+    return (y.reshape(*lead, n) * (1.0 / math.sqrt(n))).to(dtype)
 
 
 def random_signed_hadamard(n: int, seed: int) -> torch.Tensor:

@@ -20,12 +20,14 @@ The online rotation of down_proj is a forward pre-hook recorded in the layer's
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .hadamard import hadamard_factors, hadamard_matrix, hadamard_transform, random_signed_hadamard
+from .hadamard import (hadamard_factor_matrices, hadamard_factors, hadamard_matrix, hadamard_transform,
+                       random_signed_hadamard)
 
 ROTATIONS = ("none", "hadamard")
 ATTR = "alphaquant_input_rotation"
@@ -39,7 +41,8 @@ def rotate_input_hook(module: nn.Module, args):
     """Forward pre-hook: the layer's input x -> x H (H the layer's online Hadamard)."""
     if getattr(module, ATTR, None) != "hadamard":
         return None
-    return (hadamard_transform(args[0]),) + tuple(args[1:])
+    mats = [getattr(module, f"rotation_factor{i}") for i in range(module.rotation_factors)]
+    return (hadamard_transform(args[0], mats),) + tuple(args[1:])
 
 
 def set_input_rotation(module: nn.Module, kind: Optional[str]) -> None:
@@ -51,10 +54,16 @@ def set_input_rotation(module: nn.Module, kind: Optional[str]) -> None:
     width = getattr(module, "in_features", None)
     if width is None or hadamard_factors(width) is None:
         raise ValueError(f"no Hadamard rotation of {width} input features")
-    already = getattr(module, ATTR, None) == "hadamard"
     setattr(module, ATTR, kind)
-    if not already:
+    if not getattr(module, "_rotation_hooked", False):
+        tensors = itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
+        device = next((t.device for t in tensors), None)
+        mats = hadamard_factor_matrices(width)
+        for i, m in enumerate(mats):  # buffers: they follow the layer to its device (not in its state_dict)
+            module.register_buffer(f"rotation_factor{i}", m.to(device), persistent=False)
+        module.rotation_factors = len(mats)
         module.register_forward_pre_hook(rotate_input_hook)
+        module._rotation_hooked = True
 
 
 def clear_input_rotation(module: nn.Module) -> None:
