@@ -26,10 +26,10 @@ from _timing import print_table  # noqa: E402
 from alphaquant.cli import evaluation  # noqa: E402
 from alphaquant.cli.models import load_model  # noqa: E402
 from alphaquant.cli.presets import resolve_plan  # noqa: E402
-from alphaquant.plans import apply_plan  # noqa: E402
+from alphaquant.plans import PlanError, apply_plan  # noqa: E402
 
-PRESETS = ["w8a8", "w8a8_smoothquant", "w8a16", "fp8", "w4a16_g128", "w4a16_g128_mse", "w4a16_g64", "awq_w4_g64",
-           "gptq_w4_g64", "w4a16_g32", "fp4", "gptq_w3_g64", "w2a16", "gptq_w2_g32"]
+PRESETS = ["w8a8", "w8a8_smoothquant", "w8a8_rotated", "w8a16", "fp8", "w4a16_g128", "w4a16_g128_mse", "w4a16_g64", "awq_w4_g64",
+           "gptq_w4_g64", "gptq_w4_g64_rotated", "w4a16_g32", "fp4", "gptq_w3_g64", "gptq_w3_g64_rotated", "w2a16", "gptq_w2_g32"]
 
 
 def linears(model):
@@ -163,7 +163,12 @@ def run_model(name: str, path, n_tokens: int, presets: list, with_peers: bool, s
         forward = None if is_lm else (lambda m, b: m(**b))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = apply_plan(model, plan, calibration_batches=calib, forward_fn=forward)
+            try:
+                report = apply_plan(model, plan, calibration_batches=calib, forward_fn=forward)
+            except PlanError as e:  # e.g. a rotated preset on an encoder: reported, not hidden
+                rows.append([name, f"alphaquant {plan_name}", metric, "-", f"not applicable: {str(e)[:70]}", "-", "-"])
+                print(rows[-1], flush=True)
+                continue
         n = sum(r.bytes_before // 4 for r in report.layers)
         bits = 8.0 * report.bytes_after / n
         rows.append([name, f"alphaquant {plan_name}", metric, round(bits, 3), *measure(model), f"{time.time() - t:.0f}"])

@@ -19,8 +19,15 @@ from _timing import machine, median_time, print_table  # noqa: E402
 from alphaquant import ops  # noqa: E402
 
 FORMATS = [("int4", True, 128), ("int8", True, 0), ("fp8_e4m3", True, 0), ("int2", False, 64), ("fp4_e2m1", True, 32),
-           ("int6", True, 128)]
+           ("int6", True, 128), ("nf4", True, 64), ("lut4", True, 64)]
 GPU_SHAPES = "4096x4096,4096x14336,14336x4096,8192x28672"
+
+
+def learned_codebook(w: torch.Tensor, group_size: int):
+    from alphaquant.quantizers.registry import lookup
+
+    q_cls, cfg = lookup("lut4")
+    return q_cls(cfg(group_size=group_size, dtype="float32")).quantize_weight(w)
 
 
 def main() -> None:
@@ -47,12 +54,20 @@ def main() -> None:
             t_ref = median_time(lambda: F.linear(x, ws[next(it) % copies]), dev, reps)
             row = [f"{k}x{n}", m, f"{t_ref * 1e6:.0f}"]
             for fmt, sym, g in formats:
-                qs = [ops.quantize(w, fmt, symmetric=sym, group_size=g) for w in ws]
                 it2 = iter(range(10**9))
+                if fmt == "lut4":  # a learned code book per tensor: its own op
+                    qs = [learned_codebook(w, g) for w in ws]
 
-                def run():
-                    p, s, z = qs[next(it2) % copies]
-                    return ops.linear(x, p, s, z if z.numel() else None, None, fmt, symmetric=sym, group_size=g, k=k)
+                    def run():
+                        p = qs[next(it2) % copies]
+                        return ops.linear_codebook(x, p.data, p.scale, p.codebook, None, group_size=g, k=k)
+                else:
+                    qs = [ops.quantize(w, fmt, symmetric=sym, group_size=g) for w in ws]
+
+                    def run():
+                        p, s, z = qs[next(it2) % copies]
+                        return ops.linear(x, p, s, z if z.numel() else None, None, fmt, symmetric=sym, group_size=g,
+                                          k=k)
 
                 t = median_time(run, dev, reps)
                 row += [f"{t * 1e6:.0f} ({t_ref / t:.2f}x)"]

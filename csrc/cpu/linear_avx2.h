@@ -1,5 +1,6 @@
 // AVX2 inner loop of the CPU linear op for weights of 1, 2, 4 or 8 bits (integers, and the
-// fp4/fp8 float formats and the nf4 code book through a table of their values).
+// fp4/fp8 float formats and the nf4/lut4 code books through a table of their values: 4-bit
+// tables in two registers, looked up with permutes; fp8's 256 entries with a gather).
 //
 // Eight packed bytes are widened to eight 32-bit lanes; "plane" p of those lanes, (lane >>
 // p*bits) & mask, holds codes (8/bits)*j + p for j = 0..7. Instead of reordering codes, x is
@@ -48,6 +49,14 @@ inline __m256 code_values(__m256i codes, const float* table) {
   }
 }
 
+// Eight 4-bit codes -> table[code] with the 16-entry table held in two registers (no memory
+// gather): each half is looked up by the code's low three bits, bit 3 picks the half.
+inline __m256 table16_values(__m256i codes, __m256 lo, __m256 hi) {
+  const __m256 from_lo = _mm256_permutevar8x32_ps(lo, codes);
+  const __m256 from_hi = _mm256_permutevar8x32_ps(hi, codes);
+  return _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+}
+
 // sum over [c0, c1) chunks of value(code) * xp for up to M rows of permuted x; acc[r] +=
 // result. value(code) is the code itself for integers, table[code] (a gather) for float formats.
 template <int BITS, int M, bool TABLE>
@@ -56,11 +65,20 @@ inline void dot_chunks(const uint8_t* w, const float* xp, int64_t k, int64_t c0,
   constexpr int kPlanes = 8 / BITS;
   constexpr int64_t kPer = 64 / BITS;
   const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  constexpr bool kTable16 = TABLE && BITS == 4;  // 4-bit tables (fp4, nf4, lut4) live in registers
+  const __m256 t_lo = kTable16 ? _mm256_loadu_ps(table) : _mm256_setzero_ps();
+  const __m256 t_hi = kTable16 ? _mm256_loadu_ps(table + 8) : _mm256_setzero_ps();
   for (int64_t c = c0; c < c1; ++c) {
     const __m256i lanes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + c * 8)));
 #pragma GCC unroll 8
     for (int p = 0; p < kPlanes; ++p) {
-      const __m256 code = code_values<TABLE>(_mm256_and_si256(_mm256_srli_epi32(lanes, p * BITS), mask), table);
+      const __m256i codes = _mm256_and_si256(_mm256_srli_epi32(lanes, p * BITS), mask);
+      __m256 code;
+      if constexpr (kTable16) {
+        code = table16_values(codes, t_lo, t_hi);
+      } else {
+        code = code_values<TABLE>(codes, table);
+      }
 #pragma GCC unroll 16
       for (int r = 0; r < M; ++r) {
         acc[r] = _mm256_fmadd_ps(code, _mm256_loadu_ps(xp + r * k + c * kPer + p * 8), acc[r]);
