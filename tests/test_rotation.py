@@ -192,3 +192,24 @@ def test_a_rotated_quant_linear_compiles_with_fullgraph():
     x = torch.randn(3, 96)
     torch.testing.assert_close(torch.compile(r, fullgraph=True)(x), r(x), atol=1e-5, rtol=1e-5)
     assert "rotation_factor0" not in r.state_dict()  # rebuilt from input_rotation, never stored
+
+
+def test_scaling_is_not_folded_across_an_online_rotation():
+    from alphaquant.algorithms.smoothing import block_mappings
+
+    model = tiny_llama()
+    layer = model.model.layers[0]
+    before = [m.producer_name for m in block_mappings(layer, lambda n: True)]
+    rotate_model(model)
+    after = [m.producer_name for m in block_mappings(layer, lambda n: True)]
+    assert "mlp.up_proj" in before and "mlp.up_proj" not in after
+    assert "input_layernorm" in after
+
+
+def test_awq_gptq_on_a_rotated_model_stays_close_to_float():
+    model = tiny_llama()
+    ref = logits(model, IDS)
+    batches = [torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    plan = {"default": {"wq": "int8", "group_size": 16, "algorithm": "gptq", "awq": True, "dtype": "float32"}}
+    apply_plan(model, {**plan, "rotation": "hadamard"}, calibration_batches=batches)
+    assert (logits(model, IDS) - ref).abs().max() < 0.05 * ref.abs().max()

@@ -11,7 +11,8 @@ and multiplied into the consumers' columns. Chosen well, s makes the product eas
   same way (or fixed by the plan), with the activations quantized in the error measure.
 Which module feeds which linears is recognized by name for Llama-family and BERT-family blocks
 (MAPPINGS); a producer whose output does not map one to one onto the consumers' inputs (grouped
-query attention's v_proj -> o_proj) is left alone.
+query attention's v_proj -> o_proj) is left alone, and so is one whose consumers rotate their
+input online (down_proj of a rotated model: a per-channel scale does not commute with the rotation).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from .rotation import ATTR as ROTATION_ATTR
 
 # (producer, consumers) by module name inside one repeated block.
 MAPPINGS = [
@@ -51,6 +54,8 @@ def block_mappings(block: nn.Module, wanted: Callable[[str], bool]) -> list:
         cons = [modules.get(n) for n in cons_names]
         if prod is None or any(not isinstance(c, nn.Linear) for c in cons) or not all(wanted(n) for n in cons_names):
             continue
+        if any(getattr(c, ROTATION_ATTR, None) for c in cons):
+            continue  # the consumer mixes its input channels (online rotation) before using them
         width = cons[0].in_features
         if any(c.in_features != width for c in cons) or _producer_width(prod) != width:
             continue
