@@ -23,6 +23,8 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
   awq               true: activation-aware per-channel scaling, searched on calibration data and
                     folded into the preceding norm/linear (with rtn or gptq)
   codebook_granularity  lut4 only: per_tensor (default) or per_channel learned code books
+  zero_point        asymmetric int weights: float (default) or integer (rounded into the code
+                    range, as GPTQ / compressed-tensors checkpoints store it)
   smoothquant       true: SmoothQuant-style migration of activation outliers into the weights
                     (for int8/fp8 activations); smooth_alpha fixes its exponent (else searched)
 Schemes with gptq, awq or smoothquant are quantized block by block on calibration data
@@ -55,7 +57,7 @@ from .algorithms.rotation import ATTR as ROTATION_ATTR, ROTATIONS, RotationError
 
 SCHEME_KEYS = {"wq", "aq", "group_size", "granularity", "act_granularity", "symmetric", "dtype", "act_static",
                "observer", "skip", "clip_search", "zero_opt", "scale_dtype", "algorithm", "damp", "block_size",
-               "act_order", "refit", "awq", "smoothquant", "smooth_alpha", "codebook_granularity"}
+               "act_order", "refit", "awq", "smoothquant", "smooth_alpha", "codebook_granularity", "zero_point"}
 ALGORITHMS = ("rtn", "gptq")
 OBSERVERS = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
              "percentile": PercentileObserver, "mse": MSEObserver}
@@ -63,7 +65,7 @@ DEFAULTS = {"wq": "int8", "aq": None, "group_size": 128, "granularity": "per_gro
             "symmetric": True, "dtype": "bfloat16", "act_static": False, "observer": "minmax", "skip": False,
             "clip_search": False, "zero_opt": False, "scale_dtype": "float32", "algorithm": "rtn", "damp": 0.01,
             "block_size": 128, "act_order": False, "refit": False, "awq": False, "smoothquant": False, "smooth_alpha": None,
-            "codebook_granularity": "per_tensor"}
+            "codebook_granularity": "per_tensor", "zero_point": "float"}
 
 
 class PlanError(ValueError):
@@ -179,6 +181,9 @@ def _check_scheme(s: dict, where: str) -> None:
             or not 0 <= s["smooth_alpha"] <= 1):
         raise PlanError(f"{where}.smooth_alpha must be null (searched) or a number in [0, 1]; "
                         f"got {_short(s['smooth_alpha'])}")
+    if "zero_point" in s and s["zero_point"] not in ("float", "integer"):
+        raise PlanError(f"{where}.zero_point must be float or integer (asymmetric int weights: integer zero points "
+                        f"export to GPTQ/compressed-tensors layouts); got {_short(s['zero_point'])}")
     if "codebook_granularity" in s and s["codebook_granularity"] not in ("per_tensor", "per_channel"):
         raise PlanError(f"{where}.codebook_granularity must be per_tensor or per_channel (one learned code book for "
                         f"the weight or one per output channel, lut4 only); got {_short(s['codebook_granularity'])}")
@@ -223,6 +228,8 @@ def build_quantizers(scheme: dict):
             kwargs["scale_dtype"] = scheme["scale_dtype"]
         if scheme[side].startswith("int"):
             kwargs["symmetric"] = scheme["symmetric"]
+            if side == "wq" and scheme["zero_point"] != "float":
+                kwargs["zero_point"] = scheme["zero_point"]
         return q_cls(cfg(**kwargs))
 
     if scheme["skip"]:

@@ -236,6 +236,24 @@ def refit_group_scales(w, q, scale, zero, hessian, glen, quantizer):
         def err(s_, z_):
             d = wg - (codes - z_.unsqueeze(1) if zero is not None else codes) * s_.unsqueeze(1)
             return ((d @ hg) * d).sum(1) + 2 * (d * pull).sum(1)
+
+        if zero is not None and quantizer.config.integer_zero_point:
+            # integer zero points: the continuous optimum's two integer neighbours and the current
+            # one, each with its best scale (1-D least squares), the best of the three kept
+            z_cont = m_new / torch.where(s_new != 0, s_new, torch.ones_like(s_new))
+            top = float(2 ** quantizer.bits - 1)
+            best_s, best_z, best_e = s0, z0, err(s0, z0)
+            for z_try in (z_cont.floor(), z_cont.ceil(), z0):
+                z_try = torch.nan_to_num(z_try, nan=0.0).clamp(0, top)
+                shifted = codes - z_try.unsqueeze(1)
+                a = ((shifted @ hg) * shifted).sum(1)
+                s_fit = torch.where(a > 0, (hw * shifted).sum(1) / a.clamp_min(1e-300), s0)
+                s_fit = quantizer._round_scales(s_fit.float().unsqueeze(1), None)[0].squeeze(1).double()
+                e = err(s_fit, z_try)
+                take = (s_fit > 0) & torch.isfinite(s_fit) & (e < best_e)
+                best_s, best_z, best_e = (torch.where(take, s_fit, best_s), torch.where(take, z_try, best_z),
+                                          torch.where(take, e, best_e))
+            s_new, z_new = best_s, best_z
         better = (s_new > 0) & torch.isfinite(s_new) & torch.isfinite(z_new) & (err(s_new, z_new) < err(s0, z0))
         scale[:, g] = torch.where(better, s_new, s0).float()
         if zero is not None:

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..formats import format_bits
 from .._logging import logger
 from ..layout import GRANULARITIES, op_group_size, scale_shape
 from ..packed import PackedTensor
@@ -73,6 +74,11 @@ class QuantizerConfig:
     @property
     def asymmetric_int(self) -> bool:
         """Whether the format is an integer format with a zero point."""
+        return False
+
+    @property
+    def integer_zero_point(self) -> bool:
+        """Whether weight zero points are rounded to integers in the code range (IntConfig.zero_point)."""
         return False
 
     @property
@@ -173,7 +179,8 @@ class BaseQuantizer:
             raise TypeError(f"quantize_weight expects a floating tensor; got {weight.dtype}")
         w = weight.detach()
         s, z = self._static_args(w)
-        plain = not (self.config.clip_search or self.config.zero_opt) and self.config.scale_dtype == "float32"
+        plain = (not (self.config.clip_search or self.config.zero_opt or self.config.integer_zero_point)
+                 and self.config.scale_dtype == "float32")
         if s is None and not plain:
             s, z = self.choose_weight_scales(w)
         return self.pack_with_scales(w, s, z)
@@ -197,10 +204,22 @@ class BaseQuantizer:
         else:
             _, s, z = ops.quantize(w, self.fmt, symmetric=self.symmetric, group_size=gs)
         z = z if (z is not None and z.numel() and not self.symmetric) else None
+        if z is not None and self.config.integer_zero_point:
+            # An integer zero point must be a code: ranges that do not hold 0 (min > 0 or max < 0)
+            # would be clipped by clamping it, so those groups (all of them for min/max) get the
+            # range widened to hold 0, as GPTQ does.
+            s0, z0 = _zero_inclusive_scales(w, gs, 2 ** format_bits(self.fmt) - 1, s.shape)
+            outside = (z < -0.5) | (z > 2 ** format_bits(self.fmt) - 0.5)
+            if not (self.config.clip_search or self.config.zero_opt):
+                outside = torch.ones_like(outside)
+            s, z = torch.where(outside, s0, s), torch.where(outside, z0, z)
         return self._round_scales(s, z)
 
     def _round_scales(self, s: torch.Tensor, z: Optional[torch.Tensor]):
-        # Round the scales to their storage dtype first and quantize with the rounded ones.
+        # Round the scales to their storage dtype first and quantize with the rounded ones;
+        # integer zero points are rounded into the code range (exact in every scale dtype).
+        if z is not None and self.config.integer_zero_point:
+            z = z.round().clamp(0, 2 ** format_bits(self.fmt) - 1)
         sdt = DTYPES[self.config.scale_dtype]
         if sdt == torch.float32:
             return s, z
@@ -238,3 +257,22 @@ class BaseQuantizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def _zero_inclusive_scales(w: torch.Tensor, group_size: int, qmax: int, shape) -> tuple:
+    """Asymmetric (scale, zero point) per group from the group's range widened to hold 0, so that
+    the zero point -min / scale lies in [0, qmax]; ``shape`` is the layout's scale shape."""
+    rows, k = w.reshape(-1, w.shape[-1]).shape
+    x = w.reshape(rows, k).float()
+    if group_size > 0:
+        glen = min(group_size, k)
+        groups = -(-k // glen)
+        x = torch.nn.functional.pad(x, (0, groups * glen - k)).reshape(rows, groups, glen)  # zeros change nothing
+    elif group_size == 0:
+        x = x.reshape(rows, 1, k)
+    else:
+        x = x.reshape(1, 1, -1)
+    mn, mx = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+    scale = (mx - mn) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.reshape(shape), (-mn / scale).reshape(shape)

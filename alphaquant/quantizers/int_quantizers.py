@@ -6,17 +6,34 @@ from dataclasses import dataclass
 
 from .base import BaseQuantizer, QuantizerConfig
 
+ZERO_POINTS = ("float", "integer")
+
 
 @dataclass
 class IntConfig(QuantizerConfig):
-    """symmetric: scale = max|x| / qmax, no zero point; else scale = (max - min) / (qmax - qmin) with a zero point."""
+    """symmetric: scale = max|x| / qmax, no zero point; else scale = (max - min) / (qmax - qmin) with a zero point.
+
+    zero_point (asymmetric weights): "float" (default) keeps the zero point as computed; "integer"
+    rounds it to an integer in the code range [0, 2^bits - 1] (and the codes are chosen with the
+    rounded one), the zero point GPTQ and compressed-tensors store, so such a weight exports
+    without loss."""
 
     symmetric: bool = True
+    zero_point: str = "float"
 
     def __post_init__(self):
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"{type(self).__name__}.symmetric must be True or False; got {self.symmetric!r}")
+        if self.zero_point not in ZERO_POINTS:
+            raise ValueError(f"{type(self).__name__}.zero_point must be one of {ZERO_POINTS}; got {self.zero_point!r}")
+        if self.zero_point == "integer" and self.symmetric:
+            raise ValueError(f"{type(self).__name__}.zero_point='integer' needs symmetric=False (symmetric formats "
+                             f"have no zero point)")
         super().__post_init__()
+
+    @property
+    def integer_zero_point(self) -> bool:
+        return self.zero_point == "integer"
 
     @property
     def asymmetric_int(self) -> bool:
