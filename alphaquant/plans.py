@@ -116,6 +116,10 @@ def load_plan(plan: Union[str, os.PathLike, dict]) -> dict:
         scheme = {**DEFAULTS, **plan["default"], **{k: v for k, v in override.items() if k != "pattern"}}
         if scheme["awq"] and scheme["smoothquant"]:
             raise PlanError(f"{where}: awq and smoothquant both choose per-channel scales; pick one")
+        sets_zero = override.get("zero_point", plan["default"].get("zero_point") if where == "default" else None)
+        if sets_zero == "integer" and scheme["symmetric"] and str(scheme["wq"]).startswith("int"):
+            raise PlanError(f"{where}: zero_point 'integer' needs \"symmetric\": false (symmetric int weights have "
+                            f"no zero point)")
         try:
             build_quantizers(scheme)
         except (TypeError, ValueError) as e:
@@ -228,8 +232,8 @@ def build_quantizers(scheme: dict):
             kwargs["scale_dtype"] = scheme["scale_dtype"]
         if scheme[side].startswith("int"):
             kwargs["symmetric"] = scheme["symmetric"]
-            if side == "wq" and scheme["zero_point"] != "float":
-                kwargs["zero_point"] = scheme["zero_point"]
+            if side == "wq" and scheme["zero_point"] != "float" and not scheme["symmetric"]:
+                kwargs["zero_point"] = scheme["zero_point"]  # symmetric layers have none
         return q_cls(cfg(**kwargs))
 
     if scheme["skip"]:

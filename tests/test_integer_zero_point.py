@@ -37,8 +37,13 @@ def test_integer_zero_points_need_an_asymmetric_int_format():
         INT4Config(symmetric=True, zero_point="integer")
     with pytest.raises(ValueError, match="zero_point must be one of"):
         INT4Config(symmetric=False, zero_point="int")
-    with pytest.raises(PlanError, match="needs symmetric=False"):
+    with pytest.raises(PlanError, match="needs \"symmetric\": false"):
         load_plan({"default": {"wq": "int4", "zero_point": "integer"}})
+    with pytest.raises(PlanError, match="overrides.0.: zero_point 'integer' needs"):
+        load_plan({"default": {"wq": "int4"}, "overrides": [{"pattern": "x", "zero_point": "integer"}]})
+    # a symmetric override under an integer-zero-point default simply has no zero point
+    load_plan({"default": {"wq": "int4", "symmetric": False, "zero_point": "integer"},
+               "overrides": [{"pattern": "x", "wq": "int8", "symmetric": True}]})
     with pytest.raises(PlanError, match="zero_point must be float or integer"):
         load_plan({"default": {"wq": "int4", "symmetric": False, "zero_point": 0}})
 

@@ -1,0 +1,167 @@
+"""Export to a compressed-tensors folder (what llm-compressor writes, vLLM and transformers load).
+
+Integer weights become the ``pack-quantized`` format of compressed-tensors 0.20
+(compressors/pack_quantized): per layer ``weight_packed`` (int32 words holding the codes as one
+little-endian bit stream per row, element 0 in the lowest bits), ``weight_scale`` (out, groups)
+or (out, 1), ``weight_shape`` [out, in] and, asymmetric only, ``weight_zero_point`` (int32, its
+codes packed the same way down each column: (ceil(out * bits / 32), groups)). Codes are offset by
+2^(bits-1) there (stored u = q + 2^(bits-1) for a signed q, value (q - zp) * scale): our
+symmetric codes (q - qmin) and our asymmetric codes and integer zero points are those same bits,
+so the packed bytes are copied, not re-quantized. Float zero points have no such form and are
+refused (quantize with ``zero_point="integer"``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..formats import format_bits
+from ..nn.quant_linear import QuantLinear
+
+FORMAT = "pack-quantized"
+EXPORTABLE = "int2..int8 weights, symmetric or asymmetric with integer zero points, per group (dividing " \
+             "in_features) or per channel, float activations"
+
+
+class ExportError(ValueError):
+    """A model (or one of its layers) that this format cannot hold: says why and what can."""
+
+
+def _to_words(rows_of_bytes: torch.Tensor) -> torch.Tensor:
+    """[r, n] uint8 -> [r, ceil(n / 4)] int32 (little-endian words, zero padded)."""
+    r, n = rows_of_bytes.shape
+    pad = (-n) % 4
+    b = torch.nn.functional.pad(rows_of_bytes, (0, pad)) if pad else rows_of_bytes
+    return b.contiguous().view(torch.int32).reshape(r, -1)
+
+
+def _pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[out, groups] codes packed down each column: [ceil(out * bits / 32), groups] int32."""
+    from .. import ops
+
+    packed = ops.pack(codes.t().contiguous().to(torch.uint8), bits)  # [groups, ceil(out*bits/8)]
+    return _to_words(packed).t().contiguous()
+
+
+def _layer_scheme(name: str, m: QuantLinear) -> dict:
+    fmt = m.fmt
+    if not fmt.startswith("int") or m.weight_codebook is not None:
+        raise ExportError(f"layer {name}: {fmt} weights have no compressed-tensors {FORMAT} form; exportable: "
+                          f"{EXPORTABLE}")
+    if m.act_quantizer is not None:
+        raise ExportError(f"layer {name}: quantized activations ({m.act_quantizer.fmt}) do not export yet; "
+                          f"exportable: {EXPORTABLE}")
+    if m.input_rotation is not None:
+        raise ExportError(f"layer {name} rotates its input online (a rotated plan): transformers does not apply "
+                          f"compressed-tensors transforms; export a plan without rotation")
+    k = m.in_features
+    if m.group_size > 0 and m.group_size < k:
+        if k % m.group_size:
+            raise ExportError(f"layer {name}: group_size {m.group_size} does not divide in_features {k} (a short "
+                              f"last group); compressed-tensors needs whole groups")
+        strategy, group = "group", m.group_size
+    elif m.group_size == -1:
+        strategy, group = "tensor", None
+    else:
+        strategy, group = "channel", None
+    if not m.symmetric:
+        z = m.weight_zero_point.float()
+        if not torch.equal(z, z.round()):
+            raise ExportError(f"layer {name}: its zero points are not integers; quantize with zero_point='integer' "
+                              f"(plan key \"zero_point\": \"integer\") to export asymmetric weights")
+    return {"num_bits": format_bits(fmt), "type": "int", "symmetric": m.symmetric, "strategy": strategy,
+            "group_size": group, "dynamic": False}
+
+
+def layer_tensors(m: QuantLinear, dtype: torch.dtype) -> dict:
+    """The compressed-tensors tensors of one layer (without the module prefix)."""
+    bits = format_bits(m.fmt)
+    out = {"weight_packed": _to_words(m.weight_packed.cpu()),
+           "weight_scale": m.weight_scale.detach().cpu().to(dtype).reshape(m.out_features, -1),
+           "weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64)}
+    if m.group_size == -1:
+        out["weight_scale"] = out["weight_scale"].reshape(1)
+    if not m.symmetric:
+        z = m.weight_zero_point.detach().cpu().float().reshape(m.out_features, -1)
+        out["weight_zero_point"] = _pack_columns(z.round().to(torch.uint8), bits)
+    if m.bias is not None:
+        out["bias"] = m.bias.detach().cpu().to(dtype)
+    return out
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The ``quantization_config`` entry of config.json for the model's QuantLinear layers."""
+    groups, ignore = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            key = json.dumps(_layer_scheme(name, m), sort_keys=True)
+            groups.setdefault(key, []).append(name)
+        elif isinstance(m, nn.Linear):
+            ignore.append(name)
+    if not groups:
+        raise ExportError("the model has no quantized layers to export")
+    config_groups = {f"group_{i}": {"targets": names, "weights": json.loads(key), "input_activations": None,
+                                    "output_activations": None, "format": FORMAT}
+                     for i, (key, names) in enumerate(groups.items())}
+    return {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+            "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None,
+            "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {}}
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+
+
+def to_compressed_tensors(model: nn.Module, out_dir: str, tokenizer=None, force: bool = False,
+                          dtype: Optional[torch.dtype] = None) -> None:
+    """Write ``model`` (QuantLinear layers from a plan) as a compressed-tensors folder: config.json
+    with its ``quantization_config``, model.safetensors, and the tokenizer if given. Refuses
+    (ExportError, nothing written) layers this format cannot hold. Atomic: the folder is complete
+    or absent."""
+    from safetensors.torch import save_file
+
+    from ..cli import atomic_folder
+
+    qc = quantization_config(model)  # checks every layer before anything is written
+    dtype = dtype or _float_dtype(model)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    tensors = {}
+    for name, m in quantized.items():
+        for key, t in layer_tensors(m, dtype).items():
+            tensors[f"{name}.{key}"] = t.contiguous()
+    seen = set()
+    for key, t in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner in quantized:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:  # a tied weight: stored once, tied again by the config
+            continue
+        seen.add(ident)
+        tensors[key] = (t.detach().cpu().to(dtype) if t.is_floating_point() else t.detach().cpu()).contiguous()
+    config = model.config.to_dict()
+    config["quantization_config"] = qc
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config["architectures"] = [type(model).__name__]
+    head = getattr(model, "lm_head", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is not None and emb is not None and getattr(head, "weight", None) is not emb.weight:
+        config["tie_word_embeddings"] = False
+
+    def fill(tmp: str) -> None:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir) and not force:
+        raise FileExistsError(f"{out_dir} exists; pass force=True to replace it")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    atomic_folder.replace_folder(out_dir, fill)

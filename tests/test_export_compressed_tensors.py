@@ -1,0 +1,102 @@
+"""Export to compressed-tensors, loaded back by the real transformers + compressed-tensors."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from alphaquant.export import ExportError, to_compressed_tensors
+from alphaquant.plans import apply_plan
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("compressed_tensors")
+
+
+def tiny_llama(tied=True):
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def load(path, dequantize):
+    from transformers import CompressedTensorsConfig
+
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+
+
+ASYM = {"default": {"wq": "int4", "symmetric": False, "zero_point": "integer", "group_size": 32, "dtype": "float32",
+                    "scale_dtype": "float16"},
+        "overrides": [{"pattern": "lm_head", "skip": True}]}
+MIXED = {"default": {"wq": "int4", "group_size": 16, "dtype": "float32"},
+         "overrides": [{"pattern": "*mlp.down_proj", "wq": "int8", "granularity": "per_channel"},
+                       {"pattern": "lm_head", "skip": True}]}
+
+
+# transformers 5.24 loads asymmetric folders only with dequantize=True (compressed-tensors 0.20's
+# meta-weight path never packs the zero point), and with dequantize=True only one scheme for all
+# dense layers (get_dense_scheme); mixed symmetric folders load by its default path.
+@pytest.mark.parametrize("plan,dequantize", [
+    (ASYM, True),
+    (MIXED, False),
+    ({"default": {"wq": "int4", "group_size": 16, "dtype": "float32"}}, False),
+    ({"default": {"wq": "int8", "granularity": "per_channel", "dtype": "float32"},
+      "overrides": [{"pattern": "lm_head", "skip": True}]}, False),
+])
+def test_transformers_loads_the_exported_folder_with_our_weights(tmp_path, plan, dequantize):
+    model = tiny_llama()
+    apply_plan(model, plan)
+    ours = logits(model)
+    out = str(tmp_path / "ct")
+    to_compressed_tensors(model, out)
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["quantization_status"] == "compressed"
+    theirs = load(out, dequantize)
+    torch.testing.assert_close(logits(theirs), ours, atol=1e-4, rtol=1e-4)
+    # the weights they decode are ours, exactly
+    ref = model.model.layers[1].self_attn.q_proj.dequantized_weight(torch.float32)
+    got = theirs.model.layers[1].self_attn.q_proj
+    if hasattr(got, "weight_packed") and not dequantize:
+        pytest.skip("weights decoded lazily")
+    torch.testing.assert_close(got.weight.detach().float(), ref, atol=0, rtol=0)
+
+
+def test_the_config_groups_name_every_layer_and_ignore_the_float_ones(tmp_path):
+    model = tiny_llama()
+    apply_plan(model, {**ASYM, "overrides": MIXED["overrides"]})
+    to_compressed_tensors(model, str(tmp_path / "ct"))
+    qc = json.load(open(tmp_path / "ct" / "config.json"))["quantization_config"]
+    groups = list(qc["config_groups"].values())
+    assert len(groups) == 2
+    w4 = next(g for g in groups if g["weights"]["num_bits"] == 4)
+    assert w4["weights"] == {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32,
+                             "dynamic": False}
+    assert qc["ignore"] == ["lm_head"]
+    assert sum(len(g["targets"]) for g in groups) == 14
+
+
+@pytest.mark.parametrize("plan,match", [
+    ({"default": {"wq": "int4", "symmetric": False, "group_size": 32}}, "zero_point='integer'"),
+    ({"default": {"wq": "fp4_e2m1", "group_size": 32}}, "no compressed-tensors"),
+    ({"default": {"wq": "int4", "group_size": 48}}, "does not divide"),
+    ({"default": {"wq": "int8", "aq": "int8", "granularity": "per_channel", "act_granularity": "per_channel"}},
+     "activations"),
+    ({"rotation": "hadamard", "default": {"wq": "int8", "granularity": "per_channel"}}, "rotates its input"),
+])
+def test_what_the_format_cannot_hold_is_refused_before_anything_is_written(tmp_path, plan, match):
+    model = tiny_llama()
+    apply_plan(model, plan)
+    with pytest.raises(ExportError, match=match):
+        to_compressed_tensors(model, str(tmp_path / "ct"))
+    assert not os.path.exists(tmp_path / "ct")
+    assert os.listdir(tmp_path) == []
