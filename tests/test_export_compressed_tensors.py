@@ -100,3 +100,46 @@ def test_what_the_format_cannot_hold_is_refused_before_anything_is_written(tmp_p
         to_compressed_tensors(model, str(tmp_path / "ct"))
     assert not os.path.exists(tmp_path / "ct")
     assert os.listdir(tmp_path) == []
+
+
+def test_force_replaces_only_an_export_folder(tmp_path):
+    model = tiny_llama()
+    apply_plan(model, MIXED)
+    out = tmp_path / "ct"
+    to_compressed_tensors(model, str(out))
+    with pytest.raises(FileExistsError):
+        to_compressed_tensors(model, str(out))
+    to_compressed_tensors(model, str(out), force=True)  # an earlier export: replaced
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    with pytest.raises(ExportError, match="not a compressed-tensors folder"):
+        to_compressed_tensors(model, str(precious), force=True)
+    assert (precious / "notes.txt").read_text() == "keep"
+
+
+def test_export_from_the_command_line(tmp_path, capsys):
+    from alphaquant.cli import main
+    from tiny_llama import save_tiny_llama
+
+    src = save_tiny_llama(tmp_path / "src")
+    q = str(tmp_path / "q")
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"default": {"wq": "int4", "symmetric": False, "zero_point": "integer",
+                                            "group_size": 32, "dtype": "float32"}}))
+    assert main(["quantize", src, "--plan", str(plan), "--out", q, "--no-eval"]) == 0
+    out = str(tmp_path / "ct")
+    assert main(["export", q, "--to", "compressed-tensors", "--out", out]) == 0
+    theirs = load(out, dequantize=True)
+    from alphaquant.cli.checkpoint_folder import load_checkpoint
+
+    ours, _ = load_checkpoint(q)
+    ids = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+    assert main(["export", q, "--to", "compressed-tensors", "--out", out]) == 2
+    assert "--force" in capsys.readouterr().err
+    fp4 = str(tmp_path / "fp4")
+    assert main(["quantize", src, "--plan", "fp4", "--out", fp4, "--no-eval"]) == 0
+    assert main(["export", fp4, "--to", "compressed-tensors", "--out", str(tmp_path / "x")]) == 2
+    assert "no compressed-tensors pack-quantized form" in capsys.readouterr().err

@@ -221,6 +221,22 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ..export import ExportError, to_compressed_tensors
+
+    model, tok = _load_checkpoint(args.checkpoint)
+    try:
+        to_compressed_tensors(model, args.out, tok, force=args.force)
+    except ExportError as e:
+        raise CliError(f"cannot export {args.checkpoint} to {args.to}: {e}") from None
+    except FileExistsError as e:
+        raise CliError(f"{e} (--force replaces it)") from None
+    except OSError as e:
+        raise WriteError(f"could not write {args.out}: {e.strerror or e}") from None
+    print(f"wrote {args.out} ({args.to}: loads with transformers / vLLM)")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -286,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan_command import add_parser as add_plan_parser
 
     add_plan_parser(sub, eval_tokens, _int_at_least)
+    x = sub.add_parser("export", help="write a checkpoint in another engine's format")
+    x.add_argument("checkpoint")
+    x.add_argument("--to", choices=("compressed-tensors",), required=True,
+                   help="compressed-tensors: pack-quantized int weights (vLLM, transformers)")
+    x.add_argument("--out", required=True, help="folder to write")
+    x.add_argument("--force", action="store_true", help="replace an existing folder")
+    x.set_defaults(func=cmd_export)
     g = sub.add_parser("generate", help="generate text with a quantized checkpoint")
     g.add_argument("checkpoint")
     g.add_argument("--prompt", default="The capital of France is")

@@ -161,7 +161,24 @@ def to_compressed_tensors(model: nn.Module, out_dir: str, tokenizer=None, force:
             tokenizer.save_pretrained(tmp)
 
     out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir) and not force:
-        raise FileExistsError(f"{out_dir} exists; pass force=True to replace it")
+    if os.path.lexists(out_dir):
+        if not force:
+            raise FileExistsError(f"{out_dir} exists; pass force=True to replace it")
+        if os.path.islink(out_dir) or not _is_export_folder(out_dir):
+            raise ExportError(f"{out_dir} is not a compressed-tensors folder (config.json with a compressed-tensors "
+                              f"quantization_config and model.safetensors); it is not replaced")
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     atomic_folder.replace_folder(out_dir, fill)
+
+
+def _is_export_folder(path: str) -> bool:
+    """Whether ``path`` holds what this exporter writes (so that force may replace it)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            qc = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    allowed = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json"}
+    return (os.path.isdir(path) and qc.get("quant_method") == "compressed-tensors"
+            and os.path.isfile(os.path.join(path, "model.safetensors")) and set(os.listdir(path)) <= allowed)
