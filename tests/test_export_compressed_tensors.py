@@ -137,6 +137,11 @@ def test_export_from_the_command_line(tmp_path, capsys):
     ids = torch.randint(0, 100, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+    capsys.readouterr()
+    assert main(["eval", q, "--eval-tokens", "512"]) == 0
+    ppl_ours = float(capsys.readouterr().out.split("perplexity")[-1])
+    assert main(["eval", out, "--eval-tokens", "512"]) == 0  # the exported folder, imported from its codes
+    assert abs(float(capsys.readouterr().out.split("perplexity")[-1]) - ppl_ours) < 1e-3 * ppl_ours
     assert main(["export", q, "--to", "compressed-tensors", "--out", out]) == 2
     assert "--force" in capsys.readouterr().err
     fp4 = str(tmp_path / "fp4")

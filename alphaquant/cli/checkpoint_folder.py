@@ -124,9 +124,17 @@ def _weights_of(path: str) -> str:
 
 
 def load_checkpoint(path: str, device: Optional[str] = None):
-    """(model, tokenizer) from a checkpoint folder; linear weights stay packed (no float copy)."""
+    """(model, tokenizer) from a checkpoint folder (ours, or a compressed-tensors pack-quantized
+    folder such as llm-compressor writes); linear weights stay packed (no float copy)."""
     import transformers
 
+    from ..export.from_compressed_tensors import is_compressed_tensors_folder, load_compressed_tensors
+
+    if os.path.isdir(path) and is_compressed_tensors_folder(path):
+        model, tokenizer = load_compressed_tensors(path)
+        if tokenizer is None:
+            raise ValueError(f"compressed-tensors folder {path} has no usable tokenizer")
+        return (model.to(device) if device is not None else model), tokenizer
     weights = _weights_of(path)
     read_metadata(weights)  # fails early and clearly on foreign or damaged files
     try:
