@@ -89,8 +89,10 @@ def test_the_config_groups_name_every_layer_and_ignore_the_float_ones(tmp_path):
     ({"default": {"wq": "int4", "symmetric": False, "group_size": 32}}, "zero_point='integer'"),
     ({"default": {"wq": "fp4_e2m1", "group_size": 32}}, "no compressed-tensors"),
     ({"default": {"wq": "int4", "group_size": 48}}, "does not divide"),
-    ({"default": {"wq": "int8", "aq": "int8", "granularity": "per_channel", "act_granularity": "per_channel"}},
-     "activations"),
+    ({"default": {"wq": "int8", "aq": "int8", "granularity": "per_channel", "act_granularity": "per_group"}},
+     "dynamic per token"),
+    ({"default": {"wq": "int4", "aq": "int8", "group_size": 32, "act_granularity": "per_channel"}},
+     "int-quantized"),
     ({"rotation": "hadamard", "default": {"wq": "int8", "granularity": "per_channel"}}, "rotates its input"),
 ])
 def test_what_the_format_cannot_hold_is_refused_before_anything_is_written(tmp_path, plan, match):
@@ -147,4 +149,30 @@ def test_export_from_the_command_line(tmp_path, capsys):
     fp4 = str(tmp_path / "fp4")
     assert main(["quantize", src, "--plan", "fp4", "--out", fp4, "--no-eval"]) == 0
     assert main(["export", fp4, "--to", "compressed-tensors", "--out", str(tmp_path / "x")]) == 2
-    assert "no compressed-tensors pack-quantized form" in capsys.readouterr().err
+    assert "weights have no compressed-tensors form" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,layout", [("w8a8", "int-quantized"), ("fp8", "float-quantized"),
+                                           ("w8a16", "pack-quantized")])
+def test_w8a8_and_fp8_presets_export_with_their_activation_schemes(tmp_path, preset, layout):
+    from alphaquant.cli.presets import resolve_plan
+
+    model = tiny_llama()
+    apply_plan(model, resolve_plan(preset)[1])
+    ours = logits(model)
+    out = str(tmp_path / "ct")
+    to_compressed_tensors(model, out)
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    assert qc["format"] == group["format"] == layout
+    acts = group["input_activations"]
+    assert (acts is None) == (preset == "w8a16")
+    if acts is not None:
+        assert acts["strategy"] == "token" and acts["dynamic"] is True
+    exact = load(out, dequantize=True)  # weights only: they are ours, bit for bit
+    for name in ("model.layers.0.self_attn.k_proj", "lm_head"):
+        torch.testing.assert_close(exact.get_submodule(name).weight.detach().float(),
+                                   model.get_submodule(name).dequantized_weight(torch.float32), atol=0, rtol=0)
+    if acts is not None:  # transformers' own path fake-quantizes the activations per token, as we do
+        theirs = load(out, dequantize=False)
+        assert (logits(theirs) - ours).abs().max() < 0.02 * ours.abs().max()

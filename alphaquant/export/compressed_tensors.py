@@ -1,5 +1,9 @@
 """Export to a compressed-tensors folder (what llm-compressor writes, vLLM and transformers load).
 
+fp8_e4m3 weights become ``float-quantized`` (``weight`` float8_e4m3fn, our codes are its bits),
+int8 weights with int8 activations ``int-quantized`` (``weight`` int8); dynamic per-token int8 /
+fp8 activations are declared as ``input_activations`` (strategy token, dynamic).
+
 Integer weights become the ``pack-quantized`` format of compressed-tensors 0.20
 (compressors/pack_quantized): per layer ``weight_packed`` (int32 words holding the codes as one
 little-endian bit stream per row, element 0 in the lowest bits), ``weight_scale`` (out, groups)
@@ -23,8 +27,9 @@ from ..formats import format_bits
 from ..nn.quant_linear import QuantLinear
 
 FORMAT = "pack-quantized"
-EXPORTABLE = "int2..int8 weights, symmetric or asymmetric with integer zero points, per group (dividing " \
-             "in_features) or per channel, float activations"
+EXPORTABLE = ("int2..int8 weights, symmetric or asymmetric with integer zero points, per group (dividing "
+              "in_features) or per channel (pack-quantized); fp8_e4m3 weights (float-quantized); int8 per-channel "
+              "weights with int8 activations (int-quantized); activations float or int8/fp8 dynamic per token")
 
 
 class ExportError(ValueError):
@@ -47,17 +52,28 @@ def _pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _to_words(packed).t().contiguous()
 
 
-def _layer_scheme(name: str, m: QuantLinear) -> dict:
+def _activation_args(name: str, m: QuantLinear) -> Optional[dict]:
+    aq = m.act_quantizer
+    if aq is None:
+        return None
+    if aq.fmt not in ("int8", "fp8_e4m3") or not aq.symmetric or aq.is_static or aq.config.granularity != "per_channel":
+        raise ExportError(f"layer {name}: activations {aq.fmt} ({aq.config.granularity}, "
+                          f"{'static' if aq.is_static else 'dynamic'}) do not export; exportable: int8 or fp8_e4m3, "
+                          f"symmetric, dynamic per token (act_granularity per_channel)")
+    return {"num_bits": 8, "type": "int" if aq.fmt == "int8" else "float", "symmetric": True, "strategy": "token",
+            "group_size": None, "dynamic": True}
+
+
+def _layer_scheme(name: str, m: QuantLinear) -> tuple:
+    """(format, weights args, input activation args or None) of one layer, or ExportError."""
     fmt = m.fmt
-    if not fmt.startswith("int") or m.weight_codebook is not None:
-        raise ExportError(f"layer {name}: {fmt} weights have no compressed-tensors {FORMAT} form; exportable: "
-                          f"{EXPORTABLE}")
-    if m.act_quantizer is not None:
-        raise ExportError(f"layer {name}: quantized activations ({m.act_quantizer.fmt}) do not export yet; "
-                          f"exportable: {EXPORTABLE}")
+    exportable = fmt.startswith("int") or fmt == "fp8_e4m3"
+    if not exportable or m.weight_codebook is not None:
+        raise ExportError(f"layer {name}: {fmt} weights have no compressed-tensors form; exportable: {EXPORTABLE}")
     if m.input_rotation is not None:
         raise ExportError(f"layer {name} rotates its input online (a rotated plan): transformers does not apply "
                           f"compressed-tensors transforms; export a plan without rotation")
+    acts = _activation_args(name, m)
     k = m.in_features
     if m.group_size > 0 and m.group_size < k:
         if k % m.group_size:
@@ -68,23 +84,39 @@ def _layer_scheme(name: str, m: QuantLinear) -> dict:
         strategy, group = "tensor", None
     else:
         strategy, group = "channel", None
+    if fmt == "fp8_e4m3":
+        layout = "float-quantized"
+    elif acts is not None:
+        if fmt != "int8" or not m.symmetric or strategy != "channel":
+            raise ExportError(f"layer {name}: quantized activations export with int8 symmetric per-channel weights "
+                              f"(int-quantized) or fp8_e4m3 weights; got {fmt}"
+                              f"{'' if m.symmetric else ' asymmetric'} {strategy}")
+        layout = "int-quantized"
+    else:
+        layout = FORMAT
     if not m.symmetric:
         z = m.weight_zero_point.float()
         if not torch.equal(z, z.round()):
             raise ExportError(f"layer {name}: its zero points are not integers; quantize with zero_point='integer' "
                               f"(plan key \"zero_point\": \"integer\") to export asymmetric weights")
-    return {"num_bits": format_bits(fmt), "type": "int", "symmetric": m.symmetric, "strategy": strategy,
-            "group_size": group, "dynamic": False}
+    weights = {"num_bits": format_bits(fmt), "type": "float" if fmt == "fp8_e4m3" else "int",
+               "symmetric": m.symmetric, "strategy": strategy, "group_size": group, "dynamic": False}
+    return layout, weights, acts
 
 
 def layer_tensors(m: QuantLinear, dtype: torch.dtype) -> dict:
     """The compressed-tensors tensors of one layer (without the module prefix)."""
+    layout, _, _ = _layer_scheme("?", m)
     bits = format_bits(m.fmt)
-    out = {"weight_packed": _to_words(m.weight_packed.cpu()),
-           "weight_scale": m.weight_scale.detach().cpu().to(dtype).reshape(m.out_features, -1),
-           "weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64)}
-    if m.group_size == -1:
-        out["weight_scale"] = out["weight_scale"].reshape(1)
+    scale = m.weight_scale.detach().cpu().to(dtype)
+    scale = scale.reshape(1) if m.group_size == -1 else scale.reshape(m.out_features, -1)
+    if layout == FORMAT:
+        out = {"weight_packed": _to_words(m.weight_packed.cpu()), "weight_scale": scale,
+               "weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64)}
+    elif layout == "float-quantized":  # our fp8 codes are the e4m3fn bits
+        out = {"weight": m.weight_packed.cpu().view(torch.float8_e4m3fn).clone(), "weight_scale": scale}
+    else:  # int-quantized: signed int8 values (our symmetric codes are q + 128)
+        out = {"weight": (m.weight_packed.cpu().to(torch.int16) - 128).to(torch.int8), "weight_scale": scale}
     if not m.symmetric:
         z = m.weight_zero_point.detach().cpu().float().reshape(m.out_features, -1)
         out["weight_zero_point"] = _pack_columns(z.round().to(torch.uint8), bits)
@@ -104,10 +136,14 @@ def quantization_config(model: nn.Module) -> dict:
             ignore.append(name)
     if not groups:
         raise ExportError("the model has no quantized layers to export")
-    config_groups = {f"group_{i}": {"targets": names, "weights": json.loads(key), "input_activations": None,
-                                    "output_activations": None, "format": FORMAT}
-                     for i, (key, names) in enumerate(groups.items())}
-    return {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
+    config_groups = {}
+    for i, (key, names) in enumerate(groups.items()):
+        layout, weights, acts = json.loads(key)
+        config_groups[f"group_{i}"] = {"targets": names, "weights": weights, "input_activations": acts,
+                                       "output_activations": None, "format": layout}
+    layouts = {g["format"] for g in config_groups.values()}
+    return {"quant_method": "compressed-tensors", "format": layouts.pop() if len(layouts) == 1 else "mixed-precision",
+            "quantization_status": "compressed",
             "config_groups": config_groups, "ignore": ignore, "kv_cache_scheme": None,
             "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {}}
 
