@@ -126,10 +126,8 @@ def test_export_from_the_command_line(tmp_path, capsys):
 
     src = save_tiny_llama(tmp_path / "src")
     q = str(tmp_path / "q")
-    plan = tmp_path / "p.json"
-    plan.write_text(json.dumps({"default": {"wq": "int4", "symmetric": False, "zero_point": "integer",
-                                            "group_size": 32, "dtype": "float32"}}))
-    assert main(["quantize", src, "--plan", str(plan), "--out", q, "--no-eval"]) == 0
+    assert main(["quantize", src, "--plan", "gptq_w4_g64_export", "--out", q, "--no-eval", "--calib-tokens",
+                 "512"]) == 0
     out = str(tmp_path / "ct")
     assert main(["export", q, "--to", "compressed-tensors", "--out", out]) == 0
     theirs = load(out, dequantize=True)

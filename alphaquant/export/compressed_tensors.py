@@ -75,11 +75,11 @@ def _layer_scheme(name: str, m: QuantLinear) -> tuple:
                           f"compressed-tensors transforms; export a plan without rotation")
     acts = _activation_args(name, m)
     k = m.in_features
-    if m.group_size > 0 and m.group_size < k:
-        if k % m.group_size:
-            raise ExportError(f"layer {name}: group_size {m.group_size} does not divide in_features {k} (a short "
-                              f"last group); compressed-tensors needs whole groups")
+    if m.group_size > 0 and k % m.group_size == 0:  # (one whole group is a group too: fewer config groups)
         strategy, group = "group", m.group_size
+    elif 0 < m.group_size < k:
+        raise ExportError(f"layer {name}: group_size {m.group_size} does not divide in_features {k} (a short "
+                          f"last group); compressed-tensors needs whole groups")
     elif m.group_size == -1:
         strategy, group = "tensor", None
     else:
