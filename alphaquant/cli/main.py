@@ -221,19 +221,40 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _is_gguf_file(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return not os.path.islink(path) and f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def cmd_export(args) -> int:
-    from ..export import ExportError, to_compressed_tensors
+    from ..export import ExportError, to_compressed_tensors, to_gguf
 
     model, tok = _load_checkpoint(args.checkpoint)
     try:
-        to_compressed_tensors(model, args.out, tok, force=args.force)
+        if args.to == "gguf":
+            if os.path.isdir(args.out):
+                raise CliError(f"--out {args.out} is a folder; a GGUF export is one file")
+            if os.path.lexists(args.out):
+                if not args.force:
+                    raise FileExistsError(f"{args.out} exists")
+                if not _is_gguf_file(args.out):
+                    raise CliError(f"--out {args.out} is not a GGUF file; it is not replaced")
+            report = to_gguf(model, tok, args.out)
+            if report["q4_1_min_change"]:
+                print(f"Q4_1 stores the minimum as fp16: weights moved by at most {report['q4_1_min_change']:.3g}")
+        else:
+            to_compressed_tensors(model, args.out, tok, force=args.force)
     except ExportError as e:
         raise CliError(f"cannot export {args.checkpoint} to {args.to}: {e}") from None
     except FileExistsError as e:
         raise CliError(f"{e} (--force replaces it)") from None
     except OSError as e:
         raise WriteError(f"could not write {args.out}: {e.strerror or e}") from None
-    print(f"wrote {args.out} ({args.to}: loads with transformers / vLLM)")
+    engines = "llama.cpp" if args.to == "gguf" else "transformers / vLLM"
+    print(f"wrote {args.out} ({args.to}: loads with {engines})")
     return 0
 
 
@@ -304,10 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub, eval_tokens, _int_at_least)
     x = sub.add_parser("export", help="write a checkpoint in another engine's format")
     x.add_argument("checkpoint")
-    x.add_argument("--to", choices=("compressed-tensors",), required=True,
-                   help="compressed-tensors: pack-quantized int weights (vLLM, transformers)")
-    x.add_argument("--out", required=True, help="folder to write")
-    x.add_argument("--force", action="store_true", help="replace an existing folder")
+    x.add_argument("--to", choices=("compressed-tensors", "gguf"), required=True,
+                   help="compressed-tensors: a folder for vLLM / transformers; gguf: a file for llama.cpp")
+    x.add_argument("--out", required=True, help="folder (compressed-tensors) or file (gguf) to write")
+    x.add_argument("--force", action="store_true", help="replace an earlier export")
     x.set_defaults(func=cmd_export)
     g = sub.add_parser("generate", help="generate text with a quantized checkpoint")
     g.add_argument("checkpoint")

@@ -1,0 +1,130 @@
+"""GGUF export, read back by the gguf package's own decoders and, where it is installed, run by
+llama.cpp (llama-cpp-python)."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from alphaquant.export import ExportError
+from alphaquant.export.gguf_file import to_gguf
+from alphaquant.plans import apply_plan
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+tokenizers = pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from alphaquant.cli.evaluation import corpus_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([corpus_text()[:100_000]], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                                eos_token="<|endoftext|>")
+
+
+def tiny_llama(vocab, tied=True):
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                                   max_position_embeddings=128)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def plan(wq, symmetric):
+    return {"default": {"wq": wq, "symmetric": symmetric, "group_size": 32, "scale_dtype": "float16",
+                        "dtype": "float32"}}
+
+
+def unpermute(rows, n_head):  # transformers' _reverse_permute_weights
+    out = rows.shape[0]
+    return rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:]).swapaxes(2, 1).reshape(rows.shape)
+
+
+@pytest.mark.parametrize("wq,symmetric,kind", [("int8", True, "Q8_0"), ("int4", True, "Q4_0"),
+                                               ("int4", False, "Q4_1")])
+def test_gguf_decodes_our_codes(tmp_path, bpe_tokenizer, wq, symmetric, kind):
+    model = tiny_llama(len(bpe_tokenizer))
+    apply_plan(model, plan(wq, symmetric))
+    path = str(tmp_path / "m.gguf")
+    report = to_gguf(model, bpe_tokenizer, path)
+    assert report["tensors"]["blk.0.attn_q.weight"] == kind
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" in tensors  # the quantized lm_head is its own tensor
+    for name, hf, heads in (("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj", 4),
+                            ("blk.0.attn_k.weight", "model.layers.0.self_attn.k_proj", 2),
+                            ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj", None)):
+        t = tensors[name]
+        assert t.tensor_type == getattr(gguf.GGMLQuantizationType, kind)
+        got = gguf.quants.dequantize(t.data, t.tensor_type)
+        if heads:
+            got = unpermute(got, heads)
+        ours = model.get_submodule(hf).dequantized_weight(torch.float32).numpy()
+        tol = report["q4_1_min_change"] + 1e-7 if kind == "Q4_1" else 0.0
+        np.testing.assert_allclose(got, ours, atol=tol + 1e-6 * (kind == "Q4_1"), rtol=0)
+    fields = reader.fields
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert int(fields["llama.block_count"].parts[-1][0]) == 2
+
+
+def test_what_gguf_cannot_hold_is_refused(tmp_path, bpe_tokenizer):
+    for p, match in ((plan("int4", True) | {"default": {**plan("int4", True)["default"], "group_size": 64}},
+                      "group_size must be 32"),
+                     ({"default": {"wq": "int4", "group_size": 32, "dtype": "float32"}}, "fp16 scales"),
+                     ({"default": {"wq": "fp4_e2m1", "group_size": 32, "scale_dtype": "float16"}},
+                      "no GGUF block type")):
+        model = tiny_llama(len(bpe_tokenizer))
+        apply_plan(model, p)
+        with pytest.raises(ExportError, match=match):
+            to_gguf(model, bpe_tokenizer, str(tmp_path / "x.gguf"))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("wq,symmetric", [("int8", True), ("int4", True), ("int4", False)])
+def test_llama_cpp_runs_the_file_and_agrees_with_our_model(tmp_path, bpe_tokenizer, wq, symmetric):
+    import llama_cpp
+
+    model = tiny_llama(len(bpe_tokenizer), tied=False)
+    apply_plan(model, plan(wq, symmetric))
+    path = str(tmp_path / "m.gguf")
+    to_gguf(model, bpe_tokenizer, path)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    ids = bpe_tokenizer("def main(): return 1 + 2", add_special_tokens=False)["input_ids"][:12]
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    # llama.cpp quantizes activations to 8 bits for its integer dot products: close, not equal
+    assert np.abs(theirs - ours).max() < 0.05 * np.abs(ours).max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.9
+
+
+def test_export_to_gguf_from_the_command_line(tmp_path, bpe_tokenizer, capsys):
+    from alphaquant.cli import main
+    from alphaquant.cli.checkpoint_folder import write_checkpoint
+    from alphaquant.plans import load_plan
+
+    model = tiny_llama(len(bpe_tokenizer))
+    p = load_plan(plan("int4", True))
+    apply_plan(model, p)
+    q = str(tmp_path / "q")
+    write_checkpoint(q, model, bpe_tokenizer, p, {})
+    out = str(tmp_path / "m.gguf")
+    assert main(["export", q, "--to", "gguf", "--out", out]) == 0
+    assert open(out, "rb").read(4) == b"GGUF"
+    assert main(["export", q, "--to", "gguf", "--out", out]) == 2
+    assert main(["export", q, "--to", "gguf", "--out", out, "--force"]) == 0
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep")
+    assert main(["export", q, "--to", "gguf", "--out", str(precious), "--force"]) == 2
+    assert "not a GGUF file" in capsys.readouterr().err and precious.read_text() == "keep"
