@@ -139,11 +139,19 @@ def cmd_plan(args) -> int:
     jobs = [("mixed", f"{b:g}", plan_for(b)[0]) for b in curve]
     if args.uniform:
         jobs += [("uniform", c, {"default": {**s, **extra}}) for c, s in sens.candidates.items()]
+    # GPTQ plans are calibrated as `alphaquant quantize` calibrates them (up to 128 windows), not
+    # on the few windows the sensitivities need
+    from .main import CALIBRATION_TOKENS_ALGORITHMS
+
+    calib_gptq = calib
+    if args.algorithm == "gptq" and loaded.is_causal_lm:
+        calib_gptq = list(evaluation.token_windows(tok, calib_text, CALIBRATION_TOKENS_ALGORITHMS,
+                                                   evaluation.CALIBRATION_WINDOW))
     for kind, label, p in jobs:
         model = copy.deepcopy(loaded.model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = apply_plan(model, p, calibration_batches=calib, forward_fn=forward)
+            report = apply_plan(model, p, calibration_batches=calib_gptq, forward_fn=forward)
         bits = 8.0 * report.bytes_after / sens.total_weights
         v = evaluate(model, tok, loaded.is_causal_lm, eval_text, args.eval_tokens, reference)
         value = v.get("perplexity", v.get("cosine"))
