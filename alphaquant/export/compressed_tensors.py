@@ -207,14 +207,22 @@ def to_compressed_tensors(model: nn.Module, out_dir: str, tokenizer=None, force:
     atomic_folder.replace_folder(out_dir, fill)
 
 
-def _is_export_folder(path: str) -> bool:
-    """Whether ``path`` holds what this exporter writes (so that force may replace it)."""
+def is_compressed_tensors_folder(path: str) -> bool:
+    """Whether ``path`` has a config.json whose quantization_config is compressed-tensors'."""
     try:
         with open(os.path.join(path, "config.json")) as f:
             qc = json.load(f).get("quantization_config") or {}
     except (OSError, ValueError, AttributeError):
         return False
-    allowed = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json"}
-    return (os.path.isdir(path) and qc.get("quant_method") == "compressed-tensors"
-            and os.path.isfile(os.path.join(path, "model.safetensors")) and set(os.listdir(path)) <= allowed)
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
+_EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                 "added_tokens.json"}
+
+
+def _is_export_folder(path: str) -> bool:
+    """Whether ``path`` holds only what this exporter writes (so that force may replace it)."""
+    return (os.path.isdir(path) and is_compressed_tensors_folder(path)
+            and os.path.isfile(os.path.join(path, "model.safetensors")) and set(os.listdir(path)) <= _EXPORT_FILES)

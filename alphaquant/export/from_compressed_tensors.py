@@ -15,16 +15,7 @@ from torch import nn
 
 from ..nn.quant_linear import QuantLinear
 from ..packed import PackedTensor
-from .compressed_tensors import FORMAT, ExportError
-
-
-def is_compressed_tensors_folder(path: str) -> bool:
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            qc = json.load(f).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+from .compressed_tensors import FORMAT, ExportError, is_compressed_tensors_folder  # noqa: F401 (re-exported)
 
 
 def _matches(name: str, module: nn.Module, target: str) -> bool:
