@@ -104,9 +104,9 @@ def _layer_scheme(name: str, m: QuantLinear) -> tuple:
     return layout, weights, acts
 
 
-def layer_tensors(m: QuantLinear, dtype: torch.dtype) -> dict:
-    """The compressed-tensors tensors of one layer (without the module prefix)."""
-    layout, _, _ = _layer_scheme("?", m)
+def layer_tensors(m: QuantLinear, dtype: torch.dtype, layout: str) -> dict:
+    """The compressed-tensors tensors of one layer in ``layout`` (its format, from _layer_scheme),
+    without the module prefix."""
     bits = format_bits(m.fmt)
     scale = m.weight_scale.detach().cpu().to(dtype)
     scale = scale.reshape(1) if m.group_size == -1 else scale.reshape(m.out_features, -1)
@@ -167,8 +167,9 @@ def to_compressed_tensors(model: nn.Module, out_dir: str, tokenizer=None, force:
     dtype = dtype or _float_dtype(model)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     tensors = {}
+    layouts = {n: g["format"] for g in qc["config_groups"].values() for n in g["targets"]}
     for name, m in quantized.items():
-        for key, t in layer_tensors(m, dtype).items():
+        for key, t in layer_tensors(m, dtype, layouts[name]).items():
             tensors[f"{name}.{key}"] = t.contiguous()
     seen = set()
     for key, t in model.state_dict().items():

@@ -95,8 +95,8 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32):
             linear = nn.Linear(shell.in_features, shell.out_features, bias=bias is not None, dtype=dtype)
             q = QuantLinear.from_packed(linear, packed)
             if bias is not None:
-                q.bias.copy_(torch.from_numpy(dense(bias).numpy() if heads is None else _unpermute(dense(bias).numpy(),
-                                                                                                 heads)))
+                b = dense(bias).numpy()
+                q.bias.copy_(torch.from_numpy(b if heads is None else _unpermute(b, heads)))
             parent, _, child = hf.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, q)
         else:  # other types: decoded to float
@@ -107,14 +107,10 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32):
     model.load_state_dict(state, strict=False, assign=True)
     if "output.weight" not in tensors:
         model.lm_head.weight = model.model.embed_tokens.weight  # tied, as llama.cpp reads the file
-    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
-    rotary = [n for n in left if "rotary_emb" in n]
-    if rotary:  # computed buffers (inv_freq): rebuilt on the CPU
-        for n, m in model.named_modules():
-            if n.endswith("rotary_emb"):
-                fresh = type(m)(config=config)
-                parent, _, child = n.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, fresh)
+    for n, m in list(model.named_modules()):  # computed buffers (inv_freq): rebuilt on the CPU
+        if n.endswith("rotary_emb"):
+            parent, _, child = n.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, type(m)(config=config))
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
     if left:
         raise ExportError(f"GGUF file {path}: tensors missing for {left[:5]}")

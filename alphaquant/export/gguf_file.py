@@ -67,7 +67,7 @@ def quantized_blocks(m: QuantLinear, kind: str) -> tuple:
         q = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
         blocks = torch.cat([d_bytes, q], dim=-1)
     else:
-        nib = torch.cat([codes[..., :16] | (codes[..., 16:] << 4)], dim=-1)  # element j low, j + 16 high
+        nib = codes[..., :16] | (codes[..., 16:] << 4)  # element j low, j + 16 high
         if kind == "Q4_0":
             blocks = torch.cat([d_bytes, nib], dim=-1)
         else:
