@@ -70,3 +70,12 @@ def to_groups(t: torch.Tensor, group_size: int, pad_value: float = float("nan"))
 def group_sums(t: torch.Tensor, group_size: int) -> torch.Tensor:
     """Sum of ``t`` [..., k] over each group, shaped like the scales."""
     return to_groups(t, group_size, 0.0).sum(-1).reshape(scale_shape(t.shape, group_size))
+
+
+def expand_groups(s: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """Scales (or zero points) [..., groups] -> one value per element [..., k] (differentiable;
+    per channel and per tensor they broadcast)."""
+    g = group_length(k, group_size)
+    if group_size <= 0 or s.shape[-1] == 1:
+        return s.expand(*s.shape[:-1], k)
+    return s.repeat_interleave(g, dim=-1)[..., :k]

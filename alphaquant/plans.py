@@ -29,7 +29,10 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
                     (for int8/fp8 activations); smooth_alpha fixes its exponent (else searched)
 Schemes with gptq, awq or smoothquant are quantized block by block on calibration data
 (alphaquant/algorithms/sequential.py).
-Top-level "rotation": "hadamard" first rotates a Llama-family model into a basis without outlier
+Top-level "finetune": {"epochs": 2, "lr": 0.002, "norms": false} (or true for these) then trains
+the weight scales of the quantized model end to end on the calibration data, by distillation from
+its float self (alphaquant/algorithms/finetune.py: codes and bits unchanged, much less error at
+2-3 bits). Top-level "rotation": "hadamard" first rotates a Llama-family model into a basis without outlier
 channels (alphaquant/algorithms/rotation.py: same function in float, much less quantization error
 for int8 activations and 2-4 bit weights); "none" (default) leaves it as it is.
 """
@@ -54,6 +57,7 @@ from .layout import GRANULARITIES
 from .quantizers.base import MAX_GROUP_SIZE
 from .quantizers.registry import FLOAT_NAMES, lookup
 from .algorithms.rotation import ATTR as ROTATION_ATTR, ROTATIONS, RotationError, restore, rotate_model
+from .algorithms.finetune import FinetuneOptions, check_options as finetune_options, finetune_scales
 
 SCHEME_KEYS = {"wq", "aq", "group_size", "granularity", "act_granularity", "symmetric", "dtype", "act_static",
                "observer", "skip", "clip_search", "zero_opt", "scale_dtype", "algorithm", "damp", "block_size",
@@ -86,12 +90,17 @@ def load_plan(plan: Union[str, os.PathLike, dict]) -> dict:
         plan = _read_plan_file(plan)
     if not isinstance(plan, dict):
         raise PlanError(f"a plan must be a JSON object with 'default' and 'overrides'; got {type(plan).__name__}")
-    unknown = set(plan) - {"default", "overrides", "name", "description", "rotation"}
+    unknown = set(plan) - {"default", "overrides", "name", "description", "rotation", "finetune"}
     if unknown:
         raise PlanError(f"unknown top-level plan keys {sorted(map(str, unknown))}; allowed: default, overrides, "
-                        f"name, description, rotation")
+                        f"name, description, rotation, finetune")
     if "rotation" in plan and plan["rotation"] not in ROTATIONS:
         raise PlanError(f"plan 'rotation' must be one of {list(ROTATIONS)}; got {_short(plan['rotation'])}")
+    if "finetune" in plan:
+        try:
+            finetune_options(plan["finetune"])
+        except ValueError as e:
+            raise PlanError(str(e)) from None
     for key in ("name", "description"):
         if key in plan and not isinstance(plan[key], str):
             raise PlanError(f"plan '{key}' must be a string; got {type(plan[key]).__name__}")
@@ -256,6 +265,7 @@ class LayerReport:
 class PlanReport:
     layers: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    finetune: Optional[dict] = None  # losses of the scale fine-tuning, when the plan asked for it
 
     @property
     def bytes_before(self) -> int:
@@ -266,9 +276,12 @@ class PlanReport:
         return sum(r.bytes_after for r in self.layers)
 
     def to_dict(self) -> dict:
-        return {"layers": [asdict(r) for r in self.layers], "skipped": self.skipped,
-                "total": {"bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
-                          "compression": self.bytes_before / max(self.bytes_after, 1)}}
+        out = {"layers": [asdict(r) for r in self.layers], "skipped": self.skipped,
+               "total": {"bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                         "compression": self.bytes_before / max(self.bytes_after, 1)}}
+        if self.finetune is not None:
+            out["finetune"] = self.finetune
+        return out
 
     def format_table(self) -> str:
         lines = [f"{'layer':<48} {'scheme':<22} {'bits/w':>7} {'before':>10} {'after':>10} {'SQNR dB':>8}"]
@@ -359,6 +372,13 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
     calibrated = [n for n, s in layers.items() if needs_calibration(s)] if quantize_weights else []
     _check_applicable(model, layers, static if quantize_weights else [], calibration_batches,
                       check_weights=quantize_weights, calibrated=calibrated)
+    tune = finetune_options(plan["finetune"]) if "finetune" in plan and quantize_weights else None
+    if tune is not None:
+        if calibration_batches is None:
+            raise PlanError("the plan asks for finetune, which trains the scales on data, but no calibration_batches "
+                            "were given")
+        calibration_batches = list(calibration_batches)
+        teacher = copy.deepcopy(model)  # the float model the quantized one is distilled from
     report = PlanReport()
     report.skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
     replaced = []  # (parent module, child name, nn.Linear) of every replaced layer, to put back on failure
@@ -413,6 +433,14 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
         report.layers = [entries[n] for n in layers]
         if static and quantize_weights:
             calibrate(model, [model.get_submodule(n) for n in static], calibration_batches, forward_fn)
+        if tune is not None:
+            try:
+                report.finetune = finetune_scales(model, teacher, calibration_batches, forward_fn,
+                                                  FinetuneOptions(**tune), progress=progress, undo=undo)
+            except ValueError as e:
+                raise PlanError(str(e)) from None
+            finally:
+                del teacher
     except BaseException:
         for parent, child, linear in reversed(replaced):
             setattr(parent, child, linear)

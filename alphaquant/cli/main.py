@@ -94,14 +94,15 @@ def _metric_line(m: dict) -> str:
     return f"cosine similarity to float {m['cosine']:.5f}" if "cosine" in m else "reference embeddings"
 
 
-CALIBRATION_TOKENS_ALGORITHMS = 128 * CALIBRATION_WINDOW  # gptq/awq/smoothquant: up to 128 windows
+CALIBRATION_TOKENS_ALGORITHMS = 128 * CALIBRATION_WINDOW  # gptq/awq/smoothquant/finetune: up to 128 windows
 
 
 def calibration_need(plan: dict):
-    """"algorithm" when some scheme of the plan runs gptq/awq/smoothquant, "static" when it only
+    """"algorithm" when the plan fine-tunes or some scheme runs gptq/awq/smoothquant, "static" when it only
     calibrates static activation scales, None when it needs no data."""
     schemes = [plan["default"], *plan["overrides"]]
-    if any(s.get("algorithm", "rtn") != "rtn" or s.get("awq") or s.get("smoothquant") for s in schemes):
+    if "finetune" in plan or any(s.get("algorithm", "rtn") != "rtn" or s.get("awq") or s.get("smoothquant")
+                                 for s in schemes):
         return "algorithm"
     return "static" if any(s.get("act_static") for s in schemes) else None
 
