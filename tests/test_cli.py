@@ -267,6 +267,25 @@ def test_rotated_gptq_plan_from_the_command_line_reloads_as_written(tiny_model_d
     assert all(o["algorithm"] == "gptq" and o["act_order"] and o["refit"] for o in written["overrides"])
 
 
+def test_finetuned_plan_from_the_command_line_reloads_as_written(tiny_model_dir, tmp_path, capsys):
+    out = str(tmp_path / "ft")
+    plan = tmp_path / "ft.json"
+    plan.write_text(json.dumps({"finetune": {"epochs": 1}, "default": {"wq": "int3", "group_size": 32,
+                                                                         "symmetric": False, "dtype": "float32"}}))
+    assert main(["quantize", tiny_model_dir, "--plan", str(plan), "--out", out, "--eval-tokens", "1024",
+                 "--calib-tokens", "1024"]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert set(report["finetune"]) == {"loss_first_epoch", "loss_last_epoch"}
+    capsys.readouterr()
+    assert main(["eval", out, "--eval-tokens", "1024"]) == 0  # the tuned scales are what was saved
+    ppl = float(capsys.readouterr().out.split("perplexity")[-1])
+    assert abs(ppl - report["eval"]["after"]["perplexity"]) < 1e-3 * ppl
+    planned = str(tmp_path / "planned.json")
+    assert main(["plan", tiny_model_dir, "--budget", "3", "--out", planned, "--curve", "", "--finetune",
+                 "--calib-tokens", "512"]) == 0
+    assert json.load(open(planned))["finetune"] == {}
+
+
 def test_plan_command_writes_a_plan_within_budget_and_a_curve(tiny_model_dir, tmp_path, capsys):
     out = str(tmp_path / "mixed.json")
     assert main(["plan", tiny_model_dir, "--budget", "4", "--out", out, "--curve", "3,5", "--uniform",

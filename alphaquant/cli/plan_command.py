@@ -107,6 +107,8 @@ def cmd_plan(args) -> int:
         plan = mp.assignment_plan(assignment, sens.candidates, f"mixed precision, {budget} bits per weight", extra)
         if args.rotation != "none":
             plan["rotation"] = args.rotation
+        if args.finetune:
+            plan["finetune"] = {}
         plan["description"] = (f"{sens.bits(assignment):.4f} bits per weight (scales included) over "
                                f"{len(assignment)} linear layers; predicted loss increase "
                                f"{sens.predicted_loss(assignment):.4g}")
@@ -138,13 +140,14 @@ def cmd_plan(args) -> int:
     float_value = evaluate(loaded.model, tok, loaded.is_causal_lm, eval_text, args.eval_tokens, reference)
     jobs = [("mixed", f"{b:g}", plan_for(b)[0]) for b in curve]
     if args.uniform:
-        jobs += [("uniform", c, {"default": {**s, **extra}}) for c, s in sens.candidates.items()]
+        jobs += [("uniform", c, {"default": {**s, **extra}, **({"finetune": {}} if args.finetune else {})})
+                 for c, s in sens.candidates.items()]
     # GPTQ plans are calibrated as `alphaquant quantize` calibrates them (up to 128 windows), not
     # on the few windows the sensitivities need
     from .main import CALIBRATION_TOKENS_ALGORITHMS
 
     calib_gptq = calib
-    if args.algorithm == "gptq" and loaded.is_causal_lm:
+    if (args.algorithm == "gptq" or args.finetune) and loaded.is_causal_lm:
         calib_gptq = list(evaluation.token_windows(tok, calib_text, CALIBRATION_TOKENS_ALGORITHMS,
                                                    evaluation.CALIBRATION_WINDOW))
     for kind, label, p in jobs:
@@ -166,7 +169,8 @@ def cmd_plan(args) -> int:
     save_curve_chart(points, f"{stem}_curve.png",
                      f"{loaded.source.split(os.sep)[-1]}: {metric} vs bits per weight "
                      f"(float {summary['float']:.3f}; {args.algorithm}"
-                     f"{'' if args.rotation == 'none' else ', rotation ' + args.rotation})")
+                     f"{'' if args.rotation == 'none' else ', rotation ' + args.rotation}"
+                     f"{', fine-tuned scales' if args.finetune else ''})")
     print(f"wrote {stem}_curve.png and {stem}_curve.json ({time.time() - t0:.0f} s)", file=sys.stderr)
     return 0
 
@@ -181,6 +185,8 @@ def add_parser(sub, eval_tokens_type, int_at_least) -> None:
                    help="how the planned layers are quantized (gptq: with act-order and refitted scales)")
     p.add_argument("--rotation", choices=("none", "hadamard"), default="none",
                    help="hadamard: rotate the model first (Llama family) and plan for the rotated weights")
+    p.add_argument("--finetune", action="store_true",
+                   help="the plans also fine-tune their scales end to end on calibration data (plan key finetune)")
     p.add_argument("--curve", default=",".join(f"{b:g}" for b in DEFAULT_CURVE),
                    help="budgets whose plans are applied and measured for the curve ('' skips it)")
     p.add_argument("--uniform", action="store_true", help="also measure every candidate format applied everywhere")
