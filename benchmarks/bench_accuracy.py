@@ -28,8 +28,10 @@ from alphaquant.cli.models import load_model  # noqa: E402
 from alphaquant.cli.presets import resolve_plan  # noqa: E402
 from alphaquant.plans import PlanError, apply_plan  # noqa: E402
 
-PRESETS = ["w8a8", "w8a8_smoothquant", "w8a8_rotated", "w8a16", "fp8", "w4a16_g128", "w4a16_g128_mse", "w4a16_g64", "awq_w4_g64",
-           "gptq_w4_g64", "gptq_w4_g64_export", "gptq_w4_g64_rotated", "w4a16_g32", "fp4", "gptq_w3_g64", "gptq_w3_g64_rotated", "w2a16", "gptq_w2_g32"]
+PRESETS = ["w8a8", "w8a8_smoothquant", "w8a8_rotated", "w8a16", "fp8", "w4a16_g128", "w4a16_g128_mse", "w4a16_g64",
+           "awq_w4_g64", "gptq_w4_g64", "gptq_w4_g64_export", "gptq_w4_g64_rotated", "gptq_w4_g64_rotated_finetune",
+           "w4a16_g32", "fp4", "gptq_w3_g64", "gptq_w3_g64_rotated", "gptq_w3_g64_rotated_finetune", "w2a16",
+           "gptq_w2_g32"]
 
 
 def linears(model):
