@@ -19,6 +19,8 @@ import tempfile
 import torch
 from torch import nn
 
+from .nn.packed_weight import PackedWeightModule
+from .nn.quant_embedding import QuantEmbedding, TiedQuantLinear
 from .nn.quant_linear import QuantLinear
 from .plans import apply_plan
 
@@ -55,7 +57,18 @@ def current_umask() -> int:
 def _layer_meta(model: nn.Module) -> dict:
     meta = {}
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, TiedQuantLinear):  # no tensors of its own: the embedding's are used
+            e = m.embedding
+            meta[name] = {"kind": "tied", "tied_to": m.tied_to, "fmt": e.fmt, "symmetric": e.symmetric,
+                          "group_size": e.group_size, "shape": [m.out_features, m.in_features]}
+        elif isinstance(m, QuantEmbedding):
+            entry = {"kind": "embedding", "fmt": m.fmt, "symmetric": m.symmetric, "group_size": m.group_size,
+                     "shape": [m.num_embeddings, m.embedding_dim]}
+            if m.weight_codebook is not None:
+                entry["codebook_shape"] = list(m.weight_codebook.shape)
+                entry["codebook_dtype"] = str(m.weight_codebook.dtype).removeprefix("torch.")
+            meta[name] = entry
+        elif isinstance(m, QuantLinear):
             entry = {"fmt": m.fmt, "symmetric": m.symmetric, "group_size": m.group_size,
                      "shape": [m.out_features, m.in_features]}
             if m.weight_codebook is not None:
@@ -81,6 +94,20 @@ def _os_error_of(e: Exception, path: str) -> OSError:
     return OSError(code, f"{os.strerror(code)} (while writing {path})")
 
 
+def _aliases(state: dict) -> dict:
+    """{key: earlier key} for state_dict entries that are the same tensor as an earlier one (tied
+    weights, e.g. a float LM head tied to its embedding)."""
+    seen, aliases = {}, {}
+    for k, v in state.items():
+        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()),
+               v.dtype)
+        if key in seen and v.numel() > 0:
+            aliases[k] = seen[key]
+        else:
+            seen.setdefault(key, k)
+    return aliases
+
+
 def save_quantized(model: nn.Module, path: str, plan: dict) -> None:
     """Write the model's state_dict (packed weights, scales, other parameters) and the plan.
 
@@ -89,14 +116,16 @@ def save_quantized(model: nn.Module, path: str, plan: dict) -> None:
     """
     from safetensors.torch import save_file
 
-    seen = {}
+    state = model.state_dict()
+    aliases = _aliases(state)  # tied weights: written once, tied again by the model on load
     tensors = {}
-    for k, v in model.state_dict().items():
+    for k, v in state.items():
+        if k in aliases:
+            continue
         v = v.detach().cpu().contiguous()
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        tensors[k] = v.clone() if key in seen or v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
-        seen[key] = k
-    metadata = {"format": FORMAT_TAG, "plan": json.dumps(plan), "layers": json.dumps(_layer_meta(model))}
+        tensors[k] = v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
+    metadata = {"format": FORMAT_TAG, "plan": json.dumps(plan), "layers": json.dumps(_layer_meta(model)),
+                "aliases": json.dumps(aliases)}
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".alphaquant-", suffix=".tmp")
     os.close(fd)
@@ -200,6 +229,10 @@ def _check_layer_entry(name: str, e: object, path: str) -> None:
             raise ValueError(f"{where}: 'codebook_shape' must be a list of one or two positive integers")
         if dtype not in _CODEBOOK_DTYPES:
             raise ValueError(f"{where}: 'codebook_dtype' must be one of {sorted(_CODEBOOK_DTYPES)}")
+    if e.get("kind", "linear") not in ("linear", "embedding", "tied"):
+        raise ValueError(f"{where}: 'kind' must be linear, embedding or tied")
+    if (e.get("kind") == "tied") != ("tied_to" in e) or ("tied_to" in e and not isinstance(e["tied_to"], str)):
+        raise ValueError(f"{where}: a tied layer (and only one) names the embedding it uses in 'tied_to'")
     if "input_rotation" in e and e["input_rotation"] != "hadamard":
         raise ValueError(f"{where}: 'input_rotation' must be 'hadamard' when present")
     if "act_scale" in e:
@@ -235,6 +268,8 @@ def _check_scales(state: dict, layer_names, path: str) -> None:
     """Scales that are zero, negative, NaN or infinite (or non-finite zero points) would decode to
     garbage or divide by zero: a checkpoint holding them is refused, naming the tensor."""
     for name in layer_names:
+        if f"{name}.weight_scale" not in state:  # a tied head: its embedding's scales are checked
+            continue
         scale = state[f"{name}.weight_scale"].float()
         bad = ~torch.isfinite(scale) | (scale <= 0)
         if bad.any():
@@ -263,7 +298,7 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
     modules = dict(model.named_modules())
     for name, entry in meta["layers"].items():  # code book layouts, which the plan does not fix
         m = modules.get(name) if "codebook_shape" in entry else None
-        if isinstance(m, QuantLinear) and m.weight_codebook is not None:
+        if isinstance(m, PackedWeightModule) and m.weight_codebook is not None:
             try:
                 m.allocate_codebook(tuple(entry["codebook_shape"]), _CODEBOOK_DTYPES[entry["codebook_dtype"]])
             except ValueError as e:
@@ -275,17 +310,20 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
                          f"only in the model {extra[:5]}")
     for name, entry in meta["layers"].items():
         ours = layers[name]
-        for key in ("fmt", "symmetric", "group_size", "shape", "codebook_shape", "codebook_dtype", "input_rotation"):
+        for key in ("kind", "tied_to", "fmt", "symmetric", "group_size", "shape", "codebook_shape", "codebook_dtype",
+                    "input_rotation"):
             if ours.get(key) != entry.get(key):
                 raise ValueError(f"checkpoint {path}: layer {name} has {key}={entry.get(key)!r} but the plan gives "
                                  f"{ours.get(key)!r} for this model")
-    expected = {k: (_SAFETENSORS_DTYPE.get(v.dtype), tuple(v.shape)) for k, v in model.state_dict().items()}
+    model_state = model.state_dict()
+    tied = _aliases(model_state)  # filled by the model's own tying; older files hold them too
+    expected = {k: (_SAFETENSORS_DTYPE.get(v.dtype), tuple(v.shape)) for k, v in model_state.items()}
     for k, (dtype, shape, _) in tensors.items():  # before loading: no tensor of a wrong size is ever allocated
         if k in expected and expected[k] != (dtype, shape):
             raise ValueError(f"checkpoint {path} does not match this model: tensor {k} is {dtype} {list(shape)}, "
                              f"the model's is {expected[k][0]} {list(expected[k][1])}")
-    if set(tensors) != set(expected):
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if not set(expected) - set(tied) <= set(tensors) <= set(expected):
+        missing, extra = sorted(set(expected) - set(tied) - set(tensors)), sorted(set(tensors) - set(expected))
         raise ValueError(f"checkpoint {path} does not match this model's architecture: tensors missing "
                          f"{missing[:5]}, unexpected {[k[:80] for k in extra[:5]]}")
     try:
@@ -293,10 +331,16 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
     except Exception as e:  # SafetensorError for inconsistencies our header check let through
         raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupted): {e}") from e
     _check_scales(state, layers, path)
+    for k in set(tensors) & set(tied):  # a file that stored a tied tensor twice must store it twice alike
+        if not torch.equal(state[k], state.get(tied[k], state[k])):
+            raise ValueError(f"checkpoint {path}: {k} and {tied[k]} are tied in this model but differ in the file")
     try:
-        model.load_state_dict(state, strict=True)
+        result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not match this model's architecture: {e}") from e
+    if set(result.missing_keys) - set(tied) or result.unexpected_keys:  # checked above; kept as a guard
+        raise ValueError(f"checkpoint {path} does not match this model's architecture: missing "
+                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     for name, entry in meta["layers"].items():
         if "act_scale" in entry:
             m = model.get_submodule(name)

@@ -185,6 +185,44 @@ def linear_codebook(
     return _ops.linear_codebook(x, packed, scale, codebook, bias, group_size, k, validate)
 
 
+def embedding(
+    indices: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: Optional[torch.Tensor],
+    fmt: str,
+    *,
+    symmetric: bool = True,
+    group_size: int = 128,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Rows ``indices`` of a packed table, dequantized: ``dequantize(table)[indices]`` without
+    decoding the other rows.
+
+    indices: int64/int32 of any shape, each in [0, rows) (IndexError otherwise); packed: uint8
+    [rows, ceil(k*bits/8)] with scale/zero_point as for :func:`dequantize`. Returns
+    ``indices.shape + (k,)`` in ``dtype``. No gradient (the table is integer codes).
+    """
+    return _ops.embedding(indices, packed, scale, zero_point, fmt, symmetric, group_size, k, dtype, validate)
+
+
+def embedding_codebook(
+    indices: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    group_size: int = 64,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+    validate: bool = True,
+) -> torch.Tensor:
+    """:func:`embedding` for a learned code book table (lut4): codebook [16] or [rows, 16]."""
+    return _ops.embedding_codebook(indices, packed, scale, codebook, group_size, k, dtype, validate)
+
+
 # ---------------------------------------------------------------- argument checks of the fake kernels
 # The same rules and messages as csrc/arg_checks.cpp and csrc/format_and_layout.cpp.
 
@@ -455,6 +493,30 @@ def _linear_codebook_fake(x, packed, scale, codebook, bias, group_size, k, valid
         if not bias.dtype.is_floating_point:
             raise _type_error(op, f"bias must be a floating tensor; got {bias.dtype}")
     return x.new_empty(tuple(x.shape[:-1]) + (packed.shape[0],))
+
+
+def _check_indices(op: str, indices, packed) -> None:
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise _type_error(op, f"indices must be int64 or int32; got {indices.dtype}")
+    _check_same_device(op, packed, "packed", indices, "indices")
+    if packed.dim() != 2:
+        raise _value_error(op, f"the packed table must be 2-D [rows, bytes per row]; got shape {_shape(packed)}")
+
+
+@torch.library.register_fake("alphaquant::embedding")
+def _embedding_fake(indices, packed, scale, zero_point, fmt, symmetric, group_size, k, dtype, validate=True):
+    _check_output_dtype("embedding", dtype)
+    _check_indices("embedding", indices, packed)
+    _check_dequantize("embedding", packed, scale, zero_point, fmt, symmetric, group_size, k)
+    return packed.new_empty(tuple(indices.shape) + (k,), dtype=dtype)
+
+
+@torch.library.register_fake("alphaquant::embedding_codebook")
+def _embedding_codebook_fake(indices, packed, scale, codebook, group_size, k, dtype, validate=True):
+    _check_output_dtype("embedding_codebook", dtype)
+    _check_indices("embedding_codebook", indices, packed)
+    _check_codebook("embedding_codebook", packed, scale, codebook, group_size, k)
+    return packed.new_empty(tuple(indices.shape) + (k,), dtype=dtype)
 
 
 # ---------------------------------------------------------------- autograd

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ._logging import logger
+from .nn.quant_embedding import QuantEmbedding, TiedQuantLinear
 from .nn.quant_linear import QuantLinear
 from .quantizers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
 from .layout import GRANULARITIES
@@ -293,13 +294,17 @@ class PlanReport:
         return "\n".join(lines)
 
 
-def _scheme_label(s: dict) -> str:
+def _weight_label(s: dict) -> str:
     w = s["wq"] + ("" if s["symmetric"] or not s["wq"].startswith("int") else "a")
     g = {"per_tensor": "t", "per_channel": "c"}.get(s["granularity"], str(s["group_size"]))
+    return f"w{w}/g{g}"
+
+
+def _scheme_label(s: dict) -> str:
     act = "float" if s["aq"] in FLOAT_NAMES else s["aq"]
     extra = "".join(f" {k}" for k in ("awq", "smoothquant") if s.get(k))
     extra += " gptq" if s.get("algorithm") == "gptq" else ""
-    return f"w{w}/g{g} a{act}{extra}"
+    return f"{_weight_label(s)} a{act}{extra}"
 
 
 def _sqnr_db(w: torch.Tensor, deq: torch.Tensor) -> float:
@@ -319,17 +324,60 @@ def _linear_names(model: nn.Module) -> list:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
 
 
+def _embedding_names(model: nn.Module) -> list:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, QuantEmbedding))]
+
+
+def _names_embeddings(pattern: str) -> bool:
+    """Embeddings are quantized only by overrides that name them: a pattern of wildcards alone
+    ("*") keeps meaning "every linear layer", as it did before embeddings could be quantized."""
+    return pattern.strip("*?") != ""
+
+
 def unmatched_patterns(model: nn.Module, plan: dict) -> list:
-    """[(index, pattern)] of the plan's overrides whose pattern matches no linear layer of ``model``
-    (a typo, or a name scheme of another architecture: Llama's attention is ``self_attn``)."""
-    names = _linear_names(model)
+    """[(index, pattern)] of the plan's overrides whose pattern matches no linear layer or
+    embedding of ``model`` (a typo, or a name scheme of another architecture: Llama's attention
+    is ``self_attn``)."""
+    names = _linear_names(model) + _embedding_names(model)
     return [(i, o["pattern"]) for i, o in enumerate(plan["overrides"])
             if not any(fnmatch.fnmatchcase(n, o["pattern"]) for n in names)]
 
 
+def plan_embeddings(model: nn.Module, plan: dict) -> dict:
+    """{module name: resolved scheme} for every nn.Embedding the plan quantizes: those an override
+    names (its pattern matches and is not only wildcards), starting from "default" as linears do,
+    unless the result keeps them float (``wq`` none or ``skip``). Only the weight keys apply
+    (round to nearest with ``zero_opt`` / ``clip_search``; activation and calibration keys are
+    for linears)."""
+    out = {}
+    for n in _embedding_names(model):
+        if not any(_names_embeddings(o["pattern"]) and fnmatch.fnmatchcase(n, o["pattern"])
+                   for o in plan["overrides"]):
+            continue
+        s = resolve(plan, n)
+        wq, _ = build_quantizers(s)
+        if wq is not None:
+            out[n] = s
+    return out
+
+
+def tied_heads(model: nn.Module, embeddings: dict, plan: dict) -> dict:
+    """{linear name: embedding name} for linears (an LM head) whose weight is the same tensor as
+    a planned embedding's: they compute with the embedding's packed table (TiedQuantLinear). A
+    rotated plan unties the head first, so it has none."""
+    if plan.get("rotation", "none") != "none" or not embeddings:
+        return {}
+    weights = {id(model.get_submodule(n).weight): n for n in embeddings
+               if isinstance(model.get_submodule(n), nn.Embedding)}
+    return {n: weights[id(m.weight)] for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and id(m.weight) in weights}
+
+
 def plan_layers(model: nn.Module, plan: dict, strict: bool = False) -> dict:
-    """{module name: resolved scheme} for every nn.Linear / QuantLinear the plan quantizes. An
-    override that matches no layer warns, or raises PlanError with ``strict``. Touches nothing."""
+    """{module name: resolved scheme} for every nn.Linear / QuantLinear the plan quantizes with
+    codes of its own (a head tied to a planned embedding shares the embedding's instead: see
+    :func:`tied_heads`). An override that matches no layer warns, or raises PlanError with
+    ``strict``. Touches nothing."""
     names = _linear_names(model)
     unmatched = unmatched_patterns(model, plan)
     if unmatched and strict:
@@ -338,11 +386,12 @@ def plan_layers(model: nn.Module, plan: dict, strict: bool = False) -> dict:
                         + (f" (layer names look like {names[0]!r})" if names else ""))
     for i, p in unmatched:
         warnings.warn(f"plan overrides[{i}] pattern {p!r} matches no linear layer", stacklevel=3)
+    tied = tied_heads(model, plan_embeddings(model, plan), plan)
     out = {}
     for n in names:
         s = resolve(plan, n)
         wq, _ = build_quantizers(s)  # raises on configs that cannot be built, before any layer changes
-        if wq is not None:
+        if wq is not None and n not in tied:
             out[n] = s
     return out
 
@@ -368,9 +417,16 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
 
     plan = load_plan(plan)
     layers = plan_layers(model, plan, strict=strict)
+    embeddings = plan_embeddings(model, plan)
+    tied = tied_heads(model, embeddings, plan)
+    for head in tied:
+        if resolve(plan, head)["act_static"] and resolve(plan, head)["aq"] not in FLOAT_NAMES:
+            raise PlanError(f"{head} is tied to the quantized embedding {tied[head]} and asks for act_static; a tied "
+                            f"head takes dynamic activation scales only (drop act_static for it, or keep the "
+                            f"embedding float)")
     static = [n for n, s in layers.items() if s["act_static"] and s["aq"] not in FLOAT_NAMES]
     calibrated = [n for n, s in layers.items() if needs_calibration(s)] if quantize_weights else []
-    _check_applicable(model, layers, static if quantize_weights else [], calibration_batches,
+    _check_applicable(model, {**layers, **embeddings}, static if quantize_weights else [], calibration_batches,
                       check_weights=quantize_weights, calibrated=calibrated)
     tune = finetune_options(plan["finetune"]) if "finetune" in plan and quantize_weights else None
     if tune is not None:
@@ -380,7 +436,8 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
         calibration_batches = list(calibration_batches)
         teacher = copy.deepcopy(model)  # the float model the quantized one is distilled from
     report = PlanReport()
-    report.skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    report.skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers
+                      and n not in tied]
     replaced = []  # (parent module, child name, nn.Linear) of every replaced layer, to put back on failure
     undo = []  # (tensor, original values) changed in place by folded scaling
     rotation_undo = []
@@ -414,12 +471,43 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
         logger.debug("quantized %s: %s", name, _scheme_label(scheme))
         return q
 
+    def build_embedding(name, embedding, scheme):
+        wq, _ = build_quantizers(scheme)
+        if quantize_weights:
+            q = QuantEmbedding.from_embedding(embedding, wq, scheme=scheme)
+            sqnr = _sqnr_db(embedding.weight, q.dequantized_weight())
+        else:
+            q = QuantEmbedding(embedding.num_embeddings, embedding.embedding_dim, wq.fmt, wq.symmetric,
+                               wq.config.op_group_size, embedding.weight.dtype, embedding.weight.device,
+                               getattr(torch, wq.config.scale_dtype), scheme=scheme,
+                               padding_idx=embedding.padding_idx)
+            sqnr = float("nan")
+        before = embedding.weight.numel() * embedding.weight.element_size()
+        entries[name] = LayerReport(name, "embedding " + _weight_label(scheme),
+                                    tuple(embedding.weight.shape), 8.0 * q.packed_weight.nbytes / embedding.weight.numel(),
+                                    before, q.packed_weight.nbytes, sqnr)
+        parent_name, _, child = name.rpartition(".")
+        replaced.append((model.get_submodule(parent_name) if parent_name else model, child, embedding))
+        return q
+
+    def tie_head(name, linear, embedding_name):
+        _, aq = build_quantizers(resolve(plan, name))
+        head = TiedQuantLinear(model.get_submodule(embedding_name), linear.bias, aq, tied_to=embedding_name)
+        parent_name, _, child = name.rpartition(".")
+        replaced.append((model.get_submodule(parent_name) if parent_name else model, child, linear))
+        return head
+
     try:
         if plan.get("rotation", "none") != "none":
             try:
                 rotate_model(model, numeric=quantize_weights, undo=rotation_undo)
             except RotationError as e:
                 raise PlanError(str(e)) from None
+        # Embeddings first: calibrated layers then see the embeddings they will be served with.
+        for name, scheme in embeddings.items():
+            _set_module(model, name, build_embedding(name, model.get_submodule(name), scheme))
+        for name, embedding_name in tied.items():
+            _set_module(model, name, tie_head(name, model.get_submodule(name), embedding_name))
         if calibrated:
             batches = list(calibration_batches)
             forward = forward_fn or (lambda m, b: m(b))
@@ -430,7 +518,7 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
             items = list(layers.items())
             for name, scheme in (progress(items, desc="quantizing") if progress else items):
                 _set_module(model, name, build_layer(name, model.get_submodule(name), scheme))
-        report.layers = [entries[n] for n in layers]
+        report.layers = [entries[n] for n in embeddings] + [entries[n] for n in layers]
         if static and quantize_weights:
             calibrate(model, [model.get_submodule(n) for n in static], calibration_batches, forward_fn)
         if tune is not None:
@@ -466,7 +554,7 @@ def _check_applicable(model: nn.Module, layers: dict, static: list, calibration_
                         f"were given")
     for name, scheme in layers.items():
         layer = model.get_submodule(name)
-        if isinstance(layer, QuantLinear):
+        if isinstance(layer, (QuantLinear, QuantEmbedding)):
             raise PlanError(f"layer {name} is already quantized; apply a plan to a float model")
         if check_weights and scheme["wq"] not in ("fp8", "fp8_e4m3", "fp8_e5m2"):
             if not torch.isfinite(layer.weight.detach()).all():

@@ -325,3 +325,18 @@ def linear_codebook(x, packed, scale, codebook, bias, group_size=64, k=None):
     w = dequantize_codebook(packed.cpu(), scale.cpu(), codebook.cpu(), group_size, k, torch.float32)
     b = None if bias is None else bias.cpu().to(torch.float32)
     return torch.nn.functional.linear(x.cpu().to(torch.float32), w, b)
+
+
+# ---------------------------------------------------------------- embeddings
+
+def embedding(indices, packed, scale, zero_point, fmt, symmetric=True, group_size=128, k=None, dtype=torch.float32):
+    """Reference of torch.ops.alphaquant.embedding: the whole table dequantized, then indexed."""
+    table = dequantize(packed.cpu(), scale.cpu(), None if zero_point is None else zero_point.cpu(), fmt, symmetric,
+                       group_size, k, torch.float32)
+    return torch.nn.functional.embedding(indices.cpu().to(torch.int64), table).to(dtype)
+
+
+def embedding_codebook(indices, packed, scale, codebook, group_size=64, k=None, dtype=torch.float32):
+    """Reference of torch.ops.alphaquant.embedding_codebook."""
+    table = dequantize_codebook(packed.cpu(), scale.cpu(), codebook.cpu(), group_size, k, torch.float32)
+    return torch.nn.functional.embedding(indices.cpu().to(torch.int64), table).to(dtype)

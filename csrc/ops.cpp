@@ -69,4 +69,15 @@ TORCH_LIBRARY(alphaquant, m) {
   m.def(
       "linear_codebook(Tensor x, Tensor packed, Tensor scale, Tensor codebook, Tensor? bias, int group_size, int k, "
       "bool validate=True) -> Tensor");
+
+  // Embedding lookup from a packed table (csrc/embedding.cpp): indices: int64/int32 of any shape,
+  // each in [0, rows); packed: [rows, ceil(k*bits/8)] with its scale/zero_point as for dequantize.
+  // Returns indices.shape + [k] in `dtype`; only the looked-up rows are decoded.
+  m.def(
+      "embedding(Tensor indices, Tensor packed, Tensor scale, Tensor? zero_point, str fmt, bool symmetric, "
+      "int group_size, int k, ScalarType dtype, bool validate=True) -> Tensor");
+  // The same for a learned code book table (lut4): codebook [16] or [rows, 16].
+  m.def(
+      "embedding_codebook(Tensor indices, Tensor packed, Tensor scale, Tensor codebook, int group_size, int k, "
+      "ScalarType dtype, bool validate=True) -> Tensor");
 }

@@ -76,6 +76,34 @@ def test_gguf_decodes_our_codes(tmp_path, bpe_tokenizer, wq, symmetric, kind):
     assert int(fields["llama.block_count"].parts[-1][0]) == 2
 
 
+@pytest.mark.parametrize("wq,symmetric,kind", [("int8", True, "Q8_0"), ("int4", False, "Q4_1")])
+def test_a_quantized_embedding_is_token_embd_and_the_tied_head_reuses_it(tmp_path, bpe_tokenizer, wq, symmetric,
+                                                                         kind):
+    from alphaquant.export import to_compressed_tensors
+    from alphaquant.export.preflight import check_plan_exports
+
+    model = tiny_llama(len(bpe_tokenizer), tied=True)
+    p = {**plan(wq, symmetric), "overrides": [{"pattern": "model.embed_tokens"}]}
+    check_plan_exports(model, p, "gguf")
+    with pytest.raises(ExportError, match="model.embed_tokens is a quantized embedding"):
+        check_plan_exports(model, p, "compressed-tensors")
+    apply_plan(model, p)
+    path = str(tmp_path / "m.gguf")
+    report = to_gguf(model, bpe_tokenizer, path)
+    assert report["tensors"]["token_embd.weight"] == kind
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert "output.weight" not in tensors  # llama.cpp computes the tied head with token_embd
+    t = tensors["token_embd.weight"]
+    got = gguf.quants.dequantize(t.data, t.tensor_type)
+    ours = model.model.embed_tokens.dequantized_weight().numpy()
+    np.testing.assert_allclose(got, ours, atol=report["q4_1_min_change"] + 1e-6 * (kind == "Q4_1"), rtol=0)
+    with pytest.raises(ExportError, match="quantized embedding"):
+        to_compressed_tensors(model, str(tmp_path / "ct"))
+    bad = {**plan(wq, symmetric), "overrides": [{"pattern": "model.embed_tokens", "group_size": 64}]}
+    with pytest.raises(ExportError, match="embedding model.embed_tokens: GGUF blocks hold 32 values"):
+        check_plan_exports(tiny_llama(len(bpe_tokenizer), tied=True), bad, "gguf")
+
+
 def test_what_gguf_cannot_hold_is_refused(tmp_path, bpe_tokenizer):
     for p, match in ((plan("int4", True) | {"default": {**plan("int4", True)["default"], "group_size": 64}},
                       "group_size must be 32"),

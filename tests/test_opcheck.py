@@ -56,6 +56,15 @@ def samples(device):
     p64, s64, _ = torch.ops.alphaquant.quantize(torch.randn(8, 64, device=device), "nf4", True, -1, None, None,
                                                 False, 0)
     yield "linear_codebook", (torch.randn(5, 64, device=device), p64, s64, cb, None, -1, 64)
+    # embedding lookups: any index shape, int64 and int32, per group / channel / tensor, code books
+    idx = torch.randint(0, 24, (3, 5), device=device)
+    yield "embedding", (idx, packed, s, z, "int4", False, 16, 40, torch.float32)
+    yield "embedding", (idx.int().flatten(), p8, s8, None, "fp8_e4m3", True, 0, 40, torch.bfloat16, False)
+    p_t, s_t, _ = torch.ops.alphaquant.quantize(torch.randn(24, 40, device=device), "int2", True, -1, None, None,
+                                                False, 0)
+    yield "embedding", (idx[0], p_t, s_t, None, "int2", True, -1, 40, torch.float16)
+    yield "embedding_codebook", (idx, pn, sn, cb_rows, 16, 40, torch.float32)
+    yield "embedding_codebook", (idx[:, 0], pn, sn, cb, 16, 40, torch.bfloat16, False)
     # with gradients (x and bias) and without the scale check
     yield "linear", (torch.randn(4, 40, device=device, requires_grad=True), packed, s, z,
                      torch.randn(24, device=device, requires_grad=True), "int4", False, 16, 40, False)

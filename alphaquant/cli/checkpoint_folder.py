@@ -178,6 +178,10 @@ def describe(path: str) -> str:
         nbytes = sum(v for k, v in sizes.items() if k.startswith(name + ".weight_"))
         packed_total += nbytes
         fmt = e["fmt"] + ("" if e["symmetric"] or e["fmt"].startswith("fp") else " asym")
+        if e.get("kind") == "embedding":
+            fmt += " embedding"
+        elif e.get("kind") == "tied":
+            fmt = f"tied to {e['tied_to']}"
         lines.append(f"{name:<48} {fmt:<18} {e['group_size']:>6} {str(tuple(e['shape'])):>14} {nbytes:>10}")
     lines.append(f"{len(meta['layers'])} quantized layers: {packed_total} bytes packed; "
                  f"{total - packed_total} bytes of other tensors; {total} bytes in all")

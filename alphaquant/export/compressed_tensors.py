@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..formats import format_bits
+from ..nn.quant_embedding import QuantEmbedding, TiedQuantLinear
 from ..nn.quant_linear import QuantLinear
 
 FORMAT = "pack-quantized"
@@ -34,6 +35,11 @@ EXPORTABLE = ("int2..int8 weights, symmetric or asymmetric with integer zero poi
 
 class ExportError(ValueError):
     """A model (or one of its layers) that this format cannot hold: says why and what can."""
+
+
+NO_QUANTIZED_EMBEDDINGS = ("{name} is a quantized embedding (or a head tied to one); compressed-tensors checkpoints "
+                           "hold float embeddings for the engines that load them: keep embeddings float in a plan "
+                           "meant for this export (no override naming them)")
 
 
 def _to_words(rows_of_bytes: torch.Tensor) -> torch.Tensor:
@@ -129,6 +135,8 @@ def quantization_config(model: nn.Module) -> dict:
     """The ``quantization_config`` entry of config.json for the model's QuantLinear layers."""
     groups, ignore = {}, []
     for name, m in model.named_modules():
+        if isinstance(m, (QuantEmbedding, TiedQuantLinear)):
+            raise ExportError(NO_QUANTIZED_EMBEDDINGS.format(name=name))
         if isinstance(m, QuantLinear):
             key = json.dumps(_layer_scheme(name, m), sort_keys=True)
             groups.setdefault(key, []).append(name)

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..nn.packed_weight import PackedWeightModule
+from ..nn.quant_embedding import QuantEmbedding, TiedQuantLinear
 from ..nn.quant_linear import QuantLinear
 from .compressed_tensors import ExportError
 
@@ -35,14 +37,17 @@ _NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn
           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def gguf_type(m: QuantLinear) -> str:
-    """The GGUF block type holding this layer's codes, or ExportError naming what exports."""
-    if m.input_rotation is not None or m.act_quantizer is not None or m.weight_codebook is not None:
+def gguf_type(m: PackedWeightModule) -> str:
+    """The GGUF block type holding this layer's (or embedding's) codes, or ExportError naming what
+    exports."""
+    if (getattr(m, "input_rotation", None) is not None or getattr(m, "act_quantizer", None) is not None
+            or m.weight_codebook is not None):
         raise ExportError("layers with online rotation, quantized activations or code books do not export to "
                           f"GGUF; exportable: {EXPORTABLE}")
-    if m.group_size != BLOCK or m.in_features % BLOCK:
-        raise ExportError(f"GGUF blocks hold 32 values of a row: group_size must be 32 and in_features a multiple "
-                          f"of 32 (got group_size {m.group_size}, in_features {m.in_features}); exportable: {EXPORTABLE}")
+    k = m.packed_weight.shape[1]
+    if m.group_size != BLOCK or k % BLOCK:
+        raise ExportError(f"GGUF blocks hold 32 values of a row: group_size must be 32 and the row length a multiple "
+                          f"of 32 (got group_size {m.group_size}, rows of {k}); exportable: {EXPORTABLE}")
     kind = {("int8", True): "Q8_0", ("int4", True): "Q4_0", ("int4", False): "Q4_1"}.get((m.fmt, m.symmetric))
     if kind is None:
         raise ExportError(f"{m.fmt}{'' if m.symmetric else ' asymmetric'} weights have no GGUF block type; "
@@ -55,9 +60,9 @@ def gguf_type(m: QuantLinear) -> str:
     return kind
 
 
-def quantized_blocks(m: QuantLinear, kind: str) -> tuple:
-    """(uint8 [out, in / 32 * block bytes] in ggml's layout, largest change of a weight)."""
-    out_f, k = m.out_features, m.in_features
+def quantized_blocks(m: PackedWeightModule, kind: str) -> tuple:
+    """(uint8 [rows, k / 32 * block bytes] in ggml's layout, largest change of a weight)."""
+    out_f, k = m.packed_weight.shape
     bits = 8 if kind == "Q8_0" else 4
     codes = ops.unpack(m.weight_packed.cpu(), bits, k).reshape(out_f, k // BLOCK, BLOCK)
     d = m.weight_scale.detach().cpu().float().reshape(out_f, -1).half()  # exact (checked)
@@ -136,8 +141,15 @@ def to_gguf(model: nn.Module, tokenizer, path: str, float_type: str = "F32") -> 
             plan.append((f"{name}.bias", _permute_rows(b, heads) if heads is not None else b, None))
 
     emb = model.get_input_embeddings()
-    plan.append(("token_embd.weight", emb.weight.detach().float().numpy().astype(ftype), None))
-    report["tensors"]["token_embd.weight"] = float_type
+    if isinstance(emb, QuantEmbedding):  # llama.cpp reads token_embd in any block type
+        kind = gguf_type(emb)
+        data, change = quantized_blocks(emb, kind)
+        report["q4_1_min_change"] = max(report["q4_1_min_change"], change)
+        plan.append(("token_embd.weight", data, getattr(gguf.GGMLQuantizationType, kind)))
+        report["tensors"]["token_embd.weight"] = kind
+    else:
+        plan.append(("token_embd.weight", emb.weight.detach().float().numpy().astype(ftype), None))
+        report["tensors"]["token_embd.weight"] = float_type
     for i, layer in enumerate(model.model.layers):
         for hf, gg in _NAMES.items():
             module = layer.get_submodule(hf)
@@ -147,7 +159,10 @@ def to_gguf(model: nn.Module, tokenizer, path: str, float_type: str = "F32") -> 
             else:
                 plan.append((f"blk.{i}.{gg}.weight", module.weight.detach().float().numpy(), None))
     plan.append(("output_norm.weight", model.model.norm.weight.detach().float().numpy(), None))
-    tied = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is emb.weight
+    if isinstance(model.lm_head, TiedQuantLinear) and model.lm_head.bias is not None:
+        raise ExportError("an LM head with a bias has no GGUF tensor to hold it (llama's output has none)")
+    tied = isinstance(model.lm_head, TiedQuantLinear) or (
+        isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is emb.weight)
     if not tied:  # llama.cpp reuses token_embd when there is no output.weight
         add_linear("output", model.lm_head, None)
 

@@ -8,7 +8,7 @@ import os
 import torch
 from torch import nn
 
-from .compressed_tensors import ExportError, _is_export_folder, _layer_scheme
+from .compressed_tensors import NO_QUANTIZED_EMBEDDINGS, ExportError, _is_export_folder, _layer_scheme
 from .gguf_file import gguf_type
 
 FORMATS = ("compressed-tensors", "gguf")
@@ -53,8 +53,9 @@ def check_plan_exports(model: nn.Module, plan: dict, to: str) -> None:
     """Raise ExportError if applying ``plan`` to ``model`` gives a layer (or a model) that ``to``
     cannot hold. Each distinct scheme is tried on a small random weight of its layer's width: the
     layouts, not the values, decide whether a layer exports."""
+    from ..nn.quant_embedding import QuantEmbedding
     from ..nn.quant_linear import QuantLinear
-    from ..plans import build_quantizers, load_plan, plan_layers
+    from ..plans import build_quantizers, load_plan, plan_embeddings, plan_layers
 
     plan = load_plan(plan)
     if plan.get("rotation", "none") != "none":
@@ -64,8 +65,18 @@ def check_plan_exports(model: nn.Module, plan: dict, to: str) -> None:
         cfg = getattr(model, "config", None)
         if getattr(cfg, "model_type", None) not in ("llama", "mistral") and "Llama" not in type(model).__name__:
             raise ExportError(f"GGUF export supports Llama-family models; got {type(model).__name__}")
+    embeddings = plan_embeddings(model, plan)
+    if embeddings and to == "compressed-tensors":
+        raise ExportError(NO_QUANTIZED_EMBEDDINGS.format(name=next(iter(embeddings))))
     tried = set()
     gen = torch.Generator().manual_seed(0)
+    for name, scheme in embeddings.items():  # GGUF: token_embd takes the same block types
+        wq, _ = build_quantizers(scheme)
+        probe = nn.Embedding(2, model.get_submodule(name).embedding_dim)
+        try:
+            gguf_type(QuantEmbedding.from_embedding(probe, wq, scheme=scheme))
+        except ExportError as e:
+            raise ExportError(f"embedding {name}: {e}") from None
     for name, scheme in plan_layers(model, plan).items():
         linear = model.get_submodule(name)
         key = (json.dumps(scheme, sort_keys=True, default=str), linear.in_features)

@@ -1,3 +1,4 @@
+from .quant_embedding import QuantEmbedding, TiedQuantLinear
 from .quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantEmbedding", "QuantLinear", "TiedQuantLinear"]

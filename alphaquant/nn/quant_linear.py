@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS
+from ..formats import LEARNED_FORMATS
 from ..packed import PackedTensor
+from .packed_weight import PackedWeightModule
 from ..quantizers.base import BaseQuantizer
 from ..algorithms.rotation import ATTR as ROTATION_ATTR, set_input_rotation
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(PackedWeightModule):
     """y = quantize_activation(x) @ W.T + b, computed by torch.ops.alphaquant.linear.
 
     Buffers (all of the state_dict): ``weight_packed`` uint8 [out, ceil(in*bits/8)],
@@ -45,19 +46,11 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear: a {act_quantizer.fmt} code book is fitted to a weight; it cannot "
                              f"quantize activations (use a fixed format or none)")
         self.in_features, self.out_features = in_features, out_features
-        self.fmt, self.symmetric, self.group_size = fmt, symmetric, group_size
         self.act_quantizer = act_quantizer
         self.scheme = scheme
-        packed, scale, zero = ops._quantize_fake_shapes(out_features, in_features, fmt, symmetric, group_size)
-        self.register_buffer("weight_packed", torch.zeros(packed, dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.ones(scale, dtype=scale_dtype, device=device))
-        self.register_buffer("weight_zero_point",
-                             torch.zeros(zero, dtype=scale_dtype, device=device) if zero else None)
+        self._init_packed_weight(out_features, in_features, fmt, symmetric, group_size, device, scale_dtype,
+                                 codebook_shape, codebook_dtype)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
-        self.register_buffer("weight_codebook", None)
-        if fmt in LEARNED_FORMATS:
-            self.allocate_codebook(codebook_shape or (LEARNED_CODEBOOK_SIZE,), codebook_dtype)
-        self.register_load_state_dict_post_hook(_check_loaded_scales)
         set_input_rotation(self, input_rotation)
 
     @property
@@ -87,63 +80,8 @@ class QuantLinear(nn.Module):
             layer.bias.copy_(linear.bias.detach())
         return layer
 
-    def load_packed(self, packed: PackedTensor) -> None:
-        self.weight_packed.copy_(packed.data)
-        self.weight_scale.copy_(packed.scale)
-        if packed.zero_point is not None:
-            self.weight_zero_point.copy_(packed.zero_point)
-        if packed.codebook is not None:
-            self.weight_codebook.copy_(packed.codebook)
-        self.check_scales()
-
-    def allocate_codebook(self, shape: tuple, dtype: torch.dtype) -> None:
-        """(Re)allocate the ``weight_codebook`` buffer of a learned code book layer: [16] (one for the
-        weight) or [out_features, 16] (one per output channel), float16 or float32; e.g. to load a
-        checkpoint whose code book layout differs from the default."""
-        if self.fmt not in LEARNED_FORMATS:
-            raise ValueError(f"QuantLinear: {self.fmt} has no learned code book")
-        shape = tuple(shape)
-        if shape not in ((LEARNED_CODEBOOK_SIZE,), (self.out_features, LEARNED_CODEBOOK_SIZE)):
-            raise ValueError(f"QuantLinear({self.in_features} -> {self.out_features}): codebook shape must be "
-                             f"[{LEARNED_CODEBOOK_SIZE}] or [{self.out_features}, {LEARNED_CODEBOOK_SIZE}]; got "
-                             f"{list(shape)}")
-        if dtype not in (torch.float16, torch.float32):
-            raise ValueError(f"QuantLinear: codebook dtype must be float16 or float32; got {dtype}")
-        self.weight_codebook = torch.zeros(shape, dtype=dtype, device=self.weight_packed.device)
-
-    def check_scales(self) -> None:
-        """Raise ValueError unless every weight scale is finite and > 0 and every zero point finite.
-
-        forward() relies on this having been done: it asks the kernel not to check again.
-        """
-        scale, zero, codebook = self.weight_scale, self.weight_zero_point, self.weight_codebook
-        if scale.device.type == "meta" or isinstance(scale, torch._subclasses.FakeTensor):
-            return  # no values to check
-        bad_scale = not bool(((scale > 0) & torch.isfinite(scale)).all())
-        bad_zero = zero is not None and not bool(torch.isfinite(zero).all())
-        bad_codebook = codebook is not None and not bool(torch.isfinite(codebook).all())
-        if bad_scale or bad_zero or bad_codebook:
-            got = ("a bad scale" if bad_scale else "a non-finite zero point" if bad_zero
-                   else "a non-finite code book value")
-            raise ValueError(f"QuantLinear({self.in_features} -> {self.out_features}): weight scales must be finite "
-                             f"and > 0 everywhere (and zero points and code book values finite); got {got}")
-
-    def _apply(self, fn, recurse=True):
-        # A new scale dtype (module.half(), .to(torch.bfloat16)) can round tiny scales to zero:
-        # check again. Same-dtype moves (including to_empty) keep the checked values or have none.
-        dtype = self.weight_scale.dtype
-        out = super()._apply(fn, recurse)
-        if self.weight_scale.dtype != dtype:
-            self.check_scales()
-        return out
-
-    @property
-    def packed_weight(self) -> PackedTensor:
-        return PackedTensor(self.weight_packed, self.weight_scale, self.weight_zero_point, self.fmt, self.symmetric,
-                            self.group_size, (self.out_features, self.in_features), codebook=self.weight_codebook)
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.packed_weight.dequantize(dtype)
+    def _describe(self) -> str:
+        return f"QuantLinear({self.in_features} -> {self.out_features})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.act_quantizer.quantize_activation(x) if self.act_quantizer is not None else x
@@ -163,6 +101,3 @@ class QuantLinear(nn.Module):
                 f"{'' if self.symmetric else ' asym'}, group_size={self.group_size}, activations={act}, "
                 f"bias={self.bias is not None}{rot}")
 
-
-def _check_loaded_scales(module: QuantLinear, incompatible_keys) -> None:
-    module.check_scales()
