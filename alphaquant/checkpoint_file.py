@@ -33,6 +33,7 @@ _SAFETENSORS_DTYPE = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", t
                       torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.float32: "F32", torch.float64: "F64", torch.float8_e4m3fn: "F8_E4M3",
                       torch.float8_e5m2: "F8_E5M2"}
+_FLOAT_NAMES = ("F16", "BF16", "F32", "F64")
 _MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 _LAYER_FIELDS = {"fmt": str, "symmetric": bool, "group_size": int, "shape": list}
 # Layers of a learned code book format also record the layout of their code book, which no
@@ -99,8 +100,11 @@ def _aliases(state: dict) -> dict:
     weights, e.g. a float LM head tied to its embedding)."""
     seen, aliases = {}, {}
     for k, v in state.items():
-        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()),
-               v.dtype)
+        if v.device.type == "meta":  # no storage to compare: the same tensor object (state_dict(keep_vars=True))
+            key = id(v)
+        else:
+            key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()),
+                   v.dtype)
         if key in seen and v.numel() > 0:
             aliases[k] = seen[key]
         else:
@@ -285,12 +289,12 @@ def _check_scales(state: dict, layer_names, path: str) -> None:
 def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized` into a float model of the same
     architecture (its nn.Linear layers are replaced by empty QuantLinears first)."""
-    from safetensors.torch import load_file
-
     from .plans import PlanError
+    from .sharded_safetensors import ShardedReader
 
-    tensors, _ = read_header(path)
-    meta = read_metadata(path)
+    reader = ShardedReader(path)  # one file, or a folder of shards with its index: headers checked
+    tensors = reader.tensors
+    meta = read_metadata(reader.shards[0])
     try:
         apply_plan(model, meta["plan"], quantize_weights=False)
     except PlanError as e:
@@ -319,7 +323,9 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
     tied = _aliases(model_state)  # filled by the model's own tying; older files hold them too
     expected = {k: (_SAFETENSORS_DTYPE.get(v.dtype), tuple(v.shape)) for k, v in model_state.items()}
     for k, (dtype, shape, _) in tensors.items():  # before loading: no tensor of a wrong size is ever allocated
-        if k in expected and expected[k] != (dtype, shape):
+        float_pair = dtype in _FLOAT_NAMES and expected.get(k, ("",))[0] in _FLOAT_NAMES and not k.rpartition(".")[
+            2].startswith("weight_")  # float tensors load into the model's float dtype; packed buffers never convert
+        if k in expected and expected[k] != (dtype, shape) and not (float_pair and expected[k][1] == shape):
             raise ValueError(f"checkpoint {path} does not match this model: tensor {k} is {dtype} {list(shape)}, "
                              f"the model's is {expected[k][0]} {list(expected[k][1])}")
     if not set(expected) - set(tied) <= set(tensors) <= set(expected):
@@ -327,9 +333,11 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
         raise ValueError(f"checkpoint {path} does not match this model's architecture: tensors missing "
                          f"{missing[:5]}, unexpected {[k[:80] for k in extra[:5]]}")
     try:
-        state = load_file(path, device=str(device) if device is not None else "cpu")
+        state = {k: reader.get(k).to(device if device is not None else "cpu") for k in tensors}
     except Exception as e:  # SafetensorError for inconsistencies our header check let through
         raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupted): {e}") from e
+    finally:
+        reader.close()
     _check_scales(state, layers, path)
     for k in set(tensors) & set(tied):  # a file that stored a tied tensor twice must store it twice alike
         if not torch.equal(state[k], state.get(tied[k], state[k])):

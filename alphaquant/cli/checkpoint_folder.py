@@ -15,6 +15,7 @@ from ..checkpoint_file import load_quantized, read_metadata, save_quantized
 from . import atomic_folder
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # sharded checkpoints (alphaquant.sharded_safetensors)
 
 
 class OutputError(ValueError):
@@ -24,10 +25,24 @@ class OutputError(ValueError):
 def is_checkpoint_folder(path: str) -> bool:
     """True if ``path`` is a folder holding our weights file with our metadata tag."""
     try:
-        read_metadata(os.path.join(path, WEIGHTS))
+        read_metadata(first_shard(path))
     except (OSError, ValueError):
         return False
     return os.path.isdir(path)
+
+
+def first_shard(path: str) -> str:
+    """The weights file of a checkpoint folder that holds the metadata: model.safetensors, or the
+    first shard its index lists (sharded checkpoints hold the metadata in every shard)."""
+    index = os.path.join(path, INDEX)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, WEIGHTS)) and os.path.isfile(index):
+        try:
+            with open(index) as f:
+                shards = list(dict.fromkeys(json.load(f)["weight_map"].values()))
+            return os.path.join(path, os.path.basename(str(shards[0])))
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ValueError(f"{index} is not a valid index (JSON with a weight_map)") from None
+    return os.path.join(path, WEIGHTS) if os.path.isdir(path) else path
 
 
 def _recover(path: str) -> None:
@@ -117,9 +132,9 @@ def write_checkpoint(out_dir: str, model, tokenizer, plan: dict, report: dict, f
 def _weights_of(path: str) -> str:
     if os.path.isdir(path) or not os.path.lexists(path):
         _recover(path)  # an interrupted --force may have left the checkpoint set aside
-    weights = os.path.join(path, WEIGHTS) if os.path.isdir(path) else path
+    weights = first_shard(path)
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{path} is not an AlphaQuant checkpoint folder (no {WEIGHTS})")
+        raise FileNotFoundError(f"{path} is not an AlphaQuant checkpoint folder (no {WEIGHTS} nor {INDEX})")
     return weights
 
 
@@ -151,7 +166,7 @@ def load_checkpoint(path: str, device: Optional[str] = None):
     except Exception as e:  # noqa: BLE001  transformers fails in many ways on a damaged config
         raise ValueError(f"checkpoint {path} has no usable config.json: {type(e).__name__}: "
                          f"{str(e).strip()[:200]}") from None
-    load_quantized(model, weights, device=device)
+    load_quantized(model, path if os.path.isdir(path) else weights, device=device)
     if device is not None:
         model.to(device)
     try:
@@ -164,12 +179,12 @@ def load_checkpoint(path: str, device: Optional[str] = None):
 
 def describe(path: str) -> str:
     """What a checkpoint holds: plan, per-layer formats and sizes, totals, and what the plan missed."""
-    from ..checkpoint_file import read_header
+    from ..sharded_safetensors import ShardedReader
 
     weights = _weights_of(path)
     meta = read_metadata(weights)
-    tensors, _ = read_header(weights)
-    sizes = {k: end - begin for k, (_, _, (begin, end)) in tensors.items()}
+    reader = ShardedReader(path if os.path.isdir(path) else weights)
+    sizes = {k: reader.nbytes(k) for k in reader.tensors}
     total = sum(sizes.values())
     lines = [f"checkpoint {weights}", f"plan: {json.dumps(meta['plan'])}",
              f"{'layer':<48} {'format':<18} {'group':>6} {'shape':>14} {'bytes':>10}"]

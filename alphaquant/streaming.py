@@ -1,0 +1,234 @@
+"""Quantize a model that does not fit in memory: read, quantize and write one tensor at a time.
+
+For weight-only plans (round to nearest, ``zero_opt``, ``clip_search``, every format) on a
+Hugging Face folder of safetensors shards. The model's structure is built on the meta device (no
+memory), the plan applied to it to learn every output tensor's name, dtype and shape, and then
+each linear/embedding weight is read from its shard (memory-mapped), quantized, written and
+dropped: peak memory is a few times the largest tensor, whatever the model's size. Tensors that
+are not quantized keep their source dtype unless ``float_dtype`` says otherwise. The output is
+the checkpoint folder `load_checkpoint` reads (sharded with ``model.safetensors.index.json``
+when it exceeds one shard), written atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import sharded_safetensors as shards
+from .checkpoint_file import FORMAT_TAG, _SAFETENSORS_DTYPE, _aliases, _layer_meta
+from .nn.packed_weight import PackedWeightModule
+from .plans import PlanError, apply_plan, build_quantizers, load_plan
+
+MAX_SHARD_BYTES = 2 << 30
+_FP8 = ("fp8", "fp8_e4m3", "fp8_e5m2")
+
+
+class StreamingError(ValueError):
+    """The model or plan cannot be quantized tensor by tensor; the message says why."""
+
+
+def needs_activations(plan: dict) -> Optional[str]:
+    """Why ``plan`` cannot stream (it needs activations or the whole model), or None."""
+    if plan.get("rotation", "none") != "none":
+        return "a rotated plan changes every layer together"
+    if "finetune" in plan:
+        return "finetune trains the whole model"
+    for s in [plan["default"], *plan["overrides"]]:
+        for key in ("act_static", "awq", "smoothquant"):
+            if s.get(key):
+                return f"{key} calibrates on activations"
+        if s.get("algorithm", "rtn") != "rtn":
+            return f"{s['algorithm']} calibrates on activations"
+    return None
+
+
+def meta_model(model_dir: str):
+    """(config, model on the meta device) for a Hugging Face folder; no tensor is allocated."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # noqa: BLE001
+        raise StreamingError(f"{model_dir} has no usable config.json: {type(e).__name__}: {str(e)[:200]}") from None
+    is_lm = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    cls = transformers.AutoModelForCausalLM if is_lm else transformers.AutoModel
+    with torch.device("meta"):
+        model = cls.from_config(config, dtype=torch.float32)
+    return config, model.eval()
+
+
+def _probe_codebooks(model: nn.Module) -> None:
+    """Learned code books ([16] or one per row, float16/float32) get their real layout: the
+    quantizer is tried once on a 2-row weight of the same width."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, PackedWeightModule) and m.weight_codebook is not None:
+            wq, _ = build_quantizers(m.scheme)
+            rows, k = m.packed_weight.shape
+            cb = wq.quantize_weight(torch.randn(2, k, generator=gen)).codebook
+            m.allocate_codebook((rows, 16) if cb.dim() == 2 else (16,), cb.dtype)
+            m.weight_codebook = m.weight_codebook.to("meta")
+
+
+def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional[torch.dtype] = None,
+                    force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                    progress: Optional[Callable] = None, extra_files: Optional[Callable[[str], None]] = None) -> dict:
+    """Quantize the safetensors model in ``model_dir`` with the weight-only ``plan`` into the
+    checkpoint folder ``out_dir``, one tensor at a time. Returns the report (layers, totals,
+    bytes read and GB/s). ``progress(total_bytes)`` gives an object with ``update(n)`` and
+    ``close()`` (e.g. a tqdm bar in bytes); ``extra_files(tmp_dir)`` adds files (tokenizer,
+    config) to the folder before it is renamed into place."""
+    from .cli import atomic_folder
+    from .cli.checkpoint_folder import is_checkpoint_folder
+
+    plan = load_plan(plan)
+    why = needs_activations(plan)
+    if why:
+        raise StreamingError(f"the plan cannot be applied one tensor at a time ({why}); it needs the model in memory")
+    source = shards.ShardedReader(model_dir)
+    config, model = meta_model(model_dir)
+    expected = model.state_dict(keep_vars=True)
+    tied_source = _aliases(expected)
+    missing = sorted(set(expected) - set(tied_source) - set(source.tensors))
+    unexpected = sorted(set(source.tensors) - set(expected))
+    if missing or unexpected:
+        raise StreamingError(f"{model_dir} does not hold the weights its config describes: missing {missing[:3]}"
+                             f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                             f"{' ...' if len(unexpected) > 3 else ''}")
+    for k, v in expected.items():
+        if k in source.tensors and tuple(source.tensors[k][1]) != tuple(v.shape):
+            raise StreamingError(f"{model_dir}: tensor {k} has shape {list(source.tensors[k][1])}, the config gives "
+                                 f"{list(v.shape)}")
+    try:
+        report = apply_plan(model, plan, quantize_weights=False)
+    except PlanError as e:
+        raise StreamingError(f"the plan does not fit {model_dir}: {e}") from None
+    _probe_codebooks(model)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, PackedWeightModule)}
+    out_state = model.state_dict(keep_vars=True)
+    tied_out = _aliases(out_state)
+    entries = []
+    for k, v in out_state.items():
+        if k in tied_out:
+            continue
+        owner = k.rpartition(".")[0]
+        if owner in quantized and k.rpartition(".")[2].startswith("weight_"):
+            dtype = v.dtype
+        elif v.is_floating_point():
+            dtype = float_dtype or (source.torch_dtype(k) if k in source.tensors else v.dtype)
+        else:
+            dtype = source.torch_dtype(k) if k in source.tensors else v.dtype
+        entries.append((k, _SAFETENSORS_DTYPE[dtype], tuple(v.shape)))
+    layer_meta = _layer_meta(model)
+    metadata = {"format": FORMAT_TAG, "plan": json.dumps(plan), "layers": json.dumps(layer_meta),
+                "aliases": json.dumps(tied_out)}
+    by_name = {r.name: r for r in report.layers}
+    total_in = sum(source.nbytes(k) for k in source.tensors)
+    stats = {"bytes_read": 0, "seconds": 0.0}
+
+    def produce():
+        bar = progress(total_in) if progress else None
+        current, buffers = None, {}
+        try:
+            for k, dtype, shape in entries:
+                owner, _, leaf = k.rpartition(".")
+                if owner in quantized and leaf.startswith("weight_"):
+                    if owner != current:
+                        current, buffers = owner, _quantize_one(owner, quantized[owner], source, tied_source,
+                                                                    by_name, bar, stats)
+                    t = buffers[leaf]
+                else:
+                    t = source.get(k)
+                    stats["bytes_read"] += source.nbytes(k)
+                    if bar:
+                        bar.update(source.nbytes(k))
+                    t = t.to(shards._TORCH_DTYPE[dtype])
+                yield k, t
+        finally:
+            if bar:
+                bar.close()
+
+    out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir):
+        if not force:
+            raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
+        if os.path.islink(out_dir) or not is_checkpoint_folder(out_dir):
+            raise StreamingError(f"{out_dir} is not an AlphaQuant checkpoint folder; it is not replaced")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    t0 = time.time()
+
+    def fill(tmp: str) -> None:
+        shards.write_sharded(tmp, entries, produce(), metadata, max_shard_bytes)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        with open(os.path.join(tmp, "plan.json"), "w") as f:
+            json.dump(plan, f, indent=2)
+        if extra_files is not None:
+            extra_files(tmp)
+        data = report.to_dict()
+        data.update(streamed=True, bytes_read=stats["bytes_read"], seconds=time.time() - t0,
+                    read_gb_per_s=stats["bytes_read"] / 1e9 / max(time.time() - t0, 1e-9))
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(data, f, indent=2)
+
+    try:
+        atomic_folder.replace_folder(out_dir, fill)
+    finally:
+        source.close()
+    with open(os.path.join(out_dir, "report.json")) as f:
+        return json.load(f)
+
+
+def _sqnr_by_rows(w: torch.Tensor, packed, rows_per_step: int = 1024) -> float:
+    """SQNR in dB of ``packed`` against ``w``, decoding a block of rows at a time (the embedding
+    ops read only the rows asked for), so no float copy of the whole weight is made."""
+    from . import ops
+
+    noise = signal = 0.0
+    for i in range(0, w.shape[0], rows_per_step):
+        idx = torch.arange(i, min(i + rows_per_step, w.shape[0]))
+        if packed.codebook is not None:
+            deq = ops.embedding_codebook(idx, packed.data, packed.scale, packed.codebook,
+                                         group_size=packed.group_size, k=w.shape[1])
+        else:
+            deq = ops.embedding(idx, packed.data, packed.scale, packed.zero_point, packed.fmt,
+                                symmetric=packed.symmetric, group_size=packed.group_size, k=w.shape[1])
+        x = w[i:i + rows_per_step].to(torch.float32)
+        noise += (x - deq).pow(2).sum().item()
+        signal += x.pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+def _quantize_one(name: str, module: PackedWeightModule, source, tied: dict, by_name: dict, bar, stats) -> dict:
+    """Read ``name``.weight, quantize it with the module's scheme, return its buffers."""
+    key = f"{name}.weight"
+    key = key if key in source.tensors else tied.get(key, key)  # a head stored only as its tied embedding
+    w = source.get(key)
+    stats["bytes_read"] += source.nbytes(key)
+    wq, _ = build_quantizers(module.scheme)
+    if wq.fmt not in _FP8 and not torch.isfinite(w).all():
+        raise StreamingError(f"{key} holds NaN or Inf, which {wq.fmt} cannot represent (only fp8 formats hold "
+                             f"them); fix the model or skip the layer")
+    packed = wq.quantize_weight(w.to(torch.float32))  # float32 as the in-memory path: the same codes
+    rows, k = module.packed_weight.shape
+    if tuple(packed.shape) != (rows, k):
+        raise StreamingError(f"{key}: shape {list(packed.shape)}, expected {[rows, k]}")
+    r = by_name.get(name)
+    if r is not None:  # the report gets what the in-memory path reports
+        r.sqnr_db = _sqnr_by_rows(w, packed)
+        r.bytes_before = source.nbytes(key)
+        r.bits_per_weight = 8.0 * r.bytes_after / max(math.prod(w.shape), 1)
+    if bar:
+        bar.update(source.nbytes(key))
+    out = {"weight_packed": packed.data, "weight_scale": packed.scale}
+    if packed.zero_point is not None:
+        out["weight_zero_point"] = packed.zero_point
+    if packed.codebook is not None:
+        out["weight_codebook"] = packed.codebook
+    return out

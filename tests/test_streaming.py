@@ -1,0 +1,172 @@
+"""Streaming quantization: a sharded Hugging Face folder quantized one tensor at a time gives the
+same checkpoint as the in-memory path, keeps source dtypes, writes shards with an index, refuses
+damaged inputs, and never holds the whole model in memory."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from alphaquant.nn import QuantEmbedding, TiedQuantLinear
+from alphaquant.plans import apply_plan
+from alphaquant.sharded_safetensors import INDEX
+from alphaquant.streaming import StreamingError, stream_quantize
+
+transformers = pytest.importorskip("transformers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PLAN = {"default": {"wq": "int4", "symmetric": False, "group_size": 32, "zero_opt": True, "scale_dtype": "float16",
+                    "dtype": "float32"},
+        "overrides": [{"pattern": "model.layers.1.mlp.*", "wq": "fp8_e4m3", "granularity": "per_channel", "zero_opt": False},
+                      {"pattern": "model.layers.0.self_attn.v_proj", "wq": "lut4", "codebook_granularity": "per_channel",
+                       "zero_opt": False, "symmetric": True},
+                      {"pattern": "model.embed_tokens", "wq": "int8", "group_size": 64}]}
+
+
+def sharded_llama(path, tied=True):
+    cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                                   architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="40KB")
+    return str(path)
+
+
+def load(path):
+    from alphaquant.cli.checkpoint_folder import load_checkpoint
+
+    model, _ = load_checkpoint(str(path)) if os.path.exists(os.path.join(path, "tokenizer.json")) else (None, None)
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_streaming_gives_the_in_memory_checkpoint(tmp_path, tied):
+    from alphaquant.checkpoint_file import load_quantized
+    from alphaquant.sharded_safetensors import ShardedReader
+
+    src = sharded_llama(tmp_path / "src", tied)
+    assert os.path.isfile(os.path.join(src, INDEX))  # the input is really sharded
+    report = stream_quantize(src, PLAN, str(tmp_path / "out"), max_shard_bytes=30_000)
+    assert report["streamed"] and report["bytes_read"] > 0 and report["read_gb_per_s"] > 0
+    out = ShardedReader(str(tmp_path / "out"))
+    assert len(out.shards) > 1 and os.path.isfile(tmp_path / "out" / INDEX)
+    assert out.tensors["model.norm.weight"][0] == "BF16"  # float tensors keep the source dtype
+    assert ("lm_head.weight_packed" in out.tensors) == (not tied)  # tied: the head uses the embedding's table
+
+    ref = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    apply_plan(ref, PLAN)
+    ours = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(tmp_path / "out")).eval()
+    load_quantized(ours, str(tmp_path / "out"))
+    assert isinstance(ours.model.embed_tokens, QuantEmbedding)
+    assert isinstance(ours.lm_head, TiedQuantLinear) == tied
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    assert ref_state.keys() == our_state.keys()
+    for k, v in ref_state.items():
+        assert torch.equal(v, our_state[k].to(v.dtype)), k  # the same codes, scales and floats
+    ids = torch.randint(0, 200, (1, 11))
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, ours(ids).logits)
+    layers = {r["name"]: r for r in report["layers"]}
+    assert layers["model.layers.0.self_attn.q_proj"]["sqnr_db"] > 10
+
+
+def test_float_dtype_converts_what_is_not_quantized(tmp_path):
+    from alphaquant.sharded_safetensors import ShardedReader
+
+    src = sharded_llama(tmp_path / "src")
+    stream_quantize(src, {"default": {"wq": "int8"}}, str(tmp_path / "out"), float_dtype=torch.float16)
+    out = ShardedReader(str(tmp_path / "out"))
+    assert out.tensors["model.norm.weight"][0] == "F16" and out.tensors["model.embed_tokens.weight"][0] == "F16"
+    assert out.tensors["model.layers.0.mlp.up_proj.weight_packed"][0] == "U8"
+
+
+def test_plans_that_need_activations_or_the_whole_model_are_refused(tmp_path):
+    src = sharded_llama(tmp_path / "src")
+    for plan, why in (({"default": {"wq": "int4", "algorithm": "gptq"}}, "gptq calibrates on activations"),
+                      ({"default": {"wq": "int8", "aq": "int8", "act_static": True}}, "act_static"),
+                      ({"default": {"wq": "int4"}, "rotation": "hadamard"}, "rotated"),
+                      ({"default": {"wq": "int4"}, "finetune": {}}, "finetune")):
+        with pytest.raises(StreamingError, match=why):
+            stream_quantize(src, plan, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_damaged_inputs_are_refused_and_nothing_is_written(tmp_path):
+    src = sharded_llama(tmp_path / "src")
+    with open(os.path.join(src, INDEX)) as f:
+        index = json.load(f)
+    shards = sorted(set(index["weight_map"].values()))
+    cases = {}
+    missing = shutil.copytree(src, tmp_path / "missing")
+    os.remove(missing / shards[1])
+    cases[missing] = f"shard {shards[1]} listed in {INDEX} is missing"
+    truncated = shutil.copytree(src, tmp_path / "truncated")
+    with open(truncated / shards[0], "r+b") as f:
+        f.truncate(os.path.getsize(truncated / shards[0]) - 10)
+    cases[truncated] = "truncated or corrupted"
+    twice = shutil.copytree(src, tmp_path / "twice")
+    from alphaquant.sharded_safetensors import ShardWriter
+
+    w = ShardWriter(str(twice / "extra.safetensors"), [("model.norm.weight", "BF16", (64,))])
+    w.write("model.norm.weight", torch.ones(64, dtype=torch.bfloat16))
+    w.close()
+    idx = json.loads((twice / INDEX).read_text())
+    idx["weight_map"]["model.layers.0.input_layernorm.weight"] = "extra.safetensors"
+    (twice / INDEX).write_text(json.dumps(idx))
+    cases[twice] = "tensor 'model.norm.weight' is in two shards"
+    absent = shutil.copytree(src, tmp_path / "absent")
+    idx = json.loads((absent / INDEX).read_text())
+    name = next(n for n in idx["weight_map"] if "down_proj" in n)
+    del idx["weight_map"][name]
+    (absent / INDEX).write_text(json.dumps(idx))
+    cases[absent] = "shards hold tensors"
+    for path, match in cases.items():
+        with pytest.raises(ValueError, match=match):
+            stream_quantize(str(path), {"default": {"wq": "int4"}}, str(tmp_path / "out"))
+        assert not os.path.exists(tmp_path / "out")
+    nan = shutil.copytree(src, tmp_path / "nan")
+    from safetensors.torch import load_file, save_file
+
+    shard = next(s for s in shards if "down_proj" in json.dumps([k for k, v in index["weight_map"].items()
+                                                                  if v == s]))
+    state = load_file(nan / shard)
+    key = next(k for k in state if "down_proj" in k)
+    state[key][0, 0] = float("nan")
+    save_file(state, nan / shard, metadata={"format": "pt"})
+    with pytest.raises(StreamingError, match=f"{key} holds NaN or Inf"):
+        stream_quantize(str(nan), {"default": {"wq": "int4"}}, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+MEMORY_PROBE = r"""
+import resource, sys, torch
+from alphaquant.streaming import meta_model, stream_quantize
+from alphaquant import ops
+ops.quantize(torch.randn(64, 256), "int4", symmetric=False, group_size=128)  # kernels loaded, pools warm
+meta_model(sys.argv[1])  # transformers' model code imported: a fixed cost, not the model's size
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+stream_quantize(sys.argv[1], {"default": {"wq": "int4", "group_size": 128, "symmetric": False,
+                                          "scale_dtype": "float16"}}, sys.argv[2])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(before, after)
+"""
+
+
+def test_streaming_memory_grows_with_the_largest_tensor_not_the_model(tmp_path):
+    src = tmp_path / "synthetic"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_synthetic_llama.py"), str(src), "--gb", "0.3",
+                    "--hidden", "1024", "--intermediate", "2816", "--vocab", "4096", "--heads", "16",
+                    "--kv-heads", "8", "--shard-gb", "0.1"], check=True, capture_output=True)
+    model_bytes = sum(os.path.getsize(src / f) for f in os.listdir(src) if f.endswith(".safetensors"))
+    largest = 4096 * 1024 * 4  # the embedding / lm_head, in the float32 it is quantized in
+    res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(src), str(tmp_path / "out")], check=True,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    before, after = map(int, res.stdout.split()[-2:])
+    growth = after - before
+    print(f"model {model_bytes / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB, peak growth {growth / 1e6:.0f} MB")
+    assert model_bytes > 250e6
+    assert growth < 5 * largest and growth < 0.3 * model_bytes
