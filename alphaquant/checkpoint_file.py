@@ -268,22 +268,45 @@ def read_metadata(path: str) -> dict:
     return {"plan": plan, "layers": layers}
 
 
-def _check_scales(state: dict, layer_names, path: str) -> None:
-    """Scales that are zero, negative, NaN or infinite (or non-finite zero points) would decode to
-    garbage or divide by zero: a checkpoint holding them is refused, naming the tensor."""
-    for name in layer_names:
-        if f"{name}.weight_scale" not in state:  # a tied head: its embedding's scales are checked
-            continue
-        scale = state[f"{name}.weight_scale"].float()
-        bad = ~torch.isfinite(scale) | (scale <= 0)
+def _check_scale_tensor(key: str, t: torch.Tensor, path: str) -> None:
+    """Scales that are zero, negative, NaN or infinite (or non-finite zero points / code books)
+    would decode to garbage or divide by zero: a checkpoint holding them is refused."""
+    v = t.float()
+    if key.endswith(".weight_scale"):
+        bad = ~torch.isfinite(v) | (v <= 0)
         if bad.any():
-            v = scale[bad][0].item()
-            raise ValueError(f"checkpoint {path}: tensor {name}.weight_scale holds {int(bad.sum())} invalid "
-                             f"scale(s) (e.g. {v}); scales must be finite and positive")
-        for key in ("weight_zero_point", "weight_codebook"):
-            t = state.get(f"{name}.{key}")
-            if t is not None and not torch.isfinite(t.float()).all():
-                raise ValueError(f"checkpoint {path}: tensor {name}.{key} holds non-finite values")
+            raise ValueError(f"checkpoint {path}: tensor {key} holds {int(bad.sum())} invalid scale(s) (e.g. "
+                             f"{v[bad][0].item()}); scales must be finite and positive")
+    elif not torch.isfinite(v).all():
+        raise ValueError(f"checkpoint {path}: tensor {key} holds non-finite values")
+
+
+def _non_persistent_buffers(model: nn.Module) -> list:
+    """[(module name, module)] of modules holding buffers that checkpoints do not store (rotary
+    frequencies, position ids): on a meta-built model they must be computed again."""
+    return [(n, m) for n, m in model.named_modules()
+            if any(b in m._non_persistent_buffers_set and t is not None for b, t in m._buffers.items())]
+
+
+def _restore_buffers(model: nn.Module, modules: list) -> None:
+    """Recompute the non-persistent buffers of ``modules`` by building each module again from the
+    model's config on the CPU (its __init__ computes them); ValueError if a module cannot be."""
+    from .algorithms.rotation import hadamard_factor_matrices
+
+    cfg = getattr(model, "config", None)
+    for name, m in modules:
+        if getattr(m, "rotation_factors", 0):  # an online input rotation: its Hadamard factors
+            for i, f in enumerate(hadamard_factor_matrices(m.in_features)):
+                m._buffers[f"rotation_factor{i}"] = f.to(m._buffers[f"rotation_factor{i}"].device)
+            continue
+        try:
+            fresh = type(m)(config=cfg)
+        except Exception as e:  # noqa: BLE001  not a config-built module
+            raise ValueError(f"cannot recompute the buffers of {name} ({type(m).__name__}) on a meta-built model: "
+                             f"{type(e).__name__}: {e}") from None
+        for b in m._non_persistent_buffers_set:
+            if m._buffers.get(b) is not None:
+                m._buffers[b] = fresh._buffers[b].to(device=m._buffers[b].device)
 
 
 def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
@@ -319,7 +342,7 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
             if ours.get(key) != entry.get(key):
                 raise ValueError(f"checkpoint {path}: layer {name} has {key}={entry.get(key)!r} but the plan gives "
                                  f"{ours.get(key)!r} for this model")
-    model_state = model.state_dict()
+    model_state = model.state_dict(keep_vars=True)  # the model's own tensors, filled in place below
     tied = _aliases(model_state)  # filled by the model's own tying; older files hold them too
     expected = {k: (_SAFETENSORS_DTYPE.get(v.dtype), tuple(v.shape)) for k, v in model_state.items()}
     for k, (dtype, shape, _) in tensors.items():  # before loading: no tensor of a wrong size is ever allocated
@@ -332,23 +355,34 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
         missing, extra = sorted(set(expected) - set(tied) - set(tensors)), sorted(set(tensors) - set(expected))
         raise ValueError(f"checkpoint {path} does not match this model's architecture: tensors missing "
                          f"{missing[:5]}, unexpected {[k[:80] for k in extra[:5]]}")
+    lean = any(t.device.type == "meta" for t in model_state.values())
+    rebuild = _non_persistent_buffers(model) if lean else []
+    if lean:  # a model built on the meta device: only now is memory allocated, once, for what the file holds
+        model.to_empty(device=device if device is not None else "cpu")
+        model_state = model.state_dict(keep_vars=True)
+        _restore_buffers(model, rebuild)
+    scale_keys = {f"{n}.{b}" for n in layers for b in ("weight_scale", "weight_zero_point", "weight_codebook")}
     try:
-        state = {k: reader.get(k).to(device if device is not None else "cpu") for k in tensors}
-    except Exception as e:  # SafetensorError for inconsistencies our header check let through
+        with torch.no_grad():
+            for k in sorted(tensors, key=lambda k: k in tied):  # tied copies last: compared with their target
+                t = reader.get(k)
+                if k in scale_keys:
+                    _check_scale_tensor(k, t, path)
+                if k in tied:
+                    if not torch.equal(t.to(model_state[k].dtype), model_state[k].cpu()):
+                        raise ValueError(f"checkpoint {path}: {k} and {tied[k]} are tied in this model but differ "
+                                         f"in the file")
+                    continue
+                model_state[k].copy_(t)  # one tensor read at a time: memory is the model's plus one tensor
+    except ValueError:
+        raise
+    except Exception as e:  # SafetensorError, short reads
         raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupted): {e}") from e
     finally:
         reader.close()
-    _check_scales(state, layers, path)
-    for k in set(tensors) & set(tied):  # a file that stored a tied tensor twice must store it twice alike
-        if not torch.equal(state[k], state.get(tied[k], state[k])):
-            raise ValueError(f"checkpoint {path}: {k} and {tied[k]} are tied in this model but differ in the file")
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not match this model's architecture: {e}") from e
-    if set(result.missing_keys) - set(tied) or result.unexpected_keys:  # checked above; kept as a guard
-        raise ValueError(f"checkpoint {path} does not match this model's architecture: missing "
-                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    for m in model.modules():
+        if isinstance(m, PackedWeightModule):
+            m.check_scales()
     for name, entry in meta["layers"].items():
         if "act_scale" in entry:
             m = model.get_submodule(name)

@@ -97,10 +97,11 @@ def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional
     tied_source = _aliases(expected)
     missing = sorted(set(expected) - set(tied_source) - set(source.tensors))
     unexpected = sorted(set(source.tensors) - set(expected))
-    if missing or unexpected:
-        raise StreamingError(f"{model_dir} does not hold the weights its config describes: missing {missing[:3]}"
-                             f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                             f"{' ...' if len(unexpected) > 3 else ''}")
+    problems = [f"{len(keys)} weights {what} ({', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''})"
+                for keys, what in ((missing, "missing"), (unexpected, "unexpected")) if keys]
+    if problems:
+        raise StreamingError(f"model {model_dir} does not hold the weights its architecture needs: "
+                             + "; ".join(problems))
     for k, v in expected.items():
         if k in source.tensors and tuple(source.tensors[k][1]) != tuple(v.shape):
             raise StreamingError(f"{model_dir}: tensor {k} has shape {list(source.tensors[k][1])}, the config gives "

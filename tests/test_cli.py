@@ -90,17 +90,23 @@ def test_smollm2_gptq_preset_beats_round_to_nearest(tmp_path):
                for layer in report["layers"])
 
 
-def test_failed_write_leaves_nothing_behind(tiny_model_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_failed_write_leaves_nothing_behind(tiny_model_dir, tmp_path, capsys, monkeypatch, streaming):
     import errno
 
     import alphaquant.cli.checkpoint_folder as ckpt
+    import alphaquant.sharded_safetensors as sharded
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_quantized", full_disk)
+    if streaming:
+        monkeypatch.setattr(sharded.ShardWriter, "write", full_disk)
+    else:
+        monkeypatch.setattr(ckpt, "save_quantized", full_disk)
     out = tmp_path / "q"
-    assert main(["quantize", tiny_model_dir, "--out", str(out), "--no-eval"]) == 1
+    assert main(["quantize", tiny_model_dir, "--out", str(out), "--no-eval"]
+                + ([] if streaming else ["--in-memory"])) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".alphaquant-")]
 

@@ -273,7 +273,7 @@ def test_full_disk_as_safetensors_reports_it(tiny, tmp_path, capsys, monkeypatch
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    assert main(["quantize", tiny, "--out", str(tmp_path / "q"), "--no-eval"]) == 1
+    assert main(["quantize", tiny, "--out", str(tmp_path / "q"), "--no-eval", "--in-memory"]) == 1
     line = error_line(capsys)
     assert "No space left on device" in line and "could not write" in line
     assert os.listdir(tmp_path) == []
@@ -304,7 +304,7 @@ def test_keyboard_interrupt_is_one_line_and_exit_130(tiny, tmp_path, capsys, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(folder, "save_quantized", interrupted)
-    assert main(["quantize", tiny, "--out", str(tmp_path / "q"), "--no-eval"]) == 130
+    assert main(["quantize", tiny, "--out", str(tmp_path / "q"), "--no-eval", "--in-memory"]) == 130
     assert error_line(capsys) == "alphaquant: interrupted"
     assert os.listdir(tmp_path) == []
 
@@ -321,7 +321,7 @@ def test_real_sigint_while_writing(tiny, tmp_path):
         "folder.save_quantized = slow\n"
         "sys.exit(main(sys.argv[1:]))\n")
     out = tmp_path / "q"
-    p = subprocess.Popen([sys.executable, "-c", script, "quantize", tiny, "--out", str(out), "--no-eval"],
+    p = subprocess.Popen([sys.executable, "-c", script, "quantize", tiny, "--out", str(out), "--no-eval", "--in-memory"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.time() + 120
@@ -343,7 +343,7 @@ def test_unexpected_error_is_one_line_with_a_debug_switch(tiny, tmp_path, capsys
         raise RuntimeError("something nobody expected\nsecond line")
 
     monkeypatch.setattr(folder, "save_quantized", bug)
-    argv = ["quantize", tiny, "--out", str(tmp_path / "q"), "--no-eval"]
+    argv = ["quantize", tiny, "--out", str(tmp_path / "q"), "--no-eval", "--in-memory"]
     monkeypatch.delenv("ALPHAQUANT_DEBUG", raising=False)
     assert main(argv) == 1
     line = error_line(capsys)

@@ -118,12 +118,13 @@ def test_what_gguf_cannot_hold_is_refused(tmp_path, bpe_tokenizer):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize("wq,symmetric", [("int8", True), ("int4", True), ("int4", False)])
-def test_llama_cpp_runs_the_file_and_agrees_with_our_model(tmp_path, bpe_tokenizer, wq, symmetric):
+@pytest.mark.parametrize("wq,symmetric,embedding", [("int8", True, False), ("int4", True, False),
+                                                    ("int4", False, False), ("int4", False, True)])
+def test_llama_cpp_runs_the_file_and_agrees_with_our_model(tmp_path, bpe_tokenizer, wq, symmetric, embedding):
     import llama_cpp
 
-    model = tiny_llama(len(bpe_tokenizer), tied=False)
-    apply_plan(model, plan(wq, symmetric))
+    model = tiny_llama(len(bpe_tokenizer), tied=embedding)  # a quantized embedding: token_embd is the head too
+    apply_plan(model, {**plan(wq, symmetric), "overrides": [{"pattern": "model.embed_tokens"}] if embedding else []})
     path = str(tmp_path / "m.gguf")
     to_gguf(model, bpe_tokenizer, path)
     llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=1)

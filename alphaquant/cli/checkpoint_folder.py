@@ -162,7 +162,8 @@ def load_checkpoint(path: str, device: Optional[str] = None):
         config = transformers.AutoConfig.from_pretrained(path)
         is_lm = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
         cls = transformers.AutoModelForCausalLM if is_lm else transformers.AutoModel
-        model = cls.from_config(config, dtype=torch.float32)
+        with torch.device("meta"):  # no memory yet: load_quantized allocates what the file holds, once
+            model = cls.from_config(config, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001  transformers fails in many ways on a damaged config
         raise ValueError(f"checkpoint {path} has no usable config.json: {type(e).__name__}: "
                          f"{str(e).strip()[:200]}") from None

@@ -102,7 +102,7 @@ def _pre_tokenizer(tok_dir: str) -> str:
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
     if kinds == ["ByteLevel"]:
-        return "gpt2"
+        return "gpt-2"  # llama.cpp spells it with a hyphen
     return "default"
 
 

@@ -1,0 +1,99 @@
+"""Quantizing and loading a model bigger than what it should cost: peak memory and time per GB.
+
+Makes (once) a synthetic Llama-shaped checkpoint of random bf16 weights with
+scripts/make_synthetic_llama.py, then in fresh processes, side by side:
+  read      a plain safetensors read of every tensor of the same files (the baseline)
+  quantize  `alphaquant quantize DIR --plan PLAN --no-eval` (the streaming path)
+  load      `load_checkpoint` of the result
+each with its peak resident memory (getrusage) and seconds.
+Usage: python benchmarks/bench_scale.py [--gb 8] [--dir /tmp/alphaquant-synthetic] [--plan w4a16_g128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import print_table  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+READ = r"""
+import resource, sys, time
+from safetensors import safe_open
+from alphaquant.sharded_safetensors import ShardedReader
+r = ShardedReader(sys.argv[1])
+t = time.time()
+for name in r.tensors:
+    r.get(name)  # the same plain reads the streaming path makes, one tensor alive at a time
+print(json.dumps({"s": time.time() - t, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+QUANTIZE = r"""
+import resource, sys, time
+from alphaquant.cli.main import main
+t = time.time()
+rc = main(["quantize", sys.argv[1], "--plan", sys.argv[2], "--out", sys.argv[3], "--no-eval", "--force"])
+print(json.dumps({"s": time.time() - t, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rc": rc}))
+"""
+
+LOAD = r"""
+import resource, sys, time
+from alphaquant.cli.checkpoint_folder import load_checkpoint
+t = time.time()
+model, _ = load_checkpoint(sys.argv[1])
+print(json.dumps({"s": time.time() - t, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+BASELINE = r"""
+import resource, json
+import torch, transformers, alphaquant.cli.main, alphaquant.streaming  # what every step imports
+print(json.dumps({"s": 0, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run(code: str, *args) -> dict:
+    out = subprocess.run([sys.executable, "-c", "import json\n" + code, *args], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gb", type=float, default=8.0)
+    ap.add_argument("--dir", default="/tmp/alphaquant-synthetic")
+    ap.add_argument("--plan", default="w4a16_g128")
+    a = ap.parse_args()
+    src = os.path.join(a.dir, f"llama-{a.gb:g}gb")
+    if not os.path.isdir(src):
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_synthetic_llama.py"), src, "--gb",
+                        str(a.gb)], check=True)
+    out = os.path.join(a.dir, f"llama-{a.gb:g}gb-{a.plan}")
+    size_in = folder_bytes(src)
+    base = run(BASELINE)
+    read = run(READ, src)
+    quant = run(QUANTIZE, src, a.plan, out)
+    size_out = folder_bytes(out)
+    load = run(LOAD, out)
+    gb = size_in / 1e9
+    rows = [["imports only (torch, transformers, alphaquant)", "-", f"{base['peak'] / 1e9:.2f}", "-", "-"],
+            ["read every tensor (safetensors, plain reads)", f"{read['s']:.1f}", f"{read['peak'] / 1e9:.2f}",
+             f"{read['s'] / gb:.2f}", "1.00x"],
+            [f"alphaquant quantize --plan {a.plan} (streaming)", f"{quant['s']:.1f}", f"{quant['peak'] / 1e9:.2f}",
+             f"{quant['s'] / gb:.2f}", f"{quant['s'] / max(read['s'], 1e-9):.2f}x"],
+            [f"load_checkpoint of the result ({size_out / 1e9:.2f} GB)", f"{load['s']:.1f}",
+             f"{load['peak'] / 1e9:.2f}", "-", f"peak / checkpoint {load['peak'] / size_out:.2f}x"]]
+    print(f"synthetic Llama checkpoint {src}: {gb:.2f} GB of bf16 weights")
+    print_table(["step", "s", "peak RSS GB", "s per GB of input", "vs read"], rows)
+
+
+if __name__ == "__main__":
+    main()
