@@ -23,7 +23,7 @@ import warnings
 
 from .evaluation import CALIBRATION_WINDOW, PERPLEXITY_WINDOW
 
-DEFAULT_PLAN = "w4a16_g64"  # the best 4-bit preset of benchmarks/RESULTS.md (4.5 bits per weight)
+DEFAULT_PLAN = "w4a16_g64_embed"  # int4 g64 linears and embedding (benchmarks/RESULTS.md: the file size table)
 
 
 # what `quantize --format F` writes by default after MODEL-PLAN
