@@ -85,7 +85,7 @@ def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional
     ``close()`` (e.g. a tqdm bar in bytes); ``extra_files(tmp_dir)`` adds files (tokenizer,
     config) to the folder before it is renamed into place."""
     from .cli import atomic_folder
-    from .cli.checkpoint_folder import is_checkpoint_folder
+    from .cli.checkpoint_folder import prepare_replacement
 
     plan = load_plan(plan)
     why = needs_activations(plan)
@@ -155,13 +155,7 @@ def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional
             if bar:
                 bar.close()
 
-    out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir):
-        if not force:
-            raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
-        if os.path.islink(out_dir) or not is_checkpoint_folder(out_dir):
-            raise StreamingError(f"{out_dir} is not an AlphaQuant checkpoint folder; it is not replaced")
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    out_dir = prepare_replacement(out_dir, force)
     t0 = time.time()
 
     def fill(tmp: str) -> None:

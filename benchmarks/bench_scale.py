@@ -43,9 +43,13 @@ print(json.dumps({"s": time.time() - t, "peak": resource.getrusage(resource.RUSA
 
 LOAD = r"""
 import resource, sys, time
-from alphaquant.cli.checkpoint_folder import load_checkpoint
+import torch, transformers
+from alphaquant.checkpoint_file import load_quantized
 t = time.time()
-model, _ = load_checkpoint(sys.argv[1])
+config = transformers.AutoConfig.from_pretrained(sys.argv[1])
+with torch.device("meta"):  # as load_checkpoint does (the synthetic model has no tokenizer for it to load)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+load_quantized(model, sys.argv[1])
 print(json.dumps({"s": time.time() - t, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 

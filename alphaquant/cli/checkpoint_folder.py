@@ -98,13 +98,10 @@ def check_output(out: str, force: bool, inputs: tuple = ()) -> str:
     return target
 
 
-def write_checkpoint(out_dir: str, model, tokenizer, plan: dict, report: dict, force: bool = False,
-                     chart: Optional[Callable[[dict, str], None]] = None) -> None:
-    """Write the checkpoint folder ``out_dir``: complete, or not at all (see :mod:`.atomic_folder`).
-
-    An existing ``out_dir`` is replaced only with ``force`` and only if it is a checkpoint
-    (FileExistsError / OutputError otherwise). Write failures (a full disk) raise OSError.
-    """
+def prepare_replacement(out_dir: str, force: bool) -> str:
+    """The absolute path of a checkpoint folder about to be written (its parent created): an
+    existing one is replaced only with ``force`` (FileExistsError) and only if it is a checkpoint
+    (OutputError)."""
     out_dir = os.path.abspath(out_dir)
     if os.path.lexists(out_dir):
         if not force:
@@ -112,6 +109,17 @@ def write_checkpoint(out_dir: str, model, tokenizer, plan: dict, report: dict, f
         if os.path.islink(out_dir) or not is_checkpoint_folder(out_dir):
             raise OutputError(f"{out_dir} is not an AlphaQuant checkpoint folder; it is not replaced")
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    return out_dir
+
+
+def write_checkpoint(out_dir: str, model, tokenizer, plan: dict, report: dict, force: bool = False,
+                     chart: Optional[Callable[[dict, str], None]] = None) -> None:
+    """Write the checkpoint folder ``out_dir``: complete, or not at all (see :mod:`.atomic_folder`).
+
+    An existing ``out_dir`` is replaced only with ``force`` and only if it is a checkpoint
+    (FileExistsError / OutputError otherwise). Write failures (a full disk) raise OSError.
+    """
+    out_dir = prepare_replacement(out_dir, force)
 
     def fill(tmp: str) -> None:
         save_quantized(model, os.path.join(tmp, WEIGHTS), plan)
