@@ -22,6 +22,7 @@ from torch import nn
 
 from . import sharded_safetensors as shards
 from .checkpoint_file import FORMAT_TAG, _SAFETENSORS_DTYPE, _aliases, _layer_meta
+from .formats import LEARNED_FORMATS
 from .nn.packed_weight import PackedWeightModule
 from .plans import PlanError, apply_plan, build_quantizers, load_plan
 
@@ -180,6 +181,35 @@ def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional
         return json.load(f)
 
 
+CHUNK_BYTES = 32 << 20  # float32 bytes of one block of rows quantized at a time
+
+
+def _rows_per_chunk(wq, k: int, chunk_bytes: int) -> int:
+    """Rows quantized together, 0 for "the whole tensor at once". Rows are independent per group
+    and per channel; zero_opt refines its zero points in blocks of (1 << 17) // k rows (with an
+    early stop per block), so chunks are whole numbers of those blocks and give the same codes.
+    Per-tensor scales and learned code books (fitted to the whole tensor) take the whole tensor."""
+    if wq.config.op_group_size == -1 or wq.fmt in LEARNED_FORMATS:
+        return 0
+    block = max(1, (1 << 17) // max(1, k))
+    return block * max(1, chunk_bytes // (4 * k) // block)
+
+
+def quantize_by_rows(wq, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES):
+    """``wq.quantize_weight(w.float())``, computed a block of rows at a time where that gives the same
+    codes, so that a large weight (an LM head) never has a full float32 copy and its temporaries."""
+    from .packed import PackedTensor
+
+    n = _rows_per_chunk(wq, w.shape[-1], chunk_bytes)
+    if n == 0 or n >= w.shape[0]:
+        return wq.quantize_weight(w.to(torch.float32))  # float32 as the in-memory path: the same codes
+    parts = [wq.quantize_weight(w[i:i + n].to(torch.float32)) for i in range(0, w.shape[0], n)]
+    cat = (lambda ts: None if ts[0] is None else torch.cat(ts))
+    return PackedTensor(torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]),
+                        cat([p.zero_point for p in parts]), parts[0].fmt, parts[0].symmetric, parts[0].group_size,
+                        tuple(w.shape), codebook=None)
+
+
 def _sqnr_by_rows(w: torch.Tensor, packed, rows_per_step: int = 1024) -> float:
     """SQNR in dB of ``packed`` against ``w``, decoding a block of rows at a time (the embedding
     ops read only the rows asked for), so no float copy of the whole weight is made."""
@@ -207,10 +237,11 @@ def _quantize_one(name: str, module: PackedWeightModule, source, tied: dict, by_
     w = source.get(key)
     stats["bytes_read"] += source.nbytes(key)
     wq, _ = build_quantizers(module.scheme)
-    if wq.fmt not in _FP8 and not torch.isfinite(w).all():
+    step = max(1, (16 << 20) // max(1, w.shape[-1]))  # the check, too, a block of rows at a time
+    if wq.fmt not in _FP8 and not all(bool(torch.isfinite(w[i:i + step]).all()) for i in range(0, w.shape[0], step)):
         raise StreamingError(f"{key} holds NaN or Inf, which {wq.fmt} cannot represent (only fp8 formats hold "
                              f"them); fix the model or skip the layer")
-    packed = wq.quantize_weight(w.to(torch.float32))  # float32 as the in-memory path: the same codes
+    packed = quantize_by_rows(wq, w)
     rows, k = module.packed_weight.shape
     if tuple(packed.shape) != (rows, k):
         raise StreamingError(f"{key}: shape {list(packed.shape)}, expected {[rows, k]}")

@@ -142,6 +142,24 @@ def test_damaged_inputs_are_refused_and_nothing_is_written(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("scheme", [{"wq": "int4", "symmetric": False, "group_size": 64, "zero_opt": True},
+                                    {"wq": "int3", "symmetric": False, "group_size": 32, "clip_search": True},
+                                    {"wq": "fp8_e4m3", "granularity": "per_channel"},
+                                    {"wq": "nf4", "group_size": 64}, {"wq": "int8", "granularity": "per_tensor"},
+                                    {"wq": "lut4", "group_size": 64}])
+def test_quantizing_by_blocks_of_rows_gives_the_codes_of_the_whole_tensor(scheme):
+    from alphaquant.plans import DEFAULTS, build_quantizers
+    from alphaquant.streaming import quantize_by_rows
+
+    wq, _ = build_quantizers({**DEFAULTS, "scale_dtype": "float16", **scheme})
+    w = (torch.randn(3000, 96, generator=torch.Generator().manual_seed(0)) * 0.05).to(torch.bfloat16)
+    whole = wq.quantize_weight(w.float())
+    rows = quantize_by_rows(wq, w, chunk_bytes=96 * 4 * 1400)  # 1365-row blocks of zero_opt: 3 chunks
+    for a, b in ((whole.data, rows.data), (whole.scale, rows.scale), (whole.zero_point, rows.zero_point),
+                 (whole.codebook, rows.codebook)):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 MEMORY_PROBE = r"""
 import resource, sys, torch
 from alphaquant.streaming import meta_model, stream_quantize
