@@ -45,10 +45,11 @@ LOAD = r"""
 import resource, sys, time
 import torch, transformers
 from alphaquant.checkpoint_file import load_quantized
+from alphaquant.cli.checkpoint_folder import _float_dtype_of
 t = time.time()
 config = transformers.AutoConfig.from_pretrained(sys.argv[1])
 with torch.device("meta"):  # as load_checkpoint does (the synthetic model has no tokenizer for it to load)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=_float_dtype_of(sys.argv[1]))
 load_quantized(model, sys.argv[1])
 print(json.dumps({"s": time.time() - t, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """

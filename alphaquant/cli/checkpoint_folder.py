@@ -146,6 +146,20 @@ def _weights_of(path: str) -> str:
     return weights
 
 
+def _float_dtype_of(path: str) -> torch.dtype:
+    """The dtype most of the checkpoint's float tensors (those left unquantized) are stored in: the
+    model is built in it, so that loading does not widen them (bf16 norms stay bf16)."""
+    from ..sharded_safetensors import ShardedReader
+
+    reader = ShardedReader(path)
+    counts = {}
+    for k, (dtype, shape, _) in reader.tensors.items():
+        if dtype in ("F32", "F16", "BF16") and not k.rpartition(".")[2].startswith("weight_"):
+            counts[dtype] = counts.get(dtype, 0) + reader.nbytes(k)
+    best = max(counts, key=counts.get) if counts else "F32"
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[best]
+
+
 def load_checkpoint(path: str, device: Optional[str] = None):
     """(model, tokenizer) from a checkpoint folder (ours, or a compressed-tensors pack-quantized
     folder such as llm-compressor writes) or a GGUF file with Q8_0/Q4_0/Q4_1 linears; linear weights
@@ -171,7 +185,7 @@ def load_checkpoint(path: str, device: Optional[str] = None):
         is_lm = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
         cls = transformers.AutoModelForCausalLM if is_lm else transformers.AutoModel
         with torch.device("meta"):  # no memory yet: load_quantized allocates what the file holds, once
-            model = cls.from_config(config, dtype=torch.float32)
+            model = cls.from_config(config, dtype=_float_dtype_of(path if os.path.isdir(path) else weights))
     except Exception as e:  # noqa: BLE001  transformers fails in many ways on a damaged config
         raise ValueError(f"checkpoint {path} has no usable config.json: {type(e).__name__}: "
                          f"{str(e).strip()[:200]}") from None
