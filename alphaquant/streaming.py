@@ -73,8 +73,7 @@ def _probe_codebooks(model: nn.Module) -> None:
             wq, _ = build_quantizers(m.scheme)
             rows, k = m.packed_weight.shape
             cb = wq.quantize_weight(torch.randn(2, k, generator=gen)).codebook
-            m.allocate_codebook((rows, 16) if cb.dim() == 2 else (16,), cb.dtype)
-            m.weight_codebook = m.weight_codebook.to("meta")
+            m.allocate_codebook((rows, 16) if cb.dim() == 2 else (16,), cb.dtype)  # on the meta device
 
 
 def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional[torch.dtype] = None,
@@ -132,7 +131,7 @@ def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional
                 "aliases": json.dumps(tied_out)}
     by_name = {r.name: r for r in report.layers}
     total_in = sum(source.nbytes(k) for k in source.tensors)
-    stats = {"bytes_read": 0, "seconds": 0.0}
+    stats = {"bytes_read": 0}
 
     def produce():
         bar = progress(total_in) if progress else None
