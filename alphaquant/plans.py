@@ -420,7 +420,8 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
     embeddings = plan_embeddings(model, plan)
     tied = tied_heads(model, embeddings, plan)
     for head in tied:
-        if resolve(plan, head)["act_static"] and resolve(plan, head)["aq"] not in FLOAT_NAMES:
+        head_scheme = resolve(plan, head)
+        if head_scheme["act_static"] and head_scheme["aq"] not in FLOAT_NAMES:
             raise PlanError(f"{head} is tied to the quantized embedding {tied[head]} and asks for act_static; a tied "
                             f"head takes dynamic activation scales only (drop act_static for it, or keep the "
                             f"embedding float)")

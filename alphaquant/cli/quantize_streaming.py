@@ -52,7 +52,6 @@ def _write_json_atomically(path: str, data: dict) -> None:
 
 
 def quantize_streaming(args, plan_name: str, plan: dict, model_path: str, out: str, model_name: str) -> int:
-    from ..sharded_safetensors import ShardedReader
     from ..streaming import StreamingError, stream_quantize
     from . import evaluation
     from .main import CliError, WriteError, _load_checkpoint, _load_model, _metric_line, _warn, evaluate
@@ -85,8 +84,6 @@ def quantize_streaming(args, plan_name: str, plan: dict, model_path: str, out: s
             _warn(f"{model_path} has no usable tokenizer ({type(e).__name__}); the checkpoint has none")
 
     try:
-        source = ShardedReader(model_path)
-        source_bytes = sum(source.nbytes(k) for k in source.tensors)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*matches no linear layer")  # said above, once
             report = stream_quantize(model_path, plan, out, float_dtype=float_dtype, force=args.force,
@@ -106,6 +103,7 @@ def quantize_streaming(args, plan_name: str, plan: dict, model_path: str, out: s
     report["model"], report["plan_name"] = model_path, plan_name
     report["unmatched_patterns"] = [{"index": i, "pattern": p} for i, p in unmatched]
     if not args.no_eval:
+        source_bytes = report["bytes_read"]
         need = 4 * source_bytes // 2 + source_bytes  # the float32 model (from 16-bit files) and the checkpoint
         if need > memory_available():
             print(f"evaluation skipped: the float model needs about {need / 1e9:.1f} GB and "
