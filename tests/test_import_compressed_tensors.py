@@ -14,8 +14,10 @@ transformers = pytest.importorskip("transformers")
 ct = pytest.importorskip("compressed_tensors")
 
 
-def write_with_compressed_tensors(path, num_bits, symmetric, strategy, group_size=None):
-    """A random tiny Llama quantized and saved by compressed-tensors' own code (min/max qparams)."""
+def write_with_compressed_tensors(path, num_bits, symmetric, strategy, group_size=None, kind="int", activations=None,
+                                 layout=None):
+    """A random tiny Llama quantized and saved by compressed-tensors' own code (min/max qparams);
+    ``activations`` ("int" / "float"): 8-bit dynamic per-token input activations as well."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
@@ -25,14 +27,19 @@ def write_with_compressed_tensors(path, num_bits, symmetric, strategy, group_siz
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    args = QuantizationArgs(num_bits=num_bits, type="int", symmetric=symmetric, strategy=strategy, group_size=group_size)
-    qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+    args = QuantizationArgs(num_bits=num_bits, type=kind, symmetric=symmetric, strategy=strategy, group_size=group_size)
+    acts = None if activations is None else QuantizationArgs(num_bits=8, type=activations, symmetric=True,
+                                                             strategy="token", dynamic=True)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
+    qc = QuantizationConfig(config_groups={"group_0": scheme},
                             ignore=["lm_head"], quantization_status="frozen")
     apply_quantization_config(model, qc)
     for _, m in model.named_modules():
         if getattr(m, "quantization_scheme", None) is not None and m.quantization_scheme.weights is not None:
             w = m.weight.data
-            if strategy == "group":
+            if strategy == "tensor":
+                mn, mx = w.amin().reshape(1), w.amax().reshape(1)
+            elif strategy == "group":
                 wg = w.unflatten(-1, (-1, group_size))
                 mn, mx = wg.amin(-1), wg.amax(-1)
             else:
@@ -41,7 +48,7 @@ def write_with_compressed_tensors(path, num_bits, symmetric, strategy, group_siz
             m.weight_scale.data = s.to(m.weight_scale.dtype).reshape(m.weight_scale.shape)
             if hasattr(m, "weight_zero_point"):
                 m.weight_zero_point.data = z.to(m.weight_zero_point.dtype).reshape(m.weight_zero_point.shape)
-    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=layout)
     compressor.compress_model(model)
     model.save_pretrained(path)
     compressor.update_config(path)
@@ -73,6 +80,84 @@ def test_a_folder_compressed_tensors_wrote_imports_from_its_codes(tmp_path, num_
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,strategy,activations,layout,fmt", [
+    ("float", "channel", "float", "float-quantized", "fp8_e4m3"),  # llm-compressor's FP8_DYNAMIC
+    ("float", "tensor", None, "naive-quantized", "fp8_e4m3"),  # weight-only fp8: ct's fallback layout
+    ("int", "channel", "int", "int-quantized", "int8"),  # W8A8 with dynamic per-token activations
+])
+def test_fp8_and_w8a8_folders_import_from_their_codes(tmp_path, kind, strategy, activations, layout, fmt):
+    import json
+
+    path = write_with_compressed_tensors(tmp_path / "ct", 8, True, strategy, kind=kind, activations=activations)
+    qc = json.load(open(os.path.join(path, "config.json")))["quantization_config"]
+    assert qc["config_groups"]["group_0"]["format"] == layout
+    ours, _ = load_compressed_tensors(path)
+    q = ours.model.layers[1].mlp.down_proj
+    assert isinstance(q, QuantLinear) and q.fmt == fmt and q.group_size == (0 if strategy == "channel" else -1)
+    assert (q.act_quantizer is None) == (activations is None)
+    if activations is not None:
+        assert q.act_quantizer.fmt == {"int": "int8", "float": "fp8_e4m3"}[activations]
+    theirs = reference(path)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        torch.testing.assert_close(ours.get_submodule(name).dequantized_weight(torch.float32),
+                                   theirs.get_submodule(name).weight.detach().float(), atol=0, rtol=0)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = theirs(ids).logits
+        if activations is None:
+            torch.testing.assert_close(ours(ids).logits, ref, atol=1e-4, rtol=1e-4)
+        else:  # activations quantized per token by us, float in the dequantized reference
+            assert (ours(ids).logits - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_int4_stored_one_value_per_byte_imports_packed(tmp_path):
+    """naive-quantized int4 (asymmetric, signed zero points one per byte) becomes our 4-bit codes."""
+    path = write_with_compressed_tensors(tmp_path / "ct", 4, False, "group", 32, layout="naive-quantized")
+    ours, _ = load_compressed_tensors(path)
+    theirs = reference(path)
+    q = ours.model.layers[0].self_attn.q_proj
+    assert q.fmt == "int4" and q.weight_packed.shape == (64, 32)  # packed: half a byte per value
+    torch.testing.assert_close(q.dequantized_weight(torch.float32),
+                               theirs.model.layers[0].self_attn.q_proj.weight.detach().float(), atol=0, rtol=0)
+
+
+def test_our_w8a8_and_fp8_exports_import_back_to_the_same_layers(tmp_path):
+    from alphaquant.cli.presets import resolve_plan
+    from alphaquant.export import to_compressed_tensors
+    from alphaquant.plans import apply_plan
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    for preset in ("w8a8", "fp8"):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        apply_plan(model, resolve_plan(preset)[1])
+        out = str(tmp_path / preset)
+        to_compressed_tensors(model, out)
+        back, _ = load_compressed_tensors(out)
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                b = back.get_submodule(name)
+                assert torch.equal(b.weight_packed, m.weight_packed) and torch.equal(b.weight_scale, m.weight_scale)
+                assert b.act_quantizer.fmt == m.act_quantizer.fmt, name
+        with torch.no_grad():
+            torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_static_activation_scales_are_refused_with_what_imports(tmp_path):
+    import json
+
+    path = write_with_compressed_tensors(tmp_path / "ct", 8, True, "channel", kind="float", activations="float")
+    cfg_file = os.path.join(path, "config.json")
+    raw = json.load(open(cfg_file))
+    raw["quantization_config"]["config_groups"]["group_0"]["input_activations"].update(dynamic=False, strategy="tensor")
+    json.dump(raw, open(cfg_file, "w"))
+    with pytest.raises(ExportError, match="dynamic per token"):
+        load_compressed_tensors(path)
 
 
 def test_damaged_folders_are_refused_with_the_reason(tmp_path):

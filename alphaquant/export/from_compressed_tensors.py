@@ -1,14 +1,17 @@
-"""Import a compressed-tensors ``pack-quantized`` folder (llm-compressor's GPTQ/AWQ W4A16 and
-W8A16 output, or ours) as QuantLinear layers built from the stored codes: nothing is
-dequantized and quantized again. The layout is the one compressed_tensors.py describes (its
-inverse): int32 words read back as our little-endian bit stream, zero points unpacked down
-each column.
+"""Import a compressed-tensors folder (llm-compressor's GPTQ/AWQ W4A16, W8A16, FP8 and W8A8
+output, or ours) as QuantLinear layers built from the stored codes: nothing is dequantized and
+quantized again. The layouts are the ones compressed_tensors.py describes (its inverse):
+``pack-quantized`` int32 words read back as our little-endian bit stream, zero points unpacked
+down each column; one value per byte (``naive-``, ``float-``, ``int-quantized``): e4m3 weights are
+our fp8 codes as they are, int8-held values q become our codes q + 2^(bits-1). Dynamic per-token int8 / fp8 input
+activations become our activation quantizers.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+from typing import Optional
 
 import torch
 from torch import nn
@@ -33,35 +36,114 @@ def _unpack_columns(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     return ops.unpack(cols[:, :need].contiguous(), bits, rows).t().float()
 
 
-def _layer(name: str, linear: nn.Linear, args: dict, tensors: dict, path: str) -> QuantLinear:
-    where = f"compressed-tensors folder {path}: layer {name}"
-    if args.get("type") != "int" or not 1 <= int(args.get("num_bits", 0)) <= 8:
-        raise ExportError(f"{where}: {args.get('type')} {args.get('num_bits')}-bit weights are not imported (int1..int8 "
-                          f"{FORMAT} are)")
-    bits, symmetric, strategy = int(args["num_bits"]), bool(args.get("symmetric", True)), args.get("strategy")
-    out_f, in_f = linear.out_features, linear.in_features
+IMPORTED = (FORMAT, "naive-quantized", "float-quantized", "int-quantized")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _group_size(args: dict, where: str) -> int:
+    """Our group_size encoding of a weight strategy: > 0 per group, 0 per channel, -1 per tensor."""
+    strategy = args.get("strategy")
     if strategy == "group":
-        group = int(args["group_size"])
-    elif strategy == "channel":
-        group = 0
-    else:
-        raise ExportError(f"{where}: strategy {strategy!r} is not imported (group and channel are)")
-    try:
-        words, scale = tensors[f"{name}.weight_packed"], tensors[f"{name}.weight_scale"]
-    except KeyError as e:
-        raise ExportError(f"{where}: tensor {e.args[0]} is missing") from None
+        group = int(args.get("group_size") or 0)
+        if group <= 0:
+            raise ExportError(f"{where}: group strategy with group_size {args.get('group_size')!r}")
+        return group
+    if strategy in ("channel", "tensor"):
+        return 0 if strategy == "channel" else -1
+    raise ExportError(f"{where}: strategy {strategy!r} is not imported (group, channel and tensor are)")
+
+
+def _packed_codes(name: str, args: dict, tensors: dict, out_f: int, in_f: int, where: str):
+    """(format, uint8 codes [out, ceil(in * bits / 8)]) from a pack-quantized layer's int32 words."""
+    if args.get("type") != "int" or not 1 <= int(args.get("num_bits") or 0) <= 8:
+        raise ExportError(f"{where}: {args.get('type')} {args.get('num_bits')}-bit weights in {FORMAT} are not "
+                          f"imported (int1..int8 are)")
+    bits = int(args["num_bits"])
+    words = _tensor(tensors, name, "weight_packed", where)
     shape = tensors.get(f"{name}.weight_shape")
     if shape is not None and [int(v) for v in shape.tolist()] != [out_f, in_f]:
         raise ExportError(f"{where}: weight_shape {shape.tolist()} does not match the model's [{out_f}, {in_f}]")
     row_bytes = (in_f * bits + 7) // 8
-    data = words.contiguous().view(torch.uint8).reshape(out_f, -1)
-    if words.dtype != torch.int32 or data.shape[1] < row_bytes:
+    if words.dtype != torch.int32 or words.dim() != 2 or words.shape[0] != out_f or words.shape[1] * 4 < row_bytes:
         raise ExportError(f"{where}: weight_packed is {words.dtype} {list(words.shape)}; expected int32 "
                           f"[{out_f}, {(in_f * bits + 31) // 32}]")
-    data = data[:, :row_bytes].contiguous()
-    groups = 1 if group == 0 else -(-in_f // group)
-    if tuple(scale.shape) != (out_f, groups):
-        raise ExportError(f"{where}: weight_scale is {list(scale.shape)}; expected [{out_f}, {groups}]")
+    data = words.contiguous().view(torch.uint8).reshape(out_f, -1)
+    return f"int{bits}", data[:, :row_bytes].contiguous()
+
+
+def _unpacked_codes(name: str, args: dict, tensors: dict, out_f: int, in_f: int, where: str):
+    """(format, our packed uint8 codes) from a weight stored one value per byte (naive-, int- and
+    float-quantized): 8-bit float as e4m3 bits (our fp8 codes as they are), int1..int8 as signed
+    int8 values q (our codes q + 2^(bits-1), packed at their width)."""
+    from .. import ops
+
+    typ, bits = args.get("type"), int(args.get("num_bits") or 0)
+    if not ((typ == "float" and bits == 8) or (typ == "int" and 1 <= bits <= 8)):
+        raise ExportError(f"{where}: {typ} {bits}-bit weights stored one per byte are not imported (fp8 e4m3 and "
+                          f"int1..int8 are)")
+    w = _tensor(tensors, name, "weight", where)
+    dtype = torch.float8_e4m3fn if typ == "float" else torch.int8
+    if w.dtype != dtype or tuple(w.shape) != (out_f, in_f):
+        raise ExportError(f"{where}: weight is {w.dtype} {list(w.shape)}; expected {dtype} [{out_f}, {in_f}]")
+    if typ == "float":
+        if torch.isnan(w.float()).any():
+            raise ExportError(f"{where}: the fp8 weight holds NaN codes; a weight must be finite")
+        return "fp8_e4m3", w.contiguous().view(torch.uint8).clone()
+    codes = w.to(torch.int16) + 2 ** (bits - 1)
+    if int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits:
+        raise ExportError(f"{where}: weight values {int(w.min())}..{int(w.max())} are outside the int{bits} range")
+    codes = codes.to(torch.uint8)
+    return f"int{bits}", codes if bits == 8 else ops.pack(codes, bits)
+
+
+def _tensor(tensors: dict, name: str, key: str, where: str) -> torch.Tensor:
+    try:
+        return tensors[f"{name}.{key}"]
+    except KeyError:
+        raise ExportError(f"{where}: tensor {name}.{key} is missing") from None
+
+
+def _act_quantizer(args: Optional[dict], dtype: torch.dtype, where: str):
+    """Our activation quantizer for a config group's ``input_activations`` (None: float)."""
+    if not args:
+        return None
+    from ..quantizers.registry import lookup
+
+    fmt = {("int", 8): "int8", ("float", 8): "fp8_e4m3"}.get((args.get("type"), int(args.get("num_bits") or 0)))
+    if fmt is None or not args.get("symmetric", True) or args.get("strategy") != "token" or not args.get("dynamic"):
+        raise ExportError(f"{where}: input activations {args.get('type')} {args.get('num_bits')}-bit "
+                          f"{args.get('strategy')} {'dynamic' if args.get('dynamic') else 'static'} are not imported; "
+                          f"imported: int8 or fp8 (float 8-bit), symmetric, dynamic per token")
+    q_cls, cfg = lookup(fmt)
+    kwargs = {"granularity": "per_channel", "dtype": _DTYPE_NAMES.get(dtype, "float32")}
+    if fmt == "int8":
+        kwargs["symmetric"] = True
+    return q_cls(cfg(**kwargs))
+
+
+def _layer(name: str, linear: nn.Linear, layout: str, group: dict, tensors: dict, path: str,
+           dtype: torch.dtype) -> QuantLinear:
+    where = f"compressed-tensors folder {path}: layer {name}"
+    args = group.get("weights")
+    if not args:
+        raise ExportError(f"{where}: its config group quantizes no weights; only weight-quantized layers are imported")
+    symmetric = bool(args.get("symmetric", True))
+    out_f, in_f = linear.out_features, linear.in_features
+    group_size = _group_size(args, where)
+    if layout == FORMAT:
+        fmt, data = _packed_codes(name, args, tensors, out_f, in_f, where)
+    else:
+        fmt, data = _unpacked_codes(name, args, tensors, out_f, in_f, where)
+        if not symmetric and fmt == "fp8_e4m3":
+            raise ExportError(f"{where}: asymmetric fp8 weights are not imported (fp8 is symmetric)")
+    bits = int(args["num_bits"])
+    groups = 1 if group_size <= 0 else -(-in_f // group_size)
+    scale = _tensor(tensors, name, "weight_scale", where)
+    expected = (1, 1) if group_size == -1 else (out_f, groups)
+    if group_size == -1 and scale.numel() == 1:  # per tensor: [1] or [] in the file
+        scale = scale.reshape(expected)
+    if tuple(scale.shape) != expected:
+        raise ExportError(f"{where}: weight_scale is {list(scale.shape)}; expected {list(expected)}")
     if not scale.is_floating_point():
         raise ExportError(f"{where}: weight_scale must be floating point; got {scale.dtype}")
     zero = None
@@ -69,15 +151,16 @@ def _layer(name: str, linear: nn.Linear, args: dict, tensors: dict, path: str) -
         zp = tensors.get(f"{name}.weight_zero_point")
         if zp is None:
             raise ExportError(f"{where}: an asymmetric scheme needs weight_zero_point")
-        if zp.dtype == torch.int32 and zp.shape[0] != out_f:
-            zero = _unpack_columns(zp, bits, out_f)
-        else:  # unpacked (older writers): signed zero points
-            zero = zp.float().reshape(out_f, groups) + 2 ** (bits - 1)
+        rows = 1 if group_size == -1 else out_f
+        if zp.dtype == torch.int32 and zp.shape[0] != rows:
+            zero = _unpack_columns(zp, bits, rows)
+        else:  # unpacked (older writers, int-quantized): signed zero points
+            zero = zp.float().reshape(scale.shape) + 2 ** (bits - 1)
         zero = zero.to(scale.dtype)
-    scale_dtype = scale.dtype if scale.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    packed = PackedTensor(data, scale.to(scale_dtype).contiguous(), zero, f"int{bits}", symmetric, group,
+    scale_dtype = scale.dtype if scale.dtype in _DTYPE_NAMES else torch.float32
+    packed = PackedTensor(data, scale.to(scale_dtype).contiguous(), zero, fmt, symmetric, group_size,
                           (out_f, in_f))
-    return QuantLinear.from_packed(linear, packed)
+    return QuantLinear.from_packed(linear, packed, _act_quantizer(group.get("input_activations"), dtype, where))
 
 
 def load_compressed_tensors(path: str, dtype: torch.dtype = torch.float32):
@@ -102,19 +185,16 @@ def load_compressed_tensors(path: str, dtype: torch.dtype = torch.float32):
     done = set()
     for gname, group in (qc.get("config_groups") or {}).items():
         fmt = group.get("format") or qc.get("format")
-        if fmt != FORMAT:
-            raise ExportError(f"compressed-tensors folder {path}: config group {gname} is {fmt!r}; only {FORMAT} is "
-                              f"imported so far")
-        if group.get("input_activations"):
-            raise ExportError(f"compressed-tensors folder {path}: config group {gname} quantizes activations; not "
-                              f"imported yet")
+        if fmt not in IMPORTED:
+            raise ExportError(f"compressed-tensors folder {path}: config group {gname} is {fmt!r}; imported: "
+                              f"{', '.join(IMPORTED)}")
         for name, m in modules.items():
             if not isinstance(m, nn.Linear) or name in done or any(_matches(name, m, t) for t in ignore):
                 continue
             if any(_matches(name, m, t) for t in group.get("targets", [])):
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child,
-                        _layer(name, m, group["weights"], tensors, path))
+                        _layer(name, m, fmt, group, tensors, path, dtype))
                 done.add(name)
     state = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in done}
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
