@@ -181,6 +181,72 @@ def test_a_gguf_file_imports_from_its_codes(tmp_path, bpe_tokenizer, wq, symmetr
         torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("wq,symmetric", [("int8", True), ("int4", False)])
+def test_a_quantized_token_embd_imports_as_a_packed_embedding_and_tied_head(tmp_path, bpe_tokenizer, wq, symmetric):
+    from alphaquant.export.from_gguf import load_gguf
+    from alphaquant.nn import QuantEmbedding, TiedQuantLinear
+
+    model = tiny_llama(len(bpe_tokenizer), tied=True)
+    apply_plan(model, {**plan(wq, symmetric), "overrides": [{"pattern": "model.embed_tokens"}]})
+    path = str(tmp_path / "m.gguf")
+    moved = to_gguf(model, bpe_tokenizer, path)["q4_1_min_change"]
+    back, _ = load_gguf(path)
+    emb, head = back.model.embed_tokens, back.lm_head
+    assert isinstance(emb, QuantEmbedding) and emb.fmt == wq and isinstance(head, TiedQuantLinear)
+    assert head.embedding is emb and not any(k.endswith("embed_tokens.weight") for k in back.state_dict())
+    if symmetric:
+        assert torch.equal(emb.weight_packed, model.model.embed_tokens.weight_packed)
+    torch.testing.assert_close(emb.dequantized_weight(), model.model.embed_tokens.dequantized_weight(),
+                               atol=moved + 1e-6, rtol=0)
+    ids = torch.randint(0, len(bpe_tokenizer), (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-3, rtol=1e-3)
+
+
+def _gguf_with_a_q5_0_layer(tmp_path, bpe_tokenizer, monkeypatch):
+    """Our Q8_0 export with blk.0.ffn_up written as Q5_0 (a block type we do not hold as codes)."""
+    T = gguf.GGMLQuantizationType
+    add_tensor = gguf.GGUFWriter.add_tensor
+
+    def swap(self, name, tensor, *args, raw_dtype=None, **kwargs):
+        if name == "blk.0.ffn_up.weight":
+            dense = gguf.quants.dequantize(tensor, raw_dtype) if raw_dtype is not None else tensor
+            tensor, raw_dtype = gguf.quants.quantize(np.ascontiguousarray(dense, np.float32), T.Q5_0), T.Q5_0
+        return add_tensor(self, name, tensor, *args, raw_dtype=raw_dtype, **kwargs)
+
+    model = tiny_llama(len(bpe_tokenizer), tied=False)
+    apply_plan(model, plan("int8", True))
+    path = str(tmp_path / "q5.gguf")
+    with monkeypatch.context() as m:
+        m.setattr(gguf.GGUFWriter, "add_tensor", swap)
+        to_gguf(model, bpe_tokenizer, path)
+    return path
+
+
+def test_block_types_we_do_not_hold_are_decoded_with_a_warning_or_refused(tmp_path, bpe_tokenizer, monkeypatch,
+                                                                          capsys):
+    from alphaquant.cli import main
+    from alphaquant.export.from_gguf import UnsupportedGGUFTypeWarning, load_gguf
+    from alphaquant.nn import QuantLinear
+
+    path = _gguf_with_a_q5_0_layer(tmp_path, bpe_tokenizer, monkeypatch)
+    with pytest.warns(UnsupportedGGUFTypeWarning, match="Q5_0: 1 tensors \\(blk.0.ffn_up.weight\\) decoded to float"):
+        model, _ = load_gguf(path)
+    up = model.model.layers[0].mlp.up_proj
+    assert type(up) is torch.nn.Linear and isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_up.weight")
+    np.testing.assert_array_equal(up.weight.detach().numpy(), gguf.quants.dequantize(t.data, t.tensor_type))
+    with pytest.raises(ExportError, match="Q5_0.*held from their codes: Q8_0, Q4_0, Q4_1"):
+        load_gguf(path, unsupported="refuse")
+    with pytest.raises(ValueError, match="unsupported must be one of"):
+        load_gguf(path, unsupported="ignore")
+    assert main(["eval", path, "--eval-tokens", "512", "--gguf-other-types", "refuse"]) == 2
+    assert "Q5_0" in capsys.readouterr().err
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr()
+    assert "blk.0.ffn_up.weight" in out.out and "Q5_0" in out.out
+
+
 def test_the_shipped_smollm2_q4_1_file_imports_from_its_codes():
     from alphaquant.cli.models import default_model_path
     from alphaquant.export.from_gguf import load_gguf

@@ -160,6 +160,16 @@ def test_static_activation_scales_are_refused_with_what_imports(tmp_path):
         load_compressed_tensors(path)
 
 
+def test_inspect_describes_a_compressed_tensors_folder(tmp_path, capsys):
+    from alphaquant.cli import main
+
+    path = write_with_compressed_tensors(tmp_path / "ct", 4, False, "group", 32)
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "pack-quantized, weights int4 asym group 32, activations float" in out and "kept as codes" in out
+    assert "kept float (ignore): lm_head" in out and "bytes of quantized weights" in out
+
+
 def test_damaged_folders_are_refused_with_the_reason(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -160,10 +160,11 @@ def _float_dtype_of(path: str) -> torch.dtype:
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[best]
 
 
-def load_checkpoint(path: str, device: Optional[str] = None):
-    """(model, tokenizer) from a checkpoint folder (ours, or a compressed-tensors pack-quantized
-    folder such as llm-compressor writes) or a GGUF file with Q8_0/Q4_0/Q4_1 linears; linear weights
-    stay packed (no float copy)."""
+def load_checkpoint(path: str, device: Optional[str] = None, gguf_other_types: str = "dequantize"):
+    """(model, tokenizer) from a checkpoint folder (ours, or a compressed-tensors folder such as
+    llm-compressor writes) or a GGUF file with Q8_0/Q4_0/Q4_1 linears; linear weights stay packed (no
+    float copy). ``gguf_other_types``: GGUF tensors of other block types (K-quants) are decoded to
+    float with a warning ("dequantize") or the file is refused ("refuse")."""
     import transformers
 
     from ..export.from_compressed_tensors import is_compressed_tensors_folder, load_compressed_tensors
@@ -171,7 +172,7 @@ def load_checkpoint(path: str, device: Optional[str] = None):
     if os.path.isfile(path) and path.endswith(".gguf"):  # Q8_0/Q4_0/Q4_1 linears from their codes
         from ..export.from_gguf import load_gguf
 
-        model, tokenizer = load_gguf(path)
+        model, tokenizer = load_gguf(path, unsupported=gguf_other_types)
         return (model.to(device) if device is not None else model), tokenizer
     if os.path.isdir(path) and is_compressed_tensors_folder(path):
         model, tokenizer = load_compressed_tensors(path)
@@ -201,8 +202,16 @@ def load_checkpoint(path: str, device: Optional[str] = None):
 
 
 def describe(path: str) -> str:
-    """What a checkpoint holds: plan, per-layer formats and sizes, totals, and what the plan missed."""
+    """What a checkpoint holds: plan, per-layer formats and sizes, totals, and what the plan missed
+    (for a GGUF file or a compressed-tensors folder: its tensors or config groups)."""
+    from ..export.from_compressed_tensors import is_compressed_tensors_folder
     from ..sharded_safetensors import ShardedReader
+    from . import inspect_foreign
+
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return inspect_foreign.describe_gguf(path)
+    if os.path.isdir(path) and is_compressed_tensors_folder(path):
+        return inspect_foreign.describe_compressed_tensors(path)
 
     weights = _weights_of(path)
     meta = read_metadata(weights)

@@ -216,11 +216,11 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _load_checkpoint(path: str):
+def _load_checkpoint(path: str, gguf_other_types: str = "dequantize"):
     from .checkpoint_folder import load_checkpoint
 
     try:
-        return load_checkpoint(path)
+        return load_checkpoint(path, gguf_other_types=gguf_other_types)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CliError(str(e)) from None
 
@@ -228,7 +228,7 @@ def _load_checkpoint(path: str):
 def cmd_eval(args) -> int:
     from . import evaluation
 
-    model, tok = _load_checkpoint(args.checkpoint)
+    model, tok = _load_checkpoint(args.checkpoint, args.gguf_other_types)
     _, eval_text = evaluation.split_text(evaluation.corpus_text())
     is_lm = hasattr(model, "generate") and model.config.architectures and \
         any(a.endswith("ForCausalLM") for a in model.config.architectures)
@@ -276,7 +276,7 @@ def cmd_export(args) -> int:
 
     try:
         check_export_target(args.out, args.to, args.force, inputs=(args.checkpoint,))
-        model, tok = _load_checkpoint(args.checkpoint)
+        model, tok = _load_checkpoint(args.checkpoint, args.gguf_other_types)
         _write_export(args.to, model, tok, args.out, args.force)
     except ExportError as e:
         raise CliError(f"cannot export {args.checkpoint} to {args.to}: {e}") from None
@@ -297,7 +297,7 @@ def cmd_generate(args) -> int:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise CliError("--prompt is not valid UTF-8 text (check the terminal's encoding)") from None
-    model, tok = _load_checkpoint(args.checkpoint)
+    model, tok = _load_checkpoint(args.checkpoint, args.gguf_other_types)
     ids = tok(args.prompt, return_tensors="pt")
     if ids["input_ids"].numel() == 0:
         raise CliError(f"--prompt {args.prompt!r} gives no tokens with this model's tokenizer")
@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--base", help="float model to compare with (required for encoders)")
     e.add_argument("--eval-tokens", type=eval_tokens, default=4096)
+    e.add_argument("--gguf-other-types", choices=("dequantize", "refuse"), default="dequantize",
+                   help="GGUF tensors of block types not kept as codes (K-quants...): decode them to float "
+                        "with a warning (default) or refuse the file")
     e.set_defaults(func=cmd_eval)
     i = sub.add_parser("inspect", help="what a packed checkpoint holds")
     i.add_argument("checkpoint")
@@ -367,11 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compressed-tensors: a folder for vLLM / transformers; gguf: a file for llama.cpp")
     x.add_argument("--out", required=True, help="folder (compressed-tensors) or file (gguf) to write")
     x.add_argument("--force", action="store_true", help="replace an earlier export")
+    x.add_argument("--gguf-other-types", choices=("dequantize", "refuse"), default="dequantize",
+                   help="GGUF tensors of block types not kept as codes (K-quants...): decode them to float "
+                        "with a warning (default) or refuse the file")
     x.set_defaults(func=cmd_export)
     g = sub.add_parser("generate", help="generate text with a quantized checkpoint")
     g.add_argument("checkpoint")
     g.add_argument("--prompt", default="The capital of France is")
     g.add_argument("--max-new-tokens", type=_int_at_least(1), default=20)
+    g.add_argument("--gguf-other-types", choices=("dequantize", "refuse"), default="dequantize",
+                   help="GGUF tensors of block types not kept as codes (K-quants...): decode them to float "
+                        "with a warning (default) or refuse the file")
     g.set_defaults(func=cmd_generate)
     return p
 
