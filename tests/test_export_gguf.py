@@ -247,6 +247,63 @@ def test_block_types_we_do_not_hold_are_decoded_with_a_warning_or_refused(tmp_pa
     assert "blk.0.ffn_up.weight" in out.out and "Q5_0" in out.out
 
 
+def test_formats_without_a_block_type_convert_only_when_asked_with_the_error_reported(tmp_path, bpe_tokenizer):
+    model = tiny_llama(len(bpe_tokenizer), tied=False)
+    apply_plan(model, {"default": {"wq": "fp4", "group_size": 32, "dtype": "float32"},
+                       "overrides": [{"pattern": "lm_head", **plan("int8", True)["default"]}]})
+    path = str(tmp_path / "m.gguf")
+    with pytest.raises(ExportError, match="fp4_e2m1 weights have no GGUF block type.*convert=TYPE"):
+        to_gguf(model, bpe_tokenizer, path)
+    assert not os.path.exists(path)
+    with pytest.raises(ExportError, match="cannot convert to GGUF type 'Q3_K'"):
+        to_gguf(model, bpe_tokenizer, path, convert="Q3_K")
+    report = to_gguf(model, bpe_tokenizer, path, convert="Q8_0")
+    conv = report["converted"]
+    assert "output.weight" not in conv and report["tensors"]["output.weight"] == "Q8_0"  # int8 g32: its codes
+    assert set(conv) == {f"blk.{i}.{n}.weight" for i in range(2) for n in ("attn_q", "attn_k", "attn_v",
+                                                                          "attn_output", "ffn_gate", "ffn_up",
+                                                                          "ffn_down")}
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for name, hf in (("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj"),
+                     ("blk.1.attn_v.weight", "model.layers.1.self_attn.v_proj")):
+        t = tensors[name]
+        assert t.tensor_type.name == "Q8_0" and conv[name]["from"] == "fp4_e2m1 group 32" and conv[name]["to"] == "Q8_0"
+        ours = model.get_submodule(hf).dequantized_weight().numpy()
+        theirs = gguf.quants.dequantize(t.data, t.tensor_type)
+        # the file holds ggml's own Q8_0 of our fp4 weights; the report says how far that moved them
+        np.testing.assert_array_equal(theirs, gguf.quants.dequantize(
+            gguf.quants.quantize(ours, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0))
+        err = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
+        assert conv[name]["rel_rms"] == pytest.approx(err, rel=1e-5) and 0 < err < 0.01
+        assert conv[name]["max_change"] == pytest.approx(float(np.abs(theirs - ours).max()), rel=1e-5)
+
+
+def test_convert_from_the_command_line(tmp_path, bpe_tokenizer, capsys):
+    from alphaquant.cli import main
+    from tiny_llama import save_tiny_llama
+
+    wordlevel = save_tiny_llama(tmp_path / "wordlevel")
+    out = str(tmp_path / "m.gguf")
+    # a tokenizer GGUF cannot hold is refused before the model is quantized
+    assert main(["quantize", wordlevel, "--plan", "gguf_q8_0", "--format", "gguf", "--out", out, "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert "byte-level BPE" in err and "quantizing" not in err and not os.path.exists(out)
+    src = str(tmp_path / "src")
+    tiny_llama(len(bpe_tokenizer), tied=False).save_pretrained(src)
+    bpe_tokenizer.save_pretrained(src)
+    assert main(["quantize", src, "--plan", "fp4", "--format", "gguf", "--out", out, "--no-eval"]) == 2
+    assert "--convert" in capsys.readouterr().err and not os.path.exists(out)
+    assert main(["quantize", src, "--plan", "fp4", "--format", "gguf", "--convert", "Q5_9", "--out", out,
+                 "--no-eval"]) == 2
+    assert "Q8_0, Q5_1" in capsys.readouterr().err
+    assert main(["quantize", src, "--plan", "fp4", "--convert", "Q8_0", "--out", str(tmp_path / "q")]) == 2
+    assert "with --format gguf" in capsys.readouterr().err
+    assert main(["quantize", src, "--plan", "fp4", "--format", "gguf", "--convert", "Q8_0", "--out", out,
+                 "--no-eval"]) == 0
+    assert "tensors with no GGUF block type to Q8_0" in capsys.readouterr().out
+    assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.name.startswith("blk.")} >= {"Q8_0"}
+
+
 def test_the_shipped_smollm2_q4_1_file_imports_from_its_codes():
     from alphaquant.cli.models import default_model_path
     from alphaquant.export.from_gguf import load_gguf

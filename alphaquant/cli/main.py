@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Optional
 
 from .evaluation import CALIBRATION_WINDOW, PERPLEXITY_WINDOW
 
@@ -117,6 +118,8 @@ def cmd_quantize(args) -> int:
     from ..export.preflight import check_export_target, check_plan_exports
 
     # Everything that can be checked without the model is checked before it loads.
+    if args.convert is not None and args.format != "gguf":
+        raise CliError("--convert re-quantizes layers for a GGUF file: use it with --format gguf")
     plan_name, plan = _resolve_plan(args.plan)
     try:
         model_path = args.model or default_model_path()
@@ -157,7 +160,11 @@ def cmd_quantize(args) -> int:
                        + (f" (layer names look like {example!r})" if example else ""))
     if args.format != "alphaquant":
         try:  # before the long work: a layer the format cannot hold is refused now
-            check_plan_exports(loaded.model, plan, args.format)
+            check_plan_exports(loaded.model, plan, args.format, args.convert)
+            if args.format == "gguf":
+                from ..export.gguf_file import check_tokenizer
+
+                check_tokenizer(loaded.tokenizer)
         except ExportError as e:
             raise CliError(f"plan {plan_name} does not export to {args.format}: {e}") from None
     calib_text, eval_text = evaluation.split_text(evaluation.corpus_text())
@@ -202,7 +209,7 @@ def cmd_quantize(args) -> int:
             write_checkpoint(out, loaded.model, loaded.tokenizer, plan, data, force=args.force, chart=save_chart)
         else:
             check_export_target(out, args.format, args.force, inputs=(model_path,))  # may have changed meanwhile
-            _write_export(args.format, loaded.model, loaded.tokenizer, out, args.force)
+            _write_export(args.format, loaded.model, loaded.tokenizer, out, args.force, args.convert)
     except ExportError as e:
         raise CliError(f"cannot write {out} as {args.format}: {e}") from None
     except (FileExistsError, OutputError) as e:  # appeared or changed while we worked
@@ -254,14 +261,21 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _write_export(to: str, model, tok, out: str, force: bool) -> None:
+def _write_export(to: str, model, tok, out: str, force: bool, convert: Optional[str] = None) -> None:
     """Write ``model`` as a ``to`` export (the target was checked by check_export_target)."""
     from ..export import to_compressed_tensors, to_gguf
 
     if to == "gguf":
-        report = to_gguf(model, tok, out)
+        report = to_gguf(model, tok, out, convert=convert)
         if report["q4_1_min_change"]:
             print(f"Q4_1 stores the minimum as fp16: weights moved by at most {report['q4_1_min_change']:.3g}")
+        conv = report["converted"]
+        if conv:
+            worst = max(conv, key=lambda n: conv[n]["rel_rms"])
+            print(f"converted {len(conv)} tensors with no GGUF block type to {convert} "
+                  f"({', '.join(sorted({c['from'] for c in conv.values()}))}): added error up to "
+                  f"{conv[worst]['rel_rms']:.3g} relative RMS ({worst}), largest weight change "
+                  f"{max(c['max_change'] for c in conv.values()):.3g}")
     else:
         to_compressed_tensors(model, out, tok, force=force)
 
@@ -274,10 +288,12 @@ def cmd_export(args) -> int:
     from ..export import ExportError
     from ..export.preflight import check_export_target
 
+    if args.convert is not None and args.to != "gguf":
+        raise CliError("--convert re-quantizes layers for a GGUF file: use it with --to gguf")
     try:
         check_export_target(args.out, args.to, args.force, inputs=(args.checkpoint,))
         model, tok = _load_checkpoint(args.checkpoint, args.gguf_other_types)
-        _write_export(args.to, model, tok, args.out, args.force)
+        _write_export(args.to, model, tok, args.out, args.force, args.convert)
     except ExportError as e:
         raise CliError(f"cannot export {args.checkpoint} to {args.to}: {e}") from None
     except FileExistsError as e:
@@ -338,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to write: our checkpoint folder (default), a compressed-tensors folder (vLLM, "
                    "transformers) or a GGUF file (llama.cpp); the plan must fit the format (checked first)")
     q.add_argument("--force", action="store_true", help="replace an existing output (of the same format)")
+    q.add_argument("--convert", metavar="TYPE", default=None,
+                   help="with --format gguf: layers whose format has no GGUF block type are re-quantized to TYPE "
+                        "(Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16; the added error is reported) instead of refused")
     q.add_argument("--strict", action="store_true", help="a plan pattern that matches no layer is an error")
     q.add_argument("--eval-tokens", type=eval_tokens, default=4096, help="held-out tokens for perplexity")
     q.add_argument("--calib-tokens", type=_int_at_least(CALIBRATION_WINDOW, " (one calibration window)"),
@@ -370,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compressed-tensors: a folder for vLLM / transformers; gguf: a file for llama.cpp")
     x.add_argument("--out", required=True, help="folder (compressed-tensors) or file (gguf) to write")
     x.add_argument("--force", action="store_true", help="replace an earlier export")
+    x.add_argument("--convert", metavar="TYPE", default=None,
+                   help="with --to gguf: layers whose format has no GGUF block type are re-quantized to TYPE "
+                        "(Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16; the added error is reported) instead of refused")
     x.add_argument("--gguf-other-types", choices=("dequantize", "refuse"), default="dequantize",
                    help="GGUF tensors of block types not kept as codes (K-quants...): decode them to float "
                         "with a warning (default) or refuse the file")

@@ -9,6 +9,9 @@ asymmetric int4 codes are Q4_1's q with d = scale and m = -zero * scale: codes a
 re-quantized. Scales must be fp16 values (quantize with ``scale_dtype`` float16) for the file to
 hold exactly what our model computes with; Q4_1's m = -zero * scale is rounded to fp16 and the
 largest resulting change of a weight is reported. Norms are F32, other float tensors F32 (or F16).
+Layers whose format has no block type are refused, or, when the caller asks (``convert``),
+decoded and re-quantized by ggml's own rules (gguf-py's quantizer) to the type asked for, with the
+error this adds reported per tensor.
 q_proj / k_proj rows are permuted per head into llama.cpp's interleaved rotary layout (rows
 only: lossless on packed rows and their scales).
 """
@@ -32,6 +35,9 @@ from .compressed_tensors import ExportError
 BLOCK = 32
 EXPORTABLE = ("int8 symmetric group 32 (Q8_0), int4 symmetric group 32 (Q4_0), int4 asymmetric group 32 (Q4_1); "
               "float layers as F32/F16")
+CONVERT_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16")  # what gguf-py quantizes: --convert targets
+CONVERT_HINT = (f" (or convert it: convert=TYPE / --convert TYPE re-quantizes it to one of {', '.join(CONVERT_TYPES)}, "
+                f"reporting the error added)")
 _NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
@@ -84,6 +90,38 @@ def quantized_blocks(m: PackedWeightModule, kind: str) -> tuple:
     return blocks.reshape(out_f, -1).numpy(), change
 
 
+def check_convert_type(kind: Optional[str], k: int) -> None:
+    """ExportError unless a row of ``k`` values can be converted to the GGUF type ``kind``."""
+    if kind not in CONVERT_TYPES:
+        raise ExportError(f"cannot convert to GGUF type {kind!r}; convertible: {', '.join(CONVERT_TYPES)}")
+    if kind != "F16" and k % BLOCK:
+        raise ExportError(f"rows of {k} values do not fill {kind} blocks of 32; convert to F16")
+
+
+def converted_blocks(m: PackedWeightModule, kind: str) -> tuple:
+    """(array for the file, {"rel_rms", "max_change"}): the layer's decoded weight quantized to
+    ``kind`` by gguf-py (ggml's reference quantizer), with the change this makes to its weights."""
+    import gguf
+
+    w = m.dequantized_weight(torch.float32).cpu().numpy()
+    check_convert_type(kind, w.shape[1])
+    if kind == "F16":
+        data = w.astype(np.float16)
+        back = data.astype(np.float32)
+    else:
+        t = getattr(gguf.GGMLQuantizationType, kind)
+        data = gguf.quants.quantize(w, t)
+        back = gguf.quants.dequantize(data, t)
+    diff = back - w
+    norm = float(np.linalg.norm(w))
+    return data, {"rel_rms": float(np.linalg.norm(diff)) / norm if norm > 0 else 0.0,
+                  "max_change": float(np.abs(diff).max()) if diff.size else 0.0}
+
+
+def _describe(m: PackedWeightModule) -> str:
+    return f"{m.fmt}{'' if m.symmetric else ' asym'} group {m.group_size}"
+
+
 def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     """HF's rotate-half row order -> llama.cpp's interleaved pairs, per head (convert_hf_to_gguf's permute)."""
     out = rows.shape[0]
@@ -106,10 +144,15 @@ def _pre_tokenizer(tok_dir: str) -> str:
     return "default"
 
 
-def to_gguf(model: nn.Module, tokenizer, path: str, float_type: str = "F32") -> dict:
+def to_gguf(model: nn.Module, tokenizer, path: str, float_type: str = "F32", convert: Optional[str] = None) -> dict:
     """Write ``model`` (a Llama-family causal LM whose linears are QuantLinear of a GGUF block type,
     or float) and its tokenizer as a GGUF file; atomic (a temporary file renamed). Returns a report
-    {"tensors": {name: type}, "q4_1_min_change": largest change of a weight from rounding Q4_1's m}."""
+    {"tensors": {name: type}, "q4_1_min_change": largest change of a weight from rounding Q4_1's m,
+    "converted": {name: {"from", "to", "rel_rms", "max_change"}}}.
+
+    A quantized layer (or embedding) with no GGUF block type raises ExportError, unless ``convert``
+    names a type of CONVERT_TYPES: it is then decoded and re-quantized to that type (its activation
+    quantization, if any, is left to llama.cpp's own), and the added error is in the report."""
     import gguf
 
     cfg = model.config
@@ -120,16 +163,34 @@ def to_gguf(model: nn.Module, tokenizer, path: str, float_type: str = "F32") -> 
     if float_type not in ("F32", "F16"):
         raise ExportError(f"float_type must be F32 or F16; got {float_type!r}")
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    if convert is not None and convert not in CONVERT_TYPES:
+        raise ExportError(f"cannot convert to GGUF type {convert!r}; convertible: {', '.join(CONVERT_TYPES)}")
     plan = []  # (gguf name, array, raw type or None)
-    report = {"tensors": {}, "q4_1_min_change": 0.0}
+    report = {"tensors": {}, "q4_1_min_change": 0.0, "converted": {}}
     ftype = np.float32 if float_type == "F32" else np.float16
+
+    def blocks(name: str, module: PackedWeightModule) -> tuple:
+        """(array, gguf type name, raw type or None) of a quantized weight: its codes, or converted."""
+        if getattr(module, "input_rotation", None) is not None:
+            raise ExportError(f"{name}: a layer rotating its input online does not export to GGUF")
+        try:
+            kind = gguf_type(module)
+        except ExportError as e:
+            if convert is None:
+                raise ExportError(f"{name}: {e}{CONVERT_HINT}") from None
+            try:
+                data, err = converted_blocks(module, convert)
+            except ExportError as e2:
+                raise ExportError(f"{name}: {e2}") from None
+            report["converted"][name] = {"from": _describe(module), "to": convert, **err}
+            return data, convert, None if convert == "F16" else getattr(gguf.GGMLQuantizationType, convert)
+        data, change = quantized_blocks(module, kind)
+        report["q4_1_min_change"] = max(report["q4_1_min_change"], change)
+        return data, kind, getattr(gguf.GGMLQuantizationType, kind)
 
     def add_linear(name: str, module: nn.Module, heads: Optional[int]):
         if isinstance(module, QuantLinear):
-            kind = gguf_type(module)
-            data, change = quantized_blocks(module, kind)
-            report["q4_1_min_change"] = max(report["q4_1_min_change"], change)
-            raw = getattr(gguf.GGMLQuantizationType, kind)
+            data, kind, raw = blocks(f"{name}.weight", module)
         else:
             data, kind, raw = module.weight.detach().float().numpy().astype(ftype), float_type, None
         if heads is not None:
@@ -142,10 +203,8 @@ def to_gguf(model: nn.Module, tokenizer, path: str, float_type: str = "F32") -> 
 
     emb = model.get_input_embeddings()
     if isinstance(emb, QuantEmbedding):  # llama.cpp reads token_embd in any block type
-        kind = gguf_type(emb)
-        data, change = quantized_blocks(emb, kind)
-        report["q4_1_min_change"] = max(report["q4_1_min_change"], change)
-        plan.append(("token_embd.weight", data, getattr(gguf.GGMLQuantizationType, kind)))
+        data, kind, raw = blocks("token_embd.weight", emb)
+        plan.append(("token_embd.weight", data, raw))
         report["tensors"]["token_embd.weight"] = kind
     else:
         plan.append(("token_embd.weight", emb.weight.detach().float().numpy().astype(ftype), None))
@@ -183,9 +242,10 @@ def to_gguf(model: nn.Module, tokenizer, path: str, float_type: str = "F32") -> 
         w.add_rope_freq_base(float(rope or 10000.0))
         w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
         w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if "Q4_1" in report["tensors"].values() else
-                        gguf.LlamaFileType.MOSTLY_Q4_0 if "Q4_0" in report["tensors"].values() else
-                        gguf.LlamaFileType.MOSTLY_Q8_0)
+        types = set(report["tensors"].values())
+        w.add_file_type(next((getattr(gguf.LlamaFileType, f"MOSTLY_{t}") for t in ("Q4_1", "Q4_0", "Q5_1", "Q5_0")
+                              if t in types), gguf.LlamaFileType.MOSTLY_Q8_0 if "Q8_0" in types
+                             else gguf.LlamaFileType.MOSTLY_F16))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_tokenizer(w, tokenizer, cfg)
         for name, data, raw in plan:
@@ -202,18 +262,32 @@ def to_gguf(model: nn.Module, tokenizer, path: str, float_type: str = "F32") -> 
     return report
 
 
-def _add_tokenizer(w, tokenizer, cfg) -> None:
+def _bpe_vocab(tokenizer, folder: str):
+    """gguf's BpeVocab of ``tokenizer`` saved in ``folder``, or ExportError (what GGUF export reads)."""
     import gguf
     from pathlib import Path
 
     if tokenizer is None:
         raise ExportError("GGUF export needs the tokenizer (llama.cpp reads it from the file)")
+    tokenizer.save_pretrained(folder)
+    try:
+        return gguf.BpeVocab(Path(folder))
+    except (FileNotFoundError, ValueError) as e:
+        raise ExportError(f"GGUF export supports byte-level BPE tokenizers (gpt2-style) so far: {e}") from None
+
+
+def check_tokenizer(tokenizer) -> None:
+    """ExportError unless ``tokenizer`` can be written into a GGUF file (checked before quantizing)."""
     with tempfile.TemporaryDirectory() as d:
-        tokenizer.save_pretrained(d)
-        try:
-            vocab = gguf.BpeVocab(Path(d))
-        except (FileNotFoundError, ValueError) as e:
-            raise ExportError(f"GGUF export supports byte-level BPE tokenizers (gpt2-style) so far: {e}") from None
+        _bpe_vocab(tokenizer, d)
+
+
+def _add_tokenizer(w, tokenizer, cfg) -> None:
+    import gguf
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        vocab = _bpe_vocab(tokenizer, d)
         tokens, types = [], []
         for text, _score, toktype in vocab.all_tokens():
             tokens.append(text)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .compressed_tensors import NO_QUANTIZED_EMBEDDINGS, ExportError, _is_export_folder, _layer_scheme
-from .gguf_file import gguf_type
+from .gguf_file import CONVERT_HINT, CONVERT_TYPES, check_convert_type, gguf_type
 
 FORMATS = ("compressed-tensors", "gguf")
 
@@ -49,14 +50,17 @@ def check_export_target(out: str, to: str, force: bool, inputs: tuple = ()) -> N
         raise ExportError(f"unknown export format {to!r}; known: {', '.join(FORMATS)}")
 
 
-def check_plan_exports(model: nn.Module, plan: dict, to: str) -> None:
+def check_plan_exports(model: nn.Module, plan: dict, to: str, convert: Optional[str] = None) -> None:
     """Raise ExportError if applying ``plan`` to ``model`` gives a layer (or a model) that ``to``
-    cannot hold. Each distinct scheme is tried on a small random weight of its layer's width: the
-    layouts, not the values, decide whether a layer exports."""
+    cannot hold (for GGUF with ``convert``: cannot hold nor convert to that type). Each distinct
+    scheme is tried on a small random weight of its layer's width: the layouts, not the values,
+    decide whether a layer exports."""
     from ..nn.quant_embedding import QuantEmbedding
     from ..nn.quant_linear import QuantLinear
     from ..plans import build_quantizers, load_plan, plan_embeddings, plan_layers
 
+    if convert is not None and (to != "gguf" or convert not in CONVERT_TYPES):
+        raise ExportError(f"convert={convert!r}: layers convert to a GGUF type, one of {', '.join(CONVERT_TYPES)}")
     plan = load_plan(plan)
     if plan.get("rotation", "none") != "none":
         raise ExportError(f"a rotated plan (rotation {plan['rotation']!r}) does not export to {to}: its down_proj "
@@ -74,7 +78,7 @@ def check_plan_exports(model: nn.Module, plan: dict, to: str) -> None:
         wq, _ = build_quantizers(scheme)
         probe = nn.Embedding(2, model.get_submodule(name).embedding_dim)
         try:
-            gguf_type(QuantEmbedding.from_embedding(probe, wq, scheme=scheme))
+            _gguf_or_convert(QuantEmbedding.from_embedding(probe, wq, scheme=scheme), probe.embedding_dim, convert)
         except ExportError as e:
             raise ExportError(f"embedding {name}: {e}") from None
     for name, scheme in plan_layers(model, plan).items():
@@ -90,9 +94,20 @@ def check_plan_exports(model: nn.Module, plan: dict, to: str) -> None:
         layer = QuantLinear.from_packed(probe, wq.quantize_weight(probe.weight), aq, scheme=scheme)
         try:
             if to == "gguf":
-                gguf_type(layer)
+                _gguf_or_convert(layer, linear.in_features, convert)
             else:
                 _layer_scheme(name, layer)
         except ExportError as e:
             msg = str(e)
             raise ExportError(msg if msg.startswith("layer ") else f"layer {name}: {msg}") from None
+
+
+def _gguf_or_convert(layer, k: int, convert: Optional[str]) -> None:
+    try:
+        gguf_type(layer)
+    except ExportError as e:
+        if getattr(layer, "input_rotation", None) is not None:
+            raise
+        if convert is None:
+            raise ExportError(f"{e}{CONVERT_HINT}") from None
+        check_convert_type(convert, k)
