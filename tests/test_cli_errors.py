@@ -312,7 +312,10 @@ def test_keyboard_interrupt_is_one_line_and_exit_130(tiny, tmp_path, capsys, mon
 def test_real_sigint_while_writing(tiny, tmp_path):
     """A real SIGINT in a real process: the writer is held in the middle of writing, then signalled."""
     script = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        # a shell without job control starts background jobs with SIGINT ignored (CI under nohup ... &);
+        # what is tested is our handling of Ctrl-C, so Python's own handler is put back
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import alphaquant.cli.checkpoint_folder as folder\n"
         "from alphaquant.cli import main\n"
         "def slow(*args, **kwargs):\n"
