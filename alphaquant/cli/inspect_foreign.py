@@ -32,10 +32,8 @@ def describe_gguf(path: str) -> str:
 
 
 def describe_compressed_tensors(path: str) -> str:
-    from ..sharded_safetensors import ShardedReader  # noqa: F401  (header reads only)
-    from safetensors import safe_open
-
     from ..export.from_compressed_tensors import IMPORTED
+    from ..sharded_safetensors import ShardedReader  # header reads only
 
     with open(os.path.join(path, "config.json")) as f:
         qc = json.load(f).get("quantization_config") or {}
@@ -52,19 +50,14 @@ def describe_compressed_tensors(path: str) -> str:
                      f"{len(g.get('targets') or [])} targets; {how}")
     if qc.get("ignore"):
         lines.append(f"kept float (ignore): {', '.join(qc['ignore'][:8])}" + (" ..." if len(qc["ignore"]) > 8 else ""))
+    reader = ShardedReader(path)
     total = quantized = 0
-    for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
-        with safe_open(os.path.join(path, name), "pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                nbytes = n * {"F64": 8, "F32": 4, "I32": 4, "I64": 8, "F16": 2, "BF16": 2}.get(sl.get_dtype(), 1)
-                total += nbytes
-                if k.rpartition(".")[2] in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape") \
-                        or (sl.get_dtype() in ("I8", "F8_E4M3") and k.endswith(".weight")):
-                    quantized += nbytes
+    for k, (dtype, _shape, _shard) in reader.tensors.items():
+        nbytes = reader.nbytes(k)
+        total += nbytes
+        if k.rpartition(".")[2] in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape") \
+                or (dtype in ("I8", "F8_E4M3") and k.endswith(".weight")):
+            quantized += nbytes
     lines.append(f"{quantized} bytes of quantized weights (codes, scales, zero points); "
                  f"{total - quantized} bytes of other tensors; {total} bytes in all")
     return "\n".join(lines)
