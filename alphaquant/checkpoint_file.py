@@ -356,6 +356,10 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
         raise ValueError(f"checkpoint {path} does not match this model's architecture: tensors missing "
                          f"{missing[:5]}, unexpected {[k[:80] for k in extra[:5]]}")
     lean = any(t.device.type == "meta" for t in model_state.values())
+    if lean:
+        from .utils.heap import bound_heap_growth
+
+        bound_heap_growth()
     rebuild = _non_persistent_buffers(model) if lean else []
     if lean:  # a model built on the meta device: only now is memory allocated, once, for what the file holds
         model.to_empty(device=device if device is not None else "cpu")
@@ -365,6 +369,12 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
     try:
         with torch.no_grad():
             for k in sorted(tensors, key=lambda k: k in tied):  # tied copies last: compared with their target
+                dst = model_state.get(k)
+                if (k not in scale_keys and k not in tied and dst is not None and dst.device.type == "cpu"
+                        and dst.is_contiguous() and dst.dtype == reader.torch_dtype(k)
+                        and tuple(dst.shape) == tuple(tensors[k][1])):
+                    reader.get(k, out=dst)  # straight into the model: no second copy of a large table
+                    continue
                 t = reader.get(k)
                 if k in scale_keys:
                     _check_scale_tensor(k, t, path)

@@ -10,7 +10,9 @@ a shard missing from the index, a tensor listed twice are errors), and tensors a
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -19,6 +21,7 @@ from .checkpoint_file import _DTYPE_BYTES, _SAFETENSORS_DTYPE, read_header
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+READ_WINDOW = 32 << 20  # bytes of a shard mapped at a time by ShardedReader.get
 _TORCH_DTYPE = {v: k for k, v in _SAFETENSORS_DTYPE.items()}
 
 
@@ -168,21 +171,39 @@ class ShardedReader:
         dtype, shape, _ = self.tensors[name]
         return nbytes(dtype, shape)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name``, read from its shard into memory of its own. Plain reads, not a
-        memory map: pages of a mapped file count as the process's memory for as long as the map
-        lives, which would grow with the model; a read tensor is freed when dropped."""
+    def get(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tensor ``name``, copied from its shard into memory of its own. Copied through
+        short-lived memory maps of one window at a time: pages of a mapped file count as the
+        process's memory for as long as the map lives, so a map of the whole shard would grow with
+        the model; a window's pages go when it is unmapped. (Faster than read(): no zero-filled
+        buffer, no copy through the kernel's read path.) ``out``: a contiguous CPU tensor of the
+        same dtype and shape to read into instead (no second copy in memory); returned."""
         dtype, shape, shard = self.tensors[name]
         start, size = self._where[name]
         if shard not in self._open:
             self._open[shard] = open(shard, "rb")
-        buf = bytearray(size)
         f = self._open[shard]
-        f.seek(start)
-        if f.readinto(buf) != size:
+        if start + size > os.fstat(f.fileno()).st_size:
             raise ValueError(f"{shard} is truncated or corrupted: tensor {name} could not be read in full")
-        flat = torch.frombuffer(buf, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
-        return flat.view(_TORCH_DTYPE[dtype]).reshape(shape)
+        if out is not None:
+            if (out.device.type != "cpu" or not out.is_contiguous() or out.dtype != _TORCH_DTYPE[dtype]
+                    or tuple(out.shape) != tuple(shape)):
+                raise ValueError(f"cannot read {name} ({dtype} {list(shape)}) into a {out.dtype} {list(out.shape)} "
+                                 f"tensor on {out.device} (contiguous: {out.is_contiguous()})")
+            flat = out.reshape(-1).view(torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+        else:
+            flat = torch.empty(size, dtype=torch.uint8)
+        for a in range(0, size, READ_WINDOW):
+            n = min(READ_WINDOW, size - a)
+            off = (start + a) - (start + a) % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(f.fileno(), start + a + n - off, offset=off, access=mmap.ACCESS_READ) as mm:
+                with memoryview(mm) as view:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # read-only buffer: only copied from, never written
+                        src = torch.frombuffer(view, dtype=torch.uint8, offset=start + a - off, count=n)
+                    flat[a:a + n].copy_(src)
+                    del src
+        return out if out is not None else flat.view(_TORCH_DTYPE[dtype]).reshape(shape)
 
     def torch_dtype(self, name: str) -> torch.dtype:
         return _TORCH_DTYPE[self.tensors[name][0]]
@@ -198,18 +219,30 @@ def write_sharded(folder: str, entries: list, produce: Iterable, metadata: Optio
     """Write the tensors ``produce`` yields as (name, tensor), in the order of ``entries``
     ([(name, dtype, shape)]), as shards of at most ``max_shard_bytes`` in ``folder`` (plus the
     index when there is more than one). Returns the shards."""
+    from concurrent.futures import ThreadPoolExecutor
+
     shards = split_into_shards(entries, max_shard_bytes)
     it = iter(produce)
-    for i, part in enumerate(shards):
-        w = ShardWriter(os.path.join(folder, shard_name(i, len(shards))), part, metadata)
-        try:
-            for _ in part:
-                name, t = next(it)
-                w.write(name, t)
-        except BaseException:
-            w.close(check=False)
-            raise
-        w.close()
+    pending = None  # the write of the previous tensor, on a thread: it overlaps producing the next
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alphaquant-write") as pool:
+        for i, part in enumerate(shards):
+            w = ShardWriter(os.path.join(folder, shard_name(i, len(shards))), part, metadata)
+            try:
+                for _ in part:
+                    name, t = next(it)
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(w.write, name, t)
+                if pending is not None:
+                    pending, done = None, pending
+                    done.result()
+            except BaseException:
+                if pending is not None:
+                    pending.exception()  # wait for it; the first error is the one raised
+                    pending = None
+                w.close(check=False)
+                raise
+            w.close()
     if len(shards) > 1:
         write_index(folder, shards)
     return shards

@@ -78,21 +78,25 @@ def _probe_codebooks(model: nn.Module) -> None:
 
 def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional[torch.dtype] = None,
                     force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
-                    progress: Optional[Callable] = None, extra_files: Optional[Callable[[str], None]] = None) -> dict:
+                    progress: Optional[Callable] = None, extra_files: Optional[Callable[[str], None]] = None,
+                    meta: Optional[tuple] = None) -> dict:
     """Quantize the safetensors model in ``model_dir`` with the weight-only ``plan`` into the
     checkpoint folder ``out_dir``, one tensor at a time. Returns the report (layers, totals,
     bytes read and GB/s). ``progress(total_bytes)`` gives an object with ``update(n)`` and
     ``close()`` (e.g. a tqdm bar in bytes); ``extra_files(tmp_dir)`` adds files (tokenizer,
-    config) to the folder before it is renamed into place."""
+    config) to the folder before it is renamed into place. ``meta``: the (config, meta-device
+    model) of :func:`meta_model` when the caller has built it already (the plan is applied to it)."""
     from .cli import atomic_folder
     from .cli.checkpoint_folder import prepare_replacement
+
+    from .utils.heap import bound_heap_growth
 
     plan = load_plan(plan)
     why = needs_activations(plan)
     if why:
         raise StreamingError(f"the plan cannot be applied one tensor at a time ({why}); it needs the model in memory")
     source = shards.ShardedReader(model_dir)
-    config, model = meta_model(model_dir)
+    config, model = meta if meta is not None else meta_model(model_dir)
     expected = model.state_dict(keep_vars=True)
     tied_source = _aliases(expected)
     missing = sorted(set(expected) - set(tied_source) - set(source.tensors))
@@ -133,29 +137,45 @@ def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional
     total_in = sum(source.nbytes(k) for k in source.tensors)
     stats = {"bytes_read": 0}
 
+    def source_key(k: str) -> tuple:
+        """(the source tensor entry ``k`` is made from, or None when an earlier entry read it)."""
+        owner, _, leaf = k.rpartition(".")
+        if owner in quantized and leaf.startswith("weight_"):
+            key = f"{owner}.weight"
+            return owner, (key if key in source.tensors else tied_source.get(key, key))  # a head stored as its tied embedding
+        return None, k
+
     def produce():
         bar = progress(total_in) if progress else None
         current, buffers = None, {}
+        reads = []
+        for k, _, _ in entries:
+            owner, key = source_key(k)
+            if owner is None or not reads or owner != reads[-1][0]:
+                reads.append((owner, key))
+        ahead = _ReadAhead(source, [key for _, key in reads])
         try:
             for k, dtype, shape in entries:
-                owner, _, leaf = k.rpartition(".")
-                if owner in quantized and leaf.startswith("weight_"):
+                owner, key = source_key(k)
+                if owner is not None:
                     if owner != current:
-                        current, buffers = owner, _quantize_one(owner, quantized[owner], source, tied_source,
-                                                                    by_name, bar, stats)
-                    t = buffers[leaf]
+                        current, buffers = owner, _quantize_one(owner, quantized[owner], key, ahead.next(key),
+                                                                    by_name)
+                    t = buffers[k.rpartition(".")[2]]
                 else:
-                    t = source.get(k)
-                    stats["bytes_read"] += source.nbytes(k)
+                    t = ahead.next(key).to(shards._TORCH_DTYPE[dtype])
+                if owner is None or k.rpartition(".")[2] == "weight_packed":
+                    stats["bytes_read"] += source.nbytes(key)
                     if bar:
-                        bar.update(source.nbytes(k))
-                    t = t.to(shards._TORCH_DTYPE[dtype])
+                        bar.update(source.nbytes(key))
                 yield k, t
         finally:
+            ahead.close()
             if bar:
                 bar.close()
 
     out_dir = prepare_replacement(out_dir, force)
+    bound_heap_growth()
     t0 = time.time()
 
     def fill(tmp: str) -> None:
@@ -180,7 +200,7 @@ def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional
         return json.load(f)
 
 
-CHUNK_BYTES = 32 << 20  # float32 bytes of one block of rows quantized at a time
+CHUNK_BYTES = 8 << 20  # float32 bytes of one block of rows quantized at a time (its temporaries stay in the heap)
 
 
 def _rows_per_chunk(wq, k: int, chunk_bytes: int) -> int:
@@ -194,63 +214,105 @@ def _rows_per_chunk(wq, k: int, chunk_bytes: int) -> int:
     return block * max(1, chunk_bytes // (4 * k) // block)
 
 
-def quantize_by_rows(wq, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES):
+def _takes_source_dtype(wq) -> bool:
+    """Whether the kernel alone picks this quantizer's scales and codes: then it reads bf16/fp16
+    directly and gives the codes of the float32 copy (the widening is exact), without making it."""
+    from .quantizers.base import BaseQuantizer
+
+    c = wq.config
+    return (type(wq).quantize_weight is BaseQuantizer.quantize_weight and wq.static_scale is None
+            and not (c.clip_search or c.zero_opt or c.integer_zero_point))
+
+
+def quantize_by_rows(wq, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES, on_chunk: Optional[Callable] = None):
     """``wq.quantize_weight(w.float())``, computed a block of rows at a time where that gives the same
-    codes, so that a large weight (an LM head) never has a full float32 copy and its temporaries."""
+    codes, so that a large weight (an LM head) never has a full float32 copy and its temporaries.
+    ``on_chunk(rows, packed)`` sees each block of ``w`` with its quantized rows (e.g. to measure
+    the error while the block is in cache)."""
     from .packed import PackedTensor
 
+    direct = _takes_source_dtype(wq) and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
     n = _rows_per_chunk(wq, w.shape[-1], chunk_bytes)
-    if n == 0 or n >= w.shape[0]:
-        return wq.quantize_weight(w.to(torch.float32))  # float32 as the in-memory path: the same codes
-    parts = [wq.quantize_weight(w[i:i + n].to(torch.float32)) for i in range(0, w.shape[0], n)]
+    n = w.shape[0] if n == 0 else n
+    parts = []
+    for i in range(0, w.shape[0], n):
+        x = w[i:i + n]
+        parts.append(wq.quantize_weight(x if direct else x.to(torch.float32)))  # float32 as the in-memory path
+        if on_chunk is not None:
+            on_chunk(x, parts[-1])
+    if len(parts) == 1:
+        return parts[0]
     cat = (lambda ts: None if ts[0] is None else torch.cat(ts))
     return PackedTensor(torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]),
                         cat([p.zero_point for p in parts]), parts[0].fmt, parts[0].symmetric, parts[0].group_size,
-                        tuple(w.shape), codebook=None)
+                        tuple(w.shape), parts[0].dtype, codebook=None)
 
 
-def _sqnr_by_rows(w: torch.Tensor, packed, rows_per_step: int = 1024) -> float:
-    """SQNR in dB of ``packed`` against ``w``, decoding a block of rows at a time (the embedding
-    ops read only the rows asked for), so no float copy of the whole weight is made."""
-    from . import ops
+class _ErrorMeter:
+    """SQNR of quantized blocks against their source rows, accumulated block by block (each block
+    decoded while it is in cache; no float copy of the whole weight)."""
 
-    noise = signal = 0.0
-    for i in range(0, w.shape[0], rows_per_step):
-        idx = torch.arange(i, min(i + rows_per_step, w.shape[0]))
-        if packed.codebook is not None:
-            deq = ops.embedding_codebook(idx, packed.data, packed.scale, packed.codebook,
-                                         group_size=packed.group_size, k=w.shape[1])
-        else:
-            deq = ops.embedding(idx, packed.data, packed.scale, packed.zero_point, packed.fmt,
-                                symmetric=packed.symmetric, group_size=packed.group_size, k=w.shape[1])
-        x = w[i:i + rows_per_step].to(torch.float32)
-        noise += (x - deq).pow(2).sum().item()
-        signal += x.pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+    def __init__(self):
+        self.noise = self.signal = 0.0
+
+    def __call__(self, x: torch.Tensor, packed) -> None:
+        x = x.to(torch.float32)
+        deq = packed.dequantize(torch.float32)
+        self.signal += float(torch.linalg.vector_norm(x)) ** 2
+        self.noise += float(torch.linalg.vector_norm(deq.sub_(x))) ** 2
+
+    def sqnr_db(self) -> float:
+        return math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-30) / self.noise)
 
 
-def _quantize_one(name: str, module: PackedWeightModule, source, tied: dict, by_name: dict, bar, stats) -> dict:
-    """Read ``name``.weight, quantize it with the module's scheme, return its buffers."""
-    key = f"{name}.weight"
-    key = key if key in source.tensors else tied.get(key, key)  # a head stored only as its tied embedding
-    w = source.get(key)
-    stats["bytes_read"] += source.nbytes(key)
+class _ReadAhead:
+    """Reads the source tensors in the order given, one ahead of the one asked for, on a thread
+    (file copies release the GIL): reading the next tensor overlaps quantizing this one, for the
+    memory of one more tensor."""
+
+    def __init__(self, source, keys: list):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._source, self._keys, self._i = source, keys, 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alphaquant-read")
+        self._pending = self._pool.submit(source.get, keys[0]) if keys else None
+
+    def next(self, key: str) -> torch.Tensor:
+        if self._i >= len(self._keys) or self._keys[self._i] != key:
+            raise RuntimeError(f"read-ahead out of order: asked for {key}")  # a bug, not bad input
+        t = self._pending.result()
+        self._i += 1
+        self._pending = self._pool.submit(self._source.get, self._keys[self._i]) if self._i < len(self._keys) else None
+        return t
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _finite(w: torch.Tensor) -> bool:
+    """No NaN or Inf in ``w``: min and max propagate NaN and show an infinity, in one fast pass."""
+    if w.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(w)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _quantize_one(name: str, module: PackedWeightModule, key: str, w: torch.Tensor, by_name: dict) -> dict:
+    """Quantize ``w`` (the source tensor ``key``) with the module's scheme, return its buffers."""
     wq, _ = build_quantizers(module.scheme)
-    step = max(1, (16 << 20) // max(1, w.shape[-1]))  # the check, too, a block of rows at a time
-    if wq.fmt not in _FP8 and not all(bool(torch.isfinite(w[i:i + step]).all()) for i in range(0, w.shape[0], step)):
+    if wq.fmt not in _FP8 and not _finite(w):
         raise StreamingError(f"{key} holds NaN or Inf, which {wq.fmt} cannot represent (only fp8 formats hold "
                              f"them); fix the model or skip the layer")
-    packed = quantize_by_rows(wq, w)
+    r = by_name.get(name)
+    meter = _ErrorMeter() if r is not None else None
+    packed = quantize_by_rows(wq, w, on_chunk=meter)
     rows, k = module.packed_weight.shape
     if tuple(packed.shape) != (rows, k):
         raise StreamingError(f"{key}: shape {list(packed.shape)}, expected {[rows, k]}")
-    r = by_name.get(name)
     if r is not None:  # the report gets what the in-memory path reports
-        r.sqnr_db = _sqnr_by_rows(w, packed)
-        r.bytes_before = source.nbytes(key)
+        r.sqnr_db = meter.sqnr_db()
+        r.bytes_before = w.numel() * w.element_size()
         r.bits_per_weight = 8.0 * r.bytes_after / max(math.prod(w.shape), 1)
-    if bar:
-        bar.update(source.nbytes(key))
     out = {"weight_packed": packed.data, "weight_scale": packed.scale}
     if packed.zero_point is not None:
         out["weight_zero_point"] = packed.zero_point

@@ -232,3 +232,29 @@ def test_per_tensor_quantize_makes_no_copy_of_the_input(dtype):
     used = _bytes_allocated_by(lambda: ops.quantize(x, "int4", group_size=-1))
     # the packed output is an eighth of float32 input: no float32 copy, mask or where() result
     assert used <= x.numel() // 2 + 4096
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fmt=st.sampled_from(["int2", "int3", "int4", "int5", "int6", "int8"]),
+    sym=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    groups=st.integers(1, 6),
+    group_size=st.sampled_from([8, 16, 24, 64, 128]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_vectorized_integer_path_matches_reference(fmt, sym, dtype, groups, group_size, ties, seed):
+    # groups whose length is a multiple of 8 take the AVX2 loops of the CPU kernel; halves on a
+    # grid with unit scale make exact ties, which must round to even as the scalar code does
+    g = torch.Generator().manual_seed(seed)
+    k = groups * group_size
+    if ties:
+        x = torch.randint(-16, 15, (3, k), generator=g).float() / 2
+        x[:, ::group_size], x[:, 1::group_size] = -8.0, 7.0
+    else:
+        span = 4 if dtype == torch.float16 else 30  # float16 overflows past 65504
+        x = torch.randn(3, k, generator=g) * torch.logspace(-span, span, 3).unsqueeze(1)
+    x = x.to(dtype)
+    for gs in (group_size, 0):
+        assert_same(ops.quantize(x, fmt, symmetric=sym, group_size=gs), ref.quantize(x, fmt, sym, gs))

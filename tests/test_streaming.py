@@ -146,7 +146,10 @@ def test_damaged_inputs_are_refused_and_nothing_is_written(tmp_path):
                                     {"wq": "int3", "symmetric": False, "group_size": 32, "clip_search": True},
                                     {"wq": "fp8_e4m3", "granularity": "per_channel"},
                                     {"wq": "nf4", "group_size": 64}, {"wq": "int8", "granularity": "per_tensor"},
-                                    {"wq": "lut4", "group_size": 64}])
+                                    {"wq": "lut4", "group_size": 64},
+                                    {"wq": "int4", "symmetric": False, "group_size": 128},  # bf16 read by the kernel
+                                    {"wq": "int4", "symmetric": False, "group_size": 64, "scale_dtype": "float32"},
+                                    {"wq": "int4", "symmetric": False, "group_size": 64, "zero_point": "integer"}])
 def test_quantizing_by_blocks_of_rows_gives_the_codes_of_the_whole_tensor(scheme):
     from alphaquant.plans import DEFAULTS, build_quantizers
     from alphaquant.streaming import quantize_by_rows
@@ -188,3 +191,54 @@ def test_streaming_memory_grows_with_the_largest_tensor_not_the_model(tmp_path):
     print(f"model {model_bytes / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB, peak growth {growth / 1e6:.0f} MB")
     assert model_bytes > 250e6
     assert growth < 5 * largest and growth < 0.3 * model_bytes
+
+
+def test_sharded_reader_reads_into_a_tensor_and_refuses_a_wrong_one(tmp_path):
+    from safetensors.torch import save_file
+
+    from alphaquant.sharded_safetensors import ShardedReader
+
+    w = torch.randn(300, 70).to(torch.bfloat16)
+    save_file({"w": w, "e": torch.zeros(0)}, str(tmp_path / "model.safetensors"))
+    r = ShardedReader(str(tmp_path))
+    try:
+        assert torch.equal(r.get("w"), w) and r.get("e").numel() == 0
+        out = torch.empty(300, 70, dtype=torch.bfloat16)
+        assert r.get("w", out=out) is out and torch.equal(out, w)
+        for bad in (torch.empty(300, 70), torch.empty(70, 300, dtype=torch.bfloat16),
+                    torch.empty(70, 300, dtype=torch.bfloat16).t()):
+            with pytest.raises(ValueError, match="cannot read w"):
+                r.get("w", out=bad)
+    finally:
+        r.close()
+
+
+def test_a_failed_background_write_is_raised_and_the_producer_stops(tmp_path):
+    from alphaquant.sharded_safetensors import write_sharded
+
+    entries = [("a", "F32", (4,)), ("b", "F32", (4,)), ("c", "F32", (4,))]
+    made = []
+
+    def produce():
+        for name, shape in (("a", (4,)), ("b", (5,)), ("c", (4,))):  # b has the wrong shape
+            made.append(name)
+            yield name, torch.zeros(shape)
+
+    with pytest.raises(ValueError, match="expected b F32 \\[4\\] next"):
+        write_sharded(str(tmp_path), entries, produce(), None, 1 << 20)
+    assert made == ["a", "b", "c"] or made == ["a", "b"]  # at most one tensor past the failed write
+
+    def failing():
+        yield "a", torch.zeros(4)
+        raise RuntimeError("producer failed")
+
+    with pytest.raises(RuntimeError, match="producer failed"):
+        write_sharded(str(tmp_path), entries, failing(), None, 1 << 20)
+
+
+def test_heap_bound_is_set_on_glibc():
+    from alphaquant.utils.heap import bound_heap_growth
+
+    got = bound_heap_growth()
+    if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
+        assert got is True

@@ -62,7 +62,7 @@ def quantize_streaming(args, plan_name: str, plan: dict, model_path: str, out: s
         from ..plans import unmatched_patterns
         from ..streaming import meta_model
 
-        _, structure = meta_model(model_path)
+        config, structure = meta_model(model_path)
     except StreamingError as e:
         raise CliError(str(e)) from None
     unmatched = unmatched_patterns(structure, plan)
@@ -73,8 +73,6 @@ def quantize_streaming(args, plan_name: str, plan: dict, model_path: str, out: s
         example = next((n for n, m in structure.named_modules() if type(m).__name__ == "Linear"), None)
         raise CliError(f"--strict: {len(unmatched)} plan pattern(s) match no layer"
                        + (f" (layer names look like {example!r})" if example else ""))
-    del structure
-
     def extra_files(tmp: str) -> None:
         import transformers
 
@@ -87,7 +85,9 @@ def quantize_streaming(args, plan_name: str, plan: dict, model_path: str, out: s
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*matches no linear layer")  # said above, once
             report = stream_quantize(model_path, plan, out, float_dtype=float_dtype, force=args.force,
-                                     progress=_byte_bar(), extra_files=extra_files)
+                                     progress=_byte_bar(), extra_files=extra_files,
+                                     meta=(config, structure))
+        del structure
     except StreamingError as e:
         raise CliError(f"plan {plan_name} does not stream over {model_path}: {e}") from None
     except FileExistsError as e:

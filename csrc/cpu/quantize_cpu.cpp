@@ -16,6 +16,7 @@
 #include "alphaquant/bitstream.h"
 #include "alphaquant/quant_math.h"
 #include "cpu/decode_table.h"
+#include "cpu/quantize_avx2.h"
 #include "cpu/segments.h"
 
 namespace alphaquant {
@@ -38,16 +39,17 @@ ScaleZero group_params(const FormatSpec& f, const GroupLayout& l, const GroupPar
     if (!valid_scale(sz.scale, sz.zero)) err |= kErrBadScale;
     return sz;
   }
-  float mn = INFINITY, mx = -INFINITY;
-  for (int64_t k = g0; k < g1; ++k) {
-    const float v = static_cast<float>(xrow[k]);
-    const float fv = fabsf(v) <= kFloatMax ? v : 0.0f;
-    mn = min_of(mn, fv);
-    mx = max_of(mx, fv);
-  }
   GroupStats s;
-  s.mn = mn;
-  s.mx = mx;
+  if (kHaveAvx2Quantize<T> && (g1 - g0) % 8 == 0) {
+    s = group_stats_avx2(xrow + g0, g1 - g0);
+  } else {
+    for (int64_t k = g0; k < g1; ++k) {
+      const float v = static_cast<float>(xrow[k]);
+      const float fv = fabsf(v) <= kFloatMax ? v : 0.0f;
+      s.mn = min_of(s.mn, fv);
+      s.mx = max_of(s.mx, fv);
+    }
+  }
   const ScaleZero sz = group_scale(f, s);
   if (p.scale_out) p.scale_out[si] = sz.scale;
   if (p.zero_out) p.zero_out[si] = sz.zero;
@@ -103,6 +105,14 @@ int quantize_segments(const QuantizeArgs& a, const GroupParams& p, bool stochast
       const int64_t g1 = l.per_tensor ? k1 : std::min(k1, (g0 / l.group_size + 1) * l.group_size);
       const ScaleZero sz = group_params(a.fmt, l, p, xrow, row, g0, g1, local);
       uint8_t* c = codes.data() + (g0 - k0);
+      if constexpr (std::is_void_v<CODEC> && kHaveAvx2Quantize<T>) {
+        if (!stochastic && (g1 - g0) % 8 == 0) {
+          bad |= int_codes_avx2(xrow + g0, g1 - g0, sz, a.fmt.qmin(), a.fmt.qmax(), c);
+          on_group(row, g0, g1, c, sz);
+          g0 = g1;
+          continue;
+        }
+      }
       bad |= stochastic ? quantize_group<CODEC, true>(a.fmt, xrow, g0, g1, sz, seed, row * l.k, c)
                         : quantize_group<CODEC, false>(a.fmt, xrow, g0, g1, sz, seed, row * l.k, c);
       on_group(row, g0, g1, c, sz);
@@ -215,6 +225,14 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const std::string& fmt, bool s
 // Values of a whole block of 8 integer codes: saturate((c + qmin - z) * s), the same float
 // operations as dequantize_int_code. With AVX2, widths up to 4 bits are unpacked by per-lane
 // shifts of one 32-bit word.
+#if defined(__AVX2__)
+template <int BITS>
+constexpr bool kUnpacksInRegisters = BITS <= 4;  // int_block_values reads the packed bytes, not c
+#else
+template <int BITS>
+constexpr bool kUnpacksInRegisters = false;
+#endif
+
 template <int BITS>
 inline void int_block_values(const uint8_t* src, const uint8_t* c, float qmin, float z, float s, float* v) {
 #if defined(__AVX2__)
@@ -258,9 +276,32 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, con
         const uint8_t* prow = src + row * row_bytes;
         scalar_t* orow = dst + row * l.k;
         bool bad = false;  // any scale read here invalid: checked as the scales are read, at no extra pass
-        // Blocks of 8 codes are unpacked in registers and written straight out; a block that
-        // straddles two groups (group sizes that are not multiples of 8) looks up each scale.
-        for (int64_t kb = k0; kb < k1; kb += 8) {
+        // Whole groups of whole blocks (group sizes that are multiples of 8): one scale per group,
+        // blocks of 8 codes unpacked in registers and written straight out.
+        int64_t kb = k0;
+        if (!l.per_tensor && l.group_size % 8 == 0) {
+          for (; kb + l.group_size <= k1; kb += l.group_size) {
+            const int64_t si = l.scale_index(row, kb);
+            const float s = sc[si], z = zp ? zp[si] : 0.0f;
+            bad |= !valid_scale(s, z);
+            for (int64_t b = kb; b < kb + l.group_size; b += 8) {
+              float v[8];
+              if constexpr (std::is_void_v<CODEC>) {
+                uint8_t c[8];
+                if constexpr (!kUnpacksInRegisters<BITS>) load_block<BITS>(prow + b / 8 * BITS, c, 8);
+                int_block_values<BITS>(prow + b / 8 * BITS, c, qmin, z, s, v);
+              } else {
+                uint8_t c[8];
+                load_block<BITS>(prow + b / 8 * BITS, c, 8);
+                for (int i = 0; i < 8; ++i) v[i] = table[c[i]] * s;
+              }
+              for (int i = 0; i < 8; ++i) orow[b + i] = static_cast<scalar_t>(v[i]);
+            }
+          }
+        }
+        // The rest, a block of 8 codes at a time; a block that straddles two groups (group sizes
+        // that are not multiples of 8) looks up each scale.
+        for (; kb < k1; kb += 8) {
           const int n = static_cast<int>(std::min<int64_t>(8, k1 - kb));
           uint8_t c[8];
           load_block<BITS>(prow + kb / 8 * BITS, c, n);
