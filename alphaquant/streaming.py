@@ -50,13 +50,26 @@ def needs_activations(plan: dict) -> Optional[str]:
 
 
 def meta_model(model_dir: str):
-    """(config, model on the meta device) for a Hugging Face folder; no tensor is allocated."""
+    """(config, model on the meta device) for a Hugging Face folder or a GGUF file; no tensor is
+    allocated."""
     import transformers
 
+    from .gguf_source import is_gguf_file
+
     try:
-        config = transformers.AutoConfig.from_pretrained(model_dir)
+        if is_gguf_file(model_dir):
+            folder, name = os.path.split(os.path.abspath(model_dir))
+            config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
+            config.architectures = config.architectures or ["LlamaForCausalLM"]
+        else:
+            config = transformers.AutoConfig.from_pretrained(model_dir)
     except Exception as e:  # noqa: BLE001
+        if is_gguf_file(model_dir):
+            raise StreamingError(f"could not load a model from {model_dir} (damaged or unsupported GGUF file?): "
+                                 f"{type(e).__name__}: {str(e).strip()[:200]}") from None
         raise StreamingError(f"{model_dir} has no usable config.json: {type(e).__name__}: {str(e)[:200]}") from None
+    if is_gguf_file(model_dir) and config.model_type not in ("llama", "mistral"):
+        raise StreamingError(f"GGUF input streams for Llama-family files; {model_dir} is {config.model_type}")
     is_lm = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     cls = transformers.AutoModelForCausalLM if is_lm else transformers.AutoModel
     with torch.device("meta"):
@@ -76,12 +89,19 @@ def _probe_codebooks(model: nn.Module) -> None:
             m.allocate_codebook((rows, 16) if cb.dim() == 2 else (16,), cb.dtype)  # on the meta device
 
 
+def open_source(path: str, config):
+    """The tensors of a safetensors folder (ShardedReader) or of a GGUF file (GGUFSource)."""
+    from .gguf_source import GGUFSource, is_gguf_file
+
+    return GGUFSource(path, config) if is_gguf_file(path) else shards.ShardedReader(path)
+
+
 def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional[torch.dtype] = None,
                     force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
                     progress: Optional[Callable] = None, extra_files: Optional[Callable[[str], None]] = None,
                     meta: Optional[tuple] = None) -> dict:
-    """Quantize the safetensors model in ``model_dir`` with the weight-only ``plan`` into the
-    checkpoint folder ``out_dir``, one tensor at a time. Returns the report (layers, totals,
+    """Quantize the model in ``model_dir`` (a safetensors folder, or a Llama GGUF file) with the
+    weight-only ``plan`` into the checkpoint folder ``out_dir``, one tensor at a time. Returns the report (layers, totals,
     bytes read and GB/s). ``progress(total_bytes)`` gives an object with ``update(n)`` and
     ``close()`` (e.g. a tqdm bar in bytes); ``extra_files(tmp_dir)`` adds files (tokenizer,
     config) to the folder before it is renamed into place. ``meta``: the (config, meta-device
@@ -95,8 +115,8 @@ def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional
     why = needs_activations(plan)
     if why:
         raise StreamingError(f"the plan cannot be applied one tensor at a time ({why}); it needs the model in memory")
-    source = shards.ShardedReader(model_dir)
     config, model = meta if meta is not None else meta_model(model_dir)
+    source = open_source(model_dir, config)
     expected = model.state_dict(keep_vars=True)
     tied_source = _aliases(expected)
     missing = sorted(set(expected) - set(tied_source) - set(source.tensors))

@@ -144,7 +144,8 @@ def cmd_quantize(args) -> int:
     if args.format == "alphaquant" and not args.in_memory and streamable(model_path, plan):
         return quantize_streaming(args, plan_name, plan, model_path, out, model_name)
     if args.float_dtype:
-        raise CliError("--float-dtype applies to the streaming path (a safetensors folder and a weight-only plan); "
+        raise CliError("--float-dtype applies to the streaming path (a safetensors folder or a GGUF file and a "
+                       "weight-only plan); "
                        "this run loads the model in memory")
     progress = _progress()
     t0 = time.time()
@@ -364,8 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"activation scales, up to {CALIBRATION_TOKENS_ALGORITHMS} for gptq/awq/smoothquant)")
     q.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     q.add_argument("--in-memory", action="store_true",
-                   help="load the whole model even where a safetensors folder and a weight-only plan would "
-                   "stream one tensor at a time (the default there)")
+                   help="load the whole model even where a safetensors folder or a GGUF file and a weight-only "
+                   "plan would stream one tensor at a time (the default there)")
     q.add_argument("--float-dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="streaming path: dtype of the tensors that stay float (default: each keeps its source dtype)")
     q.set_defaults(func=cmd_quantize)

@@ -21,7 +21,9 @@ def is_safetensors_folder(path: str) -> bool:
 def streamable(model_path: str, plan: dict) -> bool:
     from ..streaming import needs_activations
 
-    return is_safetensors_folder(model_path) and needs_activations(plan) is None
+    from ..gguf_source import is_gguf_file
+
+    return (is_safetensors_folder(model_path) or is_gguf_file(model_path)) and needs_activations(plan) is None
 
 
 def memory_available() -> int:
@@ -76,8 +78,15 @@ def quantize_streaming(args, plan_name: str, plan: dict, model_path: str, out: s
     def extra_files(tmp: str) -> None:
         import transformers
 
+        from ..gguf_source import is_gguf_file
+
         try:
-            transformers.AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
+            if is_gguf_file(model_path):  # the tokenizer the GGUF metadata holds
+                folder, name = os.path.split(os.path.abspath(model_path))
+                tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            else:
+                tok = transformers.AutoTokenizer.from_pretrained(model_path)
+            tok.save_pretrained(tmp)
         except Exception as e:  # noqa: BLE001  a model without a tokenizer still quantizes
             _warn(f"{model_path} has no usable tokenizer ({type(e).__name__}); the checkpoint has none")
 
