@@ -400,7 +400,7 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
                calibration_batches: Optional[Iterable] = None,
                forward_fn: Optional[Callable[[nn.Module, object], object]] = None,
                quantize_weights: bool = True, progress: Optional[Callable] = None,
-               strict: bool = False) -> PlanReport:
+               strict: bool = False, block_hooks: Optional[tuple] = None) -> PlanReport:
     """Replace the model's nn.Linear layers by QuantLinear as the plan says; returns a report.
 
     The plan is validated and every quantizer built before any layer is replaced.
@@ -412,6 +412,9 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
     packed buffers), to load a saved checkpoint into. ``progress`` wraps an iterable (e.g. tqdm)
     to show progress over the layers. A plan with ``"rotation": "hadamard"`` rotates the model
     first (its float tensors change, its function does not; undone if the plan fails).
+    ``block_hooks`` (before(i, block), after(i, block)) go to the block-by-block pipeline of a
+    calibrated plan (alphaquant.algorithms.sequential): blocks may then stay on the meta device
+    until their turn (streaming from disk, alphaquant.streaming_calibrated).
     """
     from .algorithms.sequential import needs_calibration, quantize_sequential
 
@@ -512,8 +515,10 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
         if calibrated:
             batches = list(calibration_batches)
             forward = forward_fn or (lambda m, b: m(b))
+            # Blocks streamed from disk are written and freed as they go: the source is unchanged, so
+            # nothing needs undoing, and copies kept for it would hold every block in memory.
             quantize_sequential(model, layers, batches, forward, build_layer, build_quantizers,
-                                progress=progress, undo=undo)
+                                progress=progress, undo=undo if block_hooks is None else [], block_hooks=block_hooks)
             calibration_batches = batches
         else:
             items = list(layers.items())
@@ -557,7 +562,8 @@ def _check_applicable(model: nn.Module, layers: dict, static: list, calibration_
         layer = model.get_submodule(name)
         if isinstance(layer, (QuantLinear, QuantEmbedding)):
             raise PlanError(f"layer {name} is already quantized; apply a plan to a float model")
-        if check_weights and scheme["wq"] not in ("fp8", "fp8_e4m3", "fp8_e5m2"):
+        if check_weights and scheme["wq"] not in ("fp8", "fp8_e4m3", "fp8_e5m2") and layer.weight.device.type != "meta":
+            # (a layer still on the meta device is loaded later, and checked then, by its loader)
             if not torch.isfinite(layer.weight.detach()).all():
                 raise PlanError(f"layer {name}: the weight holds NaN or Inf, which {scheme['wq']} cannot represent "
                                 f"(only fp8 formats hold them); fix the model or skip the layer")

@@ -214,6 +214,46 @@ class ShardedReader:
         self._open.clear()
 
 
+class ShardedWriter:
+    """Shards of at most ``max_shard_bytes`` in ``folder`` for ``entries`` ([(name, dtype, shape)]):
+    :meth:`write` takes the tensors in the order of ``entries``; :meth:`close` checks that all came
+    and writes the index when there is more than one shard."""
+
+    def __init__(self, folder: str, entries: list, metadata: Optional[dict], max_shard_bytes: int):
+        self.folder, self.metadata = folder, metadata
+        self.shards = split_into_shards(entries, max_shard_bytes)
+        self._i, self._w = -1, None
+        self._open_next()
+
+    def _open_next(self) -> None:
+        if self._w is not None:
+            self._w.close()
+        self._i += 1
+        self._w = None
+        if self._i < len(self.shards):
+            self._w = ShardWriter(os.path.join(self.folder, shard_name(self._i, len(self.shards))),
+                                  self.shards[self._i], self.metadata)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        while self._w is not None and self._w._next >= len(self._w._order):
+            self._open_next()
+        if self._w is None:
+            raise ValueError(f"{self.folder}: {name!r} is past the last tensor of the shards' headers")
+        self._w.write(name, t)
+
+    def close(self) -> list:
+        while self._w is not None:
+            self._open_next()  # a shard not written in full raises here
+        if len(self.shards) > 1:
+            write_index(self.folder, self.shards)
+        return self.shards
+
+    def abort(self) -> None:
+        if self._w is not None:
+            self._w.close(check=False)
+            self._w = None
+
+
 def write_sharded(folder: str, entries: list, produce: Iterable, metadata: Optional[dict],
                   max_shard_bytes: int) -> list:
     """Write the tensors ``produce`` yields as (name, tensor), in the order of ``entries``
@@ -221,28 +261,22 @@ def write_sharded(folder: str, entries: list, produce: Iterable, metadata: Optio
     index when there is more than one). Returns the shards."""
     from concurrent.futures import ThreadPoolExecutor
 
-    shards = split_into_shards(entries, max_shard_bytes)
-    it = iter(produce)
+    writer = ShardedWriter(folder, entries, metadata, max_shard_bytes)
     pending = None  # the write of the previous tensor, on a thread: it overlaps producing the next
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alphaquant-write") as pool:
-        for i, part in enumerate(shards):
-            w = ShardWriter(os.path.join(folder, shard_name(i, len(shards))), part, metadata)
-            try:
-                for _ in part:
-                    name, t = next(it)
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(w.write, name, t)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alphaquant-write") as pool:
+            it = iter(produce)
+            for _ in entries:
+                name, t = next(it)
                 if pending is not None:
-                    pending, done = None, pending
-                    done.result()
-            except BaseException:
-                if pending is not None:
-                    pending.exception()  # wait for it; the first error is the one raised
-                    pending = None
-                w.close(check=False)
-                raise
-            w.close()
-    if len(shards) > 1:
-        write_index(folder, shards)
-    return shards
+                    pending.result()
+                pending = pool.submit(writer.write, name, t)
+            if pending is not None:
+                pending, done = None, pending
+                done.result()
+    except BaseException:
+        if pending is not None:
+            pending.exception()  # wait for it; the first error is the one raised
+        writer.abort()
+        raise
+    return writer.close()

@@ -96,6 +96,49 @@ def open_source(path: str, config):
     return GGUFSource(path, config) if is_gguf_file(path) else shards.ShardedReader(path)
 
 
+def check_source(model_dir: str, model: nn.Module, source) -> dict:
+    """StreamingError unless ``source`` holds exactly the tensors of the meta-device ``model``, in
+    its shapes; returns the model's tied aliases {name: the name it is tied to}."""
+    expected = model.state_dict(keep_vars=True)
+    tied_source = _aliases(expected)
+    missing = sorted(set(expected) - set(tied_source) - set(source.tensors))
+    unexpected = sorted(set(source.tensors) - set(expected))
+    problems = [f"{len(keys)} weights {what} ({', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''})"
+                for keys, what in ((missing, "missing"), (unexpected, "unexpected")) if keys]
+    if problems:
+        raise StreamingError(f"model {model_dir} does not hold the weights its architecture needs: "
+                             + "; ".join(problems))
+    for k, v in expected.items():
+        if k in source.tensors and tuple(source.tensors[k][1]) != tuple(v.shape):
+            raise StreamingError(f"{model_dir}: tensor {k} has shape {list(source.tensors[k][1])}, the config gives "
+                                 f"{list(v.shape)}")
+    return tied_source
+
+
+def output_layout(model: nn.Module, plan: dict, source_dtype: Callable, float_dtype: Optional[torch.dtype]):
+    """(entries [(name, safetensors dtype, shape)], header metadata, tied aliases) of the checkpoint
+    of ``model`` (the plan applied, buffers possibly on the meta device): packed buffers as they
+    are, float tensors in ``float_dtype`` or else ``source_dtype(name)`` (None: the model's own)."""
+    quantized = {n for n, m in model.named_modules() if isinstance(m, PackedWeightModule)}
+    out_state = model.state_dict(keep_vars=True)
+    tied_out = _aliases(out_state)
+    entries = []
+    for k, v in out_state.items():
+        if k in tied_out:
+            continue
+        owner, _, leaf = k.rpartition(".")
+        if owner in quantized and leaf.startswith("weight_"):
+            dtype = v.dtype
+        elif v.is_floating_point():
+            dtype = float_dtype or source_dtype(k) or v.dtype
+        else:
+            dtype = source_dtype(k) or v.dtype
+        entries.append((k, _SAFETENSORS_DTYPE[dtype], tuple(v.shape)))
+    metadata = {"format": FORMAT_TAG, "plan": json.dumps(plan), "layers": json.dumps(_layer_meta(model)),
+                "aliases": json.dumps(tied_out)}
+    return entries, metadata, tied_out
+
+
 def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional[torch.dtype] = None,
                     force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
                     progress: Optional[Callable] = None, extra_files: Optional[Callable[[str], None]] = None,
@@ -117,42 +160,15 @@ def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional
         raise StreamingError(f"the plan cannot be applied one tensor at a time ({why}); it needs the model in memory")
     config, model = meta if meta is not None else meta_model(model_dir)
     source = open_source(model_dir, config)
-    expected = model.state_dict(keep_vars=True)
-    tied_source = _aliases(expected)
-    missing = sorted(set(expected) - set(tied_source) - set(source.tensors))
-    unexpected = sorted(set(source.tensors) - set(expected))
-    problems = [f"{len(keys)} weights {what} ({', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''})"
-                for keys, what in ((missing, "missing"), (unexpected, "unexpected")) if keys]
-    if problems:
-        raise StreamingError(f"model {model_dir} does not hold the weights its architecture needs: "
-                             + "; ".join(problems))
-    for k, v in expected.items():
-        if k in source.tensors and tuple(source.tensors[k][1]) != tuple(v.shape):
-            raise StreamingError(f"{model_dir}: tensor {k} has shape {list(source.tensors[k][1])}, the config gives "
-                                 f"{list(v.shape)}")
+    tied_source = check_source(model_dir, model, source)
     try:
         report = apply_plan(model, plan, quantize_weights=False)
     except PlanError as e:
         raise StreamingError(f"the plan does not fit {model_dir}: {e}") from None
     _probe_codebooks(model)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, PackedWeightModule)}
-    out_state = model.state_dict(keep_vars=True)
-    tied_out = _aliases(out_state)
-    entries = []
-    for k, v in out_state.items():
-        if k in tied_out:
-            continue
-        owner = k.rpartition(".")[0]
-        if owner in quantized and k.rpartition(".")[2].startswith("weight_"):
-            dtype = v.dtype
-        elif v.is_floating_point():
-            dtype = float_dtype or (source.torch_dtype(k) if k in source.tensors else v.dtype)
-        else:
-            dtype = source.torch_dtype(k) if k in source.tensors else v.dtype
-        entries.append((k, _SAFETENSORS_DTYPE[dtype], tuple(v.shape)))
-    layer_meta = _layer_meta(model)
-    metadata = {"format": FORMAT_TAG, "plan": json.dumps(plan), "layers": json.dumps(layer_meta),
-                "aliases": json.dumps(tied_out)}
+    entries, metadata, tied_out = output_layout(model, plan, lambda k: source.torch_dtype(k) if k in source.tensors
+                                                else None, float_dtype)
     by_name = {r.name: r for r in report.layers}
     total_in = sum(source.nbytes(k) for k in source.tensors)
     stats = {"bytes_read": 0}

@@ -8,7 +8,9 @@ scripts/make_synthetic_llama.py, then in fresh processes, side by side:
 each with its peak resident memory (getrusage) and seconds; read and quantize run twice: with the
 input in the page cache ("warm") and after dropping its pages (posix_fadvise DONTNEED: "cold", a
 model read from disk, as one bigger than memory always is).
+  calibrated  (--calibrated PLAN) a GPTQ/AWQ plan run a decoder layer at a time from disk
 Usage: python benchmarks/bench_scale.py [--gb 8] [--dir /tmp/alphaquant-synthetic] [--plan w4a16_g128]
+       [--calibrated gptq_w4_g64 --calib-windows 16] [--hidden 2048 --intermediate 5632]
 """
 from __future__ import annotations
 
@@ -57,6 +59,17 @@ load_quantized(model, sys.argv[1])
 print(json.dumps({"s": time.time() - t, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
+CALIBRATED = r"""
+import resource, sys, time, torch
+from alphaquant.streaming_calibrated import stream_quantize_calibrated
+g = torch.Generator().manual_seed(0)
+vocab = int(sys.argv[4])
+ids = [torch.randint(0, vocab, (1, 256), generator=g) for _ in range(int(sys.argv[5]))]  # no tokenizer: random tokens
+t = time.time()
+stream_quantize_calibrated(sys.argv[1], sys.argv[2], sys.argv[3], ids, force=True)
+print(json.dumps({"s": time.time() - t, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
 BASELINE = r"""
 import resource, json
 import torch, transformers, alphaquant.cli.main, alphaquant.streaming  # what every step imports
@@ -89,11 +102,17 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=8.0)
     ap.add_argument("--dir", default="/tmp/alphaquant-synthetic")
     ap.add_argument("--plan", default="w4a16_g128")
+    ap.add_argument("--calibrated", default=None, help="also run this calibrated plan (e.g. a gptq preset file) "
+                    "a layer at a time, on random-token calibration windows (the synthetic model has no tokenizer)")
+    ap.add_argument("--calib-windows", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=None, help="synthetic model shape (default: the script's)")
+    ap.add_argument("--intermediate", type=int, default=None)
     a = ap.parse_args()
-    src = os.path.join(a.dir, f"llama-{a.gb:g}gb")
+    shape = [f"--{k}={v}" for k, v in (("hidden", a.hidden), ("intermediate", a.intermediate)) if v]
+    src = os.path.join(a.dir, f"llama-{a.gb:g}gb" + "".join(s.replace("--", "-").replace("=", "") for s in shape))
     if not os.path.isdir(src):
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_synthetic_llama.py"), src, "--gb",
-                        str(a.gb)], check=True)
+                        str(a.gb), *shape], check=True)
     out = os.path.join(a.dir, f"llama-{a.gb:g}gb-{a.plan}")
     size_in = folder_bytes(src)
     base = run(BASELINE)
@@ -118,6 +137,14 @@ def main() -> None:
     rows.append([f"load_checkpoint of the result ({size_out / 1e9:.2f} GB)", f"{load['s']:.1f}",
                  f"{load['peak'] / 1e9:.2f}", "-",
                  f"peak / checkpoint {load['peak'] / size_out:.2f}x ({(load['peak'] - base['peak']) / size_out:.2f}x above the imports)"])
+    if a.calibrated:
+        plan = a.calibrated if os.path.exists(a.calibrated) else os.path.join(ROOT, "alphaquant", "presets",
+                                                                             a.calibrated + ".json")
+        vocab = json.load(open(os.path.join(src, "config.json")))["vocab_size"]
+        cal = run(CALIBRATED, src, plan, out + "-calibrated", str(vocab), str(a.calib_windows))
+        rows.append([f"{a.calibrated} a layer at a time ({a.calib_windows} windows of 256 tokens)", f"{cal['s']:.1f}",
+                     f"{cal['peak'] / 1e9:.2f}", f"{cal['s'] / gb:.2f}",
+                     f"float32 model {2 * size_in / 1e9:.2f} GB"])
     print(f"synthetic Llama checkpoint {src}: {gb:.2f} GB of bf16 weights")
     print_table(["step", "s", "peak RSS GB", "s per GB of input", "vs read"], rows)
 

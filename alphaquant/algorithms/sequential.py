@@ -231,13 +231,16 @@ def _scale_block(block: nn.Module, prefix: str, schemes: dict, inputs: list, bui
 
 def quantize_sequential(model: nn.Module, schemes: dict, batches: list, forward_fn: Callable,
                         build_layer: Callable, build_quantizers: Callable, progress=None,
-                        undo: Optional[list] = None) -> None:
+                        undo: Optional[list] = None, block_hooks: Optional[tuple] = None) -> None:
     """Quantize every linear of ``schemes`` {name: scheme}, calibrated block by block.
 
     ``build_layer(name, linear, scheme, hessian or None)`` returns the quantized module that
     replaces the linear (it is put into the model here); ``build_quantizers(scheme)`` gives the
     (weight, activation) quantizers. Tensors changed in place by folded scaling are appended to
-    ``undo`` as (tensor, original copy) so that a caller can put them back.
+    ``undo`` as (tensor, original copy) so that a caller can put them back. ``block_hooks``:
+    (before(i, block), after(i, block)) called around each block's turn, e.g. to load its weights
+    just before it is calibrated and to write and free them once it has produced the next block's
+    inputs (streaming from disk: only one block is ever in memory).
     """
     undo = [] if undo is None else undo
     list_name, blocks = find_blocks(model, schemes)
@@ -247,6 +250,8 @@ def quantize_sequential(model: nn.Module, schemes: dict, batches: list, forward_
         items = list(enumerate(blocks))
         for i, block in (progress(items, desc="calibrated quantization") if progress else items):
             prefix = f"{list_name}.{i}." if list_name else f"{i}."
+            if block_hooks is not None:
+                block_hooks[0](i, block)
             local = {n[len(prefix):]: s for n, s in schemes.items() if n.startswith(prefix)}
             if local:
                 _scale_block(block, prefix, local, inputs, build_quantizers, undo)
@@ -257,6 +262,10 @@ def quantize_sequential(model: nn.Module, schemes: dict, batches: list, forward_
                     _set_child(block, n, build_layer(prefix + n, block.get_submodule(n), s, h))
                     done.add(prefix + n)
             inputs = run_block(block, inputs, info)
+            if block_hooks is not None:
+                block_hooks[1](i, block)
+    elif block_hooks is not None:
+        raise ValueError("block_hooks given but the model has no repeated blocks to quantize one at a time")
     rest = {n: s for n, s in schemes.items() if n not in done}
     if not rest:
         return

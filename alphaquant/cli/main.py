@@ -365,8 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"activation scales, up to {CALIBRATION_TOKENS_ALGORITHMS} for gptq/awq/smoothquant)")
     q.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     q.add_argument("--in-memory", action="store_true",
-                   help="load the whole model even where a safetensors folder or a GGUF file and a weight-only "
-                   "plan would stream one tensor at a time (the default there)")
+                   help="load the whole model even where a safetensors folder or a GGUF file would stream (the "
+                   "default there: weight-only plans a tensor at a time, gptq/awq/smoothquant a layer at a time)")
     q.add_argument("--float-dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="streaming path: dtype of the tensors that stay float (default: each keeps its source dtype)")
     q.set_defaults(func=cmd_quantize)

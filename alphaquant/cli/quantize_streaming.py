@@ -19,11 +19,56 @@ def is_safetensors_folder(path: str) -> bool:
 
 
 def streamable(model_path: str, plan: dict) -> bool:
+    """Whether `quantize` streams: a safetensors folder or GGUF file, and a weight-only plan (one
+    tensor at a time) or a calibrated one that runs block by block (a causal LM's)."""
+    from ..gguf_source import is_gguf_file
     from ..streaming import needs_activations
+    from ..streaming_calibrated import is_calibrated, why_not
+
+    if not (is_safetensors_folder(model_path) or is_gguf_file(model_path)):
+        return False
+    if needs_activations(plan) is None:
+        return True
+    return is_calibrated(plan) and why_not(plan) is None and _is_causal_lm(model_path)
+
+
+def _is_causal_lm(model_path: str) -> bool:
+    from ..streaming import StreamingError, meta_model
+
+    try:
+        config, _ = meta_model(model_path)
+    except StreamingError:
+        return True  # the streaming path reports the damaged input
+    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+
+
+def _calibration_windows(args, model_path: str) -> list:
+    """The calibration token windows the in-memory path takes (same text, same count)."""
+    import transformers
 
     from ..gguf_source import is_gguf_file
+    from . import evaluation
+    from .main import CALIBRATION_TOKENS_ALGORITHMS, CliError
 
-    return (is_safetensors_folder(model_path) or is_gguf_file(model_path)) and needs_activations(plan) is None
+    try:
+        if is_gguf_file(model_path):
+            folder, name = os.path.split(os.path.abspath(model_path))
+            tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        else:
+            tok = transformers.AutoTokenizer.from_pretrained(model_path)
+    except Exception as e:  # noqa: BLE001
+        raise CliError(f"{model_path}: a calibrated plan needs the model's tokenizer, which does not load "
+                       f"({type(e).__name__}: {str(e)[:200]})") from None
+    calib_text, _ = evaluation.split_text(evaluation.corpus_text())
+    n_tokens = args.calib_tokens or CALIBRATION_TOKENS_ALGORITHMS
+    return list(evaluation.token_windows(tok, calib_text, n_tokens, evaluation.CALIBRATION_WINDOW))
+
+
+def _input_bytes(model_path: str) -> int:
+    if os.path.isfile(model_path):
+        return os.path.getsize(model_path)
+    return sum(os.path.getsize(os.path.join(model_path, f)) for f in os.listdir(model_path)
+               if f.endswith(".safetensors"))
 
 
 def memory_available() -> int:
@@ -90,13 +135,25 @@ def quantize_streaming(args, plan_name: str, plan: dict, model_path: str, out: s
         except Exception as e:  # noqa: BLE001  a model without a tokenizer still quantizes
             _warn(f"{model_path} has no usable tokenizer ({type(e).__name__}); the checkpoint has none")
 
+    from ..streaming_calibrated import is_calibrated
+
+    calibrated = is_calibrated(plan)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*matches no linear layer")  # said above, once
-            report = stream_quantize(model_path, plan, out, float_dtype=float_dtype, force=args.force,
-                                     progress=_byte_bar(), extra_files=extra_files,
-                                     meta=(config, structure))
-        del structure
+            if calibrated:
+                from ..streaming_calibrated import stream_quantize_calibrated
+                from .main import _progress
+
+                del structure
+                calib = _calibration_windows(args, model_path)
+                report = stream_quantize_calibrated(model_path, plan, out, calib, float_dtype=float_dtype,
+                                                    force=args.force, progress=_progress(), extra_files=extra_files)
+            else:
+                report = stream_quantize(model_path, plan, out, float_dtype=float_dtype, force=args.force,
+                                         progress=_byte_bar(), extra_files=extra_files,
+                                         meta=(config, structure))
+                del structure
     except StreamingError as e:
         raise CliError(f"plan {plan_name} does not stream over {model_path}: {e}") from None
     except FileExistsError as e:
@@ -112,7 +169,7 @@ def quantize_streaming(args, plan_name: str, plan: dict, model_path: str, out: s
     report["model"], report["plan_name"] = model_path, plan_name
     report["unmatched_patterns"] = [{"index": i, "pattern": p} for i, p in unmatched]
     if not args.no_eval:
-        source_bytes = report["bytes_read"]
+        source_bytes = report.get("bytes_read") or _input_bytes(model_path)
         need = 4 * source_bytes // 2 + source_bytes  # the float32 model (from 16-bit files) and the checkpoint
         if need > memory_available():
             print(f"evaluation skipped: the float model needs about {need / 1e9:.1f} GB and "
@@ -139,7 +196,8 @@ def quantize_streaming(args, plan_name: str, plan: dict, model_path: str, out: s
     except ImportError:  # matplotlib is optional
         pass
     total = report["total"]
-    print(f"wrote {out} (streamed {report['bytes_read'] / 1e9:.2f} GB of input at {report['read_gb_per_s']:.2f} GB/s; "
-          f"{total['bytes_after'] / 2**20:.1f} MiB of packed weights, {total['compression']:.2f}x smaller than "
-          f"float; {time.time() - t0:.0f} s)")
+    how = ("calibrated one block in memory at a time" if calibrated else
+           f"streamed {report['bytes_read'] / 1e9:.2f} GB of input at {report['read_gb_per_s']:.2f} GB/s")
+    print(f"wrote {out} ({how}; {total['bytes_after'] / 2**20:.1f} MiB of packed weights, {total['compression']:.2f}x "
+          f"smaller than float; {time.time() - t0:.0f} s)")
     return 0
