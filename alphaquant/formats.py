@@ -94,6 +94,32 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+# One-byte zero points of asymmetric b-bit integers (csrc/include/alphaquant/formats.h): byte c
+# stands for z = c * 2^(b-7) - 2^(b-1), a grid of step 2^(b-7) codes over [-2^(b-1), 3 * 2^(b-1)),
+# which holds every integer zero point and (for min/max ranges) every range that has 0 within
+# half its width of it. int4: steps of 1/8 over [-8, 23.875].
+def zero_grid(bits: int) -> tuple[float, float, float]:
+    """(step, lowest, highest) zero point that a one-byte zero point of a ``bits``-bit int holds."""
+    step, low = 2.0 ** (bits - 7), -(2.0 ** (bits - 1))
+    return step, low, low + 255 * step
+
+
+def encode_zero_points(zero, bits: int):
+    """uint8 codes of float zero points (rounded to the nearest grid point, clamped into the grid)."""
+    import torch
+
+    step, low, high = zero_grid(bits)
+    return torch.round((zero.float().clamp(low, high) - low) / step).to(torch.uint8)
+
+
+def decode_zero_points(codes, bits: int):
+    """float32 zero points of uint8 one-byte zero point codes."""
+    import torch
+
+    step, low, _ = zero_grid(bits)
+    return codes.to(torch.float32) * step + low
+
+
 def packed_row_bytes(k: int, bits: int) -> int:
     """Bytes of one packed row of k codes: ceil(k * bits / 8)."""
     return (k * bits + 7) // 8

@@ -311,13 +311,17 @@ def _check_packed_rows(op: str, packed: torch.Tensor, bits: int, k: int, what: s
 
 def _check_params(op: str, ref: torch.Tensor, ref_name: str, t: torch.Tensor, name: str, expected: tuple,
                   shape, group_size: int) -> None:
-    """A scale or zero point argument: on ref's device, of the expected shape, floating."""
+    """A scale or zero point argument: on ref's device, of the expected shape, floating (zero points
+    may also be uint8 one-byte codes)."""
     _check_same_device(op, ref, ref_name, t, name)
     if tuple(t.shape) != tuple(expected):
         raise _value_error(op, f"{name} has shape {_shape(t)}; expected {list(expected)} for input shape "
                                f"{list(shape)} with group_size={group_size}")
+    if name == "zero_point" and t.dtype == torch.uint8:
+        return  # one-byte zero points (alphaquant.formats.zero_grid)
     if not t.dtype.is_floating_point:
-        raise _type_error(op, f"{name} must be a floating tensor; got {t.dtype}")
+        allowed = " or uint8 (one-byte zero points)" if name == "zero_point" else ""
+        raise _type_error(op, f"{name} must be a floating tensor{allowed}; got {t.dtype}")
 
 
 def _check_quantize(op: str, x, fmt, symmetric, group_size, scale, zero_point) -> tuple[int, bool]:

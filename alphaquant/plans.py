@@ -23,8 +23,9 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
   awq               true: activation-aware per-channel scaling, searched on calibration data and
                     folded into the preceding norm/linear (with rtn or gptq)
   codebook_granularity  lut4 only: per_tensor (default) or per_channel learned code books
-  zero_point        asymmetric int weights: float (default) or integer (rounded into the code
-                    range, as GPTQ / compressed-tensors checkpoints store it)
+  zero_point        asymmetric int weights: float (default), integer (rounded into the code
+                    range, as GPTQ / compressed-tensors checkpoints store it) or byte (one
+                    byte each, on a grid of 2^(bits-7) codes; alphaquant.formats.zero_grid)
   smoothquant       true: SmoothQuant-style migration of activation outliers into the weights
                     (for int8/fp8 activations); smooth_alpha fixes its exponent (else searched)
 Schemes with gptq, awq or smoothquant are quantized block by block on calibration data
@@ -127,9 +128,9 @@ def load_plan(plan: Union[str, os.PathLike, dict]) -> dict:
         if scheme["awq"] and scheme["smoothquant"]:
             raise PlanError(f"{where}: awq and smoothquant both choose per-channel scales; pick one")
         sets_zero = override.get("zero_point", plan["default"].get("zero_point") if where == "default" else None)
-        if sets_zero == "integer" and scheme["symmetric"] and str(scheme["wq"]).startswith("int"):
-            raise PlanError(f"{where}: zero_point 'integer' needs \"symmetric\": false (symmetric int weights have "
-                            f"no zero point)")
+        if sets_zero in ("integer", "byte") and scheme["symmetric"] and str(scheme["wq"]).startswith("int"):
+            raise PlanError(f"{where}: zero_point '{sets_zero}' needs \"symmetric\": false (symmetric int weights "
+                            f"have no zero point)")
         try:
             build_quantizers(scheme)
         except (TypeError, ValueError) as e:
@@ -195,9 +196,10 @@ def _check_scheme(s: dict, where: str) -> None:
             or not 0 <= s["smooth_alpha"] <= 1):
         raise PlanError(f"{where}.smooth_alpha must be null (searched) or a number in [0, 1]; "
                         f"got {_short(s['smooth_alpha'])}")
-    if "zero_point" in s and s["zero_point"] not in ("float", "integer"):
-        raise PlanError(f"{where}.zero_point must be float or integer (asymmetric int weights: integer zero points "
-                        f"export to GPTQ/compressed-tensors layouts); got {_short(s['zero_point'])}")
+    if "zero_point" in s and s["zero_point"] not in ("float", "integer", "byte"):
+        raise PlanError(f"{where}.zero_point must be float, integer or byte (asymmetric int weights: integer zero "
+                        f"points export to GPTQ/compressed-tensors layouts, byte ones take one byte each); got "
+                        f"{_short(s['zero_point'])}")
     if "codebook_granularity" in s and s["codebook_granularity"] not in ("per_tensor", "per_channel"):
         raise PlanError(f"{where}.codebook_granularity must be per_tensor or per_channel (one learned code book for "
                         f"the weight or one per output channel, lut4 only); got {_short(s['codebook_granularity'])}")
@@ -464,7 +466,7 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
             q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, wq.fmt,
                             wq.symmetric, wq.config.op_group_size, aq, linear.weight.dtype, linear.weight.device,
                             getattr(torch, wq.config.scale_dtype), scheme=scheme,
-                            input_rotation=getattr(linear, ROTATION_ATTR, None))
+                            input_rotation=getattr(linear, ROTATION_ATTR, None), zero_dtype=wq.config.zero_point_dtype)
             sqnr = float("nan")
         before = linear.weight.numel() * linear.weight.element_size()
         after = q.packed_weight.nbytes
@@ -484,7 +486,7 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
             q = QuantEmbedding(embedding.num_embeddings, embedding.embedding_dim, wq.fmt, wq.symmetric,
                                wq.config.op_group_size, embedding.weight.dtype, embedding.weight.device,
                                getattr(torch, wq.config.scale_dtype), scheme=scheme,
-                               padding_idx=embedding.padding_idx)
+                               padding_idx=embedding.padding_idx, zero_dtype=wq.config.zero_point_dtype)
             sqnr = float("nan")
         before = embedding.weight.numel() * embedding.weight.element_size()
         entries[name] = LayerReport(name, "embedding " + _weight_label(scheme),

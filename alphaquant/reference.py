@@ -250,7 +250,7 @@ def quantize_codes(
         scale, zero = group_scales(x, fmt, symmetric, group_size)
     else:
         scale = scale.to(torch.float32)
-        zero = zero_point.to(torch.float32) if zero_point is not None else torch.zeros_like(scale)
+        zero = _zero_points(zero_point, fmt) if zero_point is not None else torch.zeros_like(scale)
     s = _expand(scale, x.shape, group_size)
     z = _expand(zero, x.shape, group_size)
     xf = x.to(torch.float32)
@@ -269,6 +269,14 @@ def quantize_codes(
     return codes, scale, zero
 
 
+def _zero_points(zero_point: torch.Tensor, fmt: str) -> torch.Tensor:
+    """float32 zero points; uint8 ones are one-byte codes c: z = c * 2^(b-7) - 2^(b-1)."""
+    if zero_point.dtype != torch.uint8:
+        return zero_point.to(torch.float32)
+    bits = format_bits(fmt)
+    return zero_point.to(torch.float32) * 2.0 ** (bits - 7) - 2.0 ** (bits - 1)
+
+
 def quantize(x, fmt, symmetric=True, group_size=128, scale=None, zero_point=None, stochastic=False, seed=0):
     """Reference of torch.ops.alphaquant.quantize: (packed, scale, zero_point)."""
     codes, scale, zero = quantize_codes(x, fmt, symmetric, group_size, scale, zero_point, stochastic, seed)
@@ -283,7 +291,7 @@ def dequantize_codes(codes, scale, zero_point, fmt, symmetric=True, group_size=1
     if is_codebook_format(fmt):
         return (decode_codebook(codes, fmt) * s).to(dtype)
     qmin, _ = _qrange(fmt, symmetric)
-    z = _expand(zero_point.to(torch.float32), codes.shape, group_size) if zero_point is not None and zero_point.numel() else 0.0
+    z = _expand(_zero_points(zero_point, fmt), codes.shape, group_size) if zero_point is not None and zero_point.numel() else 0.0
     # saturated: the top code times a scale from a maximum near the float32 limit can round past it
     v = ((codes.to(torch.float32) + qmin - z) * s).clamp(-_FLOAT_MAX, _FLOAT_MAX)
     return v.to(dtype)

@@ -257,7 +257,7 @@ def _takes_source_dtype(wq) -> bool:
 
     c = wq.config
     return (type(wq).quantize_weight is BaseQuantizer.quantize_weight and wq.static_scale is None
-            and not (c.clip_search or c.zero_opt or c.integer_zero_point))
+            and not (c.clip_search or c.zero_opt or c.integer_zero_point or c.byte_zero_point))
 
 
 def quantize_by_rows(wq, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES, on_chunk: Optional[Callable] = None):

@@ -103,6 +103,21 @@ static at::Tensor checked_params(const char* op, const at::Tensor& ref, const ch
   return t.to(at::kFloat).contiguous();
 }
 
+// A zero point argument: floating as checked_params, or uint8 one-byte zero points (formats.h),
+// which are decoded to float32 here.
+static at::Tensor checked_zero_points(const char* op, const at::Tensor& ref, const char* ref_name,
+                                      const at::Tensor& t, const std::vector<int64_t>& expected,
+                                      const std::string& context, int bits) {
+  check_same_device(op, ref, ref_name, t, "zero_point");
+  TORCH_CHECK_VALUE(t.sizes().vec() == expected, "alphaquant.", op, ": zero_point has shape ", t.sizes(),
+                    "; expected ", at::IntArrayRef(expected), " for ", context);
+  TORCH_CHECK_TYPE(t.is_floating_point() || t.scalar_type() == at::kByte, "alphaquant.", op,
+                   ": zero_point must be a floating tensor or uint8 (one-byte zero points); got ", t.scalar_type());
+  if (t.scalar_type() != at::kByte) return t.to(at::kFloat).contiguous();
+  const ZeroGrid g = zero_grid(bits);
+  return (t.to(at::kFloat) * g.step + g.lowest).contiguous();
+}
+
 QuantizeArgs prepare_quantize(const char* op, const at::Tensor& x, const std::string& fmt, bool symmetric,
                               int64_t group_size, const std::optional<at::Tensor>& scale,
                               const std::optional<at::Tensor>& zero_point, TensorStatsFn tensor_stats) {
@@ -121,7 +136,7 @@ QuantizeArgs prepare_quantize(const char* op, const at::Tensor& x, const std::st
     if (asym) {
       TORCH_CHECK_VALUE(zero_point.has_value(), "alphaquant.", op,
                         ": asymmetric formats need zero_point together with a given scale");
-      a.zero = checked_params(op, x, "x", *zero_point, "zero_point", a.scale_shape, ctx);
+      a.zero = checked_zero_points(op, x, "x", *zero_point, a.scale_shape, ctx, a.fmt.bits);
     }
   } else {
     TORCH_CHECK_VALUE(!zero_point.has_value(), "alphaquant.", op,
@@ -172,7 +187,7 @@ DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, cons
   a.scale = checked_params(op, packed, "packed", scale, "scale", expected, ctx);
   if (a.fmt.is_asymmetric_int()) {
     TORCH_CHECK_VALUE(zero_point.has_value(), "alphaquant.", op, ": asymmetric ", fmt, " needs zero_point");
-    a.zero = checked_params(op, packed, "packed", *zero_point, "zero_point", expected, ctx);
+    a.zero = checked_zero_points(op, packed, "packed", *zero_point, expected, ctx, a.fmt.bits);
   } else {
     if (zero_point.has_value()) check_same_device(op, packed, "packed", *zero_point, "zero_point");
     TORCH_CHECK_VALUE(!zero_point.has_value() || zero_point->numel() == 0, "alphaquant.", op,

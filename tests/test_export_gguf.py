@@ -49,11 +49,17 @@ def unpermute(rows, n_head):  # transformers' _reverse_permute_weights
     return rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:]).swapaxes(2, 1).reshape(rows.shape)
 
 
-@pytest.mark.parametrize("wq,symmetric,kind", [("int8", True, "Q8_0"), ("int4", True, "Q4_0"),
-                                               ("int4", False, "Q4_1")])
-def test_gguf_decodes_our_codes(tmp_path, bpe_tokenizer, wq, symmetric, kind):
+@pytest.mark.parametrize("wq,symmetric,kind,zero_point", [("int8", True, "Q8_0", "float"), ("int4", True, "Q4_0", "float"),
+                                                          ("int4", False, "Q4_1", "float"),
+                                                          ("int4", False, "Q4_1", "byte")])
+def test_gguf_decodes_our_codes(tmp_path, bpe_tokenizer, wq, symmetric, kind, zero_point):
     model = tiny_llama(len(bpe_tokenizer))
-    apply_plan(model, plan(wq, symmetric))
+    p = plan(wq, symmetric)
+    if not symmetric:
+        p["default"]["zero_point"] = zero_point
+    apply_plan(model, p)
+    zp = model.model.layers[0].self_attn.q_proj.weight_zero_point
+    assert (zp is not None and zp.dtype == torch.uint8) == (zero_point == "byte")
     path = str(tmp_path / "m.gguf")
     report = to_gguf(model, bpe_tokenizer, path)
     assert report["tensors"]["blk.0.attn_q.weight"] == kind

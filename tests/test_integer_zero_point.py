@@ -44,7 +44,7 @@ def test_integer_zero_points_need_an_asymmetric_int_format():
     # a symmetric override under an integer-zero-point default simply has no zero point
     load_plan({"default": {"wq": "int4", "symmetric": False, "zero_point": "integer"},
                "overrides": [{"pattern": "x", "wq": "int8", "symmetric": True}]})
-    with pytest.raises(PlanError, match="zero_point must be float or integer"):
+    with pytest.raises(PlanError, match="zero_point must be float, integer or byte"):
         load_plan({"default": {"wq": "int4", "symmetric": False, "zero_point": 0}})
 
 

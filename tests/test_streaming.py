@@ -23,6 +23,7 @@ PLAN = {"default": {"wq": "int4", "symmetric": False, "group_size": 32, "zero_op
         "overrides": [{"pattern": "model.layers.1.mlp.*", "wq": "fp8_e4m3", "granularity": "per_channel", "zero_opt": False},
                       {"pattern": "model.layers.0.self_attn.v_proj", "wq": "lut4", "codebook_granularity": "per_channel",
                        "zero_opt": False, "symmetric": True},
+                      {"pattern": "model.layers.0.mlp.*", "zero_point": "byte", "group_size": 36},
                       {"pattern": "model.embed_tokens", "wq": "int8", "group_size": 64}]}
 
 
@@ -55,6 +56,8 @@ def test_streaming_gives_the_in_memory_checkpoint(tmp_path, tied):
     out = ShardedReader(str(tmp_path / "out"))
     assert len(out.shards) > 1 and os.path.isfile(tmp_path / "out" / INDEX)
     assert out.tensors["model.norm.weight"][0] == "BF16"  # float tensors keep the source dtype
+    assert out.tensors["model.layers.0.mlp.up_proj.weight_zero_point"][0] == "U8"  # one-byte zero points
+    assert out.tensors["model.layers.1.self_attn.q_proj.weight_zero_point"][0] == "F16"
     assert ("lm_head.weight_packed" in out.tensors) == (not tied)  # tied: the head uses the embedding's table
 
     ref = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -149,7 +152,9 @@ def test_damaged_inputs_are_refused_and_nothing_is_written(tmp_path):
                                     {"wq": "lut4", "group_size": 64},
                                     {"wq": "int4", "symmetric": False, "group_size": 128},  # bf16 read by the kernel
                                     {"wq": "int4", "symmetric": False, "group_size": 64, "scale_dtype": "float32"},
-                                    {"wq": "int4", "symmetric": False, "group_size": 64, "zero_point": "integer"}])
+                                    {"wq": "int4", "symmetric": False, "group_size": 64, "zero_point": "integer"},
+                                    {"wq": "int4", "symmetric": False, "group_size": 36, "zero_opt": True,
+                                     "zero_point": "byte"}])
 def test_quantizing_by_blocks_of_rows_gives_the_codes_of_the_whole_tensor(scheme):
     from alphaquant.plans import DEFAULTS, build_quantizers
     from alphaquant.streaming import quantize_by_rows

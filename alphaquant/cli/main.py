@@ -24,7 +24,7 @@ from typing import Optional
 
 from .evaluation import CALIBRATION_WINDOW, PERPLEXITY_WINDOW
 
-DEFAULT_PLAN = "w4a16_g64_embed"  # int4 g64 linears and embedding (benchmarks/RESULTS.md: the file size table)
+DEFAULT_PLAN = "w4a16_g64_compact"  # int4 g64, one-byte zero points, the embedding too (RESULTS.md: file sizes)
 
 
 # what `quantize --format F` writes by default after MODEL-PLAN

@@ -101,10 +101,11 @@ def _layer_scheme(name: str, m: QuantLinear) -> tuple:
     else:
         layout = FORMAT
     if not m.symmetric:
-        z = m.weight_zero_point.float()
-        if not torch.equal(z, z.round()):
-            raise ExportError(f"layer {name}: its zero points are not integers; quantize with zero_point='integer' "
-                              f"(plan key \"zero_point\": \"integer\") to export asymmetric weights")
+        z = m.float_zero_points()
+        if not torch.equal(z, z.round()) or not bool(((z >= 0) & (z <= 2 ** format_bits(fmt) - 1)).all()):
+            raise ExportError(f"layer {name}: its zero points are not integers in the code range; quantize with "
+                              f"zero_point='integer' (plan key \"zero_point\": \"integer\") to export asymmetric "
+                              f"weights")
     weights = {"num_bits": format_bits(fmt), "type": "float" if fmt == "fp8_e4m3" else "int",
                "symmetric": m.symmetric, "strategy": strategy, "group_size": group, "dynamic": False}
     return layout, weights, acts
@@ -124,7 +125,7 @@ def layer_tensors(m: QuantLinear, dtype: torch.dtype, layout: str) -> dict:
     else:  # int-quantized: signed int8 values (our symmetric codes are q + 128)
         out = {"weight": (m.weight_packed.cpu().to(torch.int16) - 128).to(torch.int8), "weight_scale": scale}
     if not m.symmetric:
-        z = m.weight_zero_point.detach().cpu().float().reshape(m.out_features, -1)
+        z = m.float_zero_points().detach().cpu().reshape(m.out_features, -1)
         out["weight_zero_point"] = _pack_columns(z.round().to(torch.uint8), bits)
     if m.bias is not None:
         out["bias"] = m.bias.detach().cpu().to(dtype)

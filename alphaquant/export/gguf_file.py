@@ -60,7 +60,7 @@ def gguf_type(m: PackedWeightModule) -> str:
                           f"exportable: {EXPORTABLE}")
     s = m.weight_scale.detach().float()
     if not torch.equal(s.half().float(), s) or (m.weight_zero_point is not None and not torch.isfinite(
-            (m.weight_zero_point.float() * s).half().float()).all()):
+            (m.float_zero_points() * s).half().float()).all()):
         raise ExportError("GGUF stores fp16 scales: quantize with scale_dtype float16 (plan key \"scale_dtype\": "
                           "\"float16\") so that the file holds exactly the weights the model computes with")
     return kind
@@ -82,7 +82,7 @@ def quantized_blocks(m: PackedWeightModule, kind: str) -> tuple:
         if kind == "Q4_0":
             blocks = torch.cat([d_bytes, nib], dim=-1)
         else:
-            z = m.weight_zero_point.detach().cpu().float().reshape(out_f, -1)
+            z = m.float_zero_points().detach().cpu().reshape(out_f, -1)
             m_exact = -z * d.float()
             m16 = m_exact.half()
             change = float((m16.float() - m_exact).abs().max())

@@ -1,11 +1,13 @@
 """The packed weight that QuantLinear and QuantEmbedding hold: its buffers and their checks."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from .. import ops
-from ..formats import LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS
+from ..formats import LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, decode_zero_points, format_bits
 from ..packed import PackedTensor
 
 
@@ -14,19 +16,20 @@ class PackedWeightModule(nn.Module):
 
     Buffers: ``weight_packed`` uint8 [rows, ceil(k*bits/8)], ``weight_scale`` (float32, or
     float16/bfloat16 by the quantizer's scale_dtype), ``weight_zero_point`` (asymmetric ints
-    only) and ``weight_codebook`` (learned code books (lut4) only: [16] or [rows, 16]). The
+    only; in the scales' dtype, or uint8 for one-byte zero points) and ``weight_codebook`` (learned code books (lut4) only: [16] or [rows, 16]). The
     scales are checked once, when they are loaded, not at every forward.
     """
 
     def _init_packed_weight(self, rows: int, k: int, fmt: str, symmetric: bool, group_size: int, device,
-                            scale_dtype: torch.dtype, codebook_shape, codebook_dtype: torch.dtype) -> None:
+                            scale_dtype: torch.dtype, codebook_shape, codebook_dtype: torch.dtype,
+                            zero_dtype: Optional[torch.dtype] = None) -> None:
         self._weight_rows, self._weight_k = rows, k
         self.fmt, self.symmetric, self.group_size = fmt, symmetric, group_size
         packed, scale, zero = ops._quantize_fake_shapes(rows, k, fmt, symmetric, group_size)
         self.register_buffer("weight_packed", torch.zeros(packed, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones(scale, dtype=scale_dtype, device=device))
         self.register_buffer("weight_zero_point",
-                             torch.zeros(zero, dtype=scale_dtype, device=device) if zero else None)
+                             torch.zeros(zero, dtype=zero_dtype or scale_dtype, device=device) if zero else None)
         self.register_buffer("weight_codebook", None)
         if fmt in LEARNED_FORMATS:
             self.allocate_codebook(codebook_shape or (LEARNED_CODEBOOK_SIZE,), codebook_dtype)
@@ -39,6 +42,10 @@ class PackedWeightModule(nn.Module):
         self.weight_packed.copy_(packed.data)
         self.weight_scale.copy_(packed.scale)
         if packed.zero_point is not None:
+            if (packed.zero_point.dtype == torch.uint8) != (self.weight_zero_point.dtype == torch.uint8):
+                raise ValueError(f"{self._describe()}: zero points of dtype {packed.zero_point.dtype} do not fit a "
+                                 f"{self.weight_zero_point.dtype} buffer (uint8 holds one-byte zero point codes, "
+                                 f"which only uint8 holds)")
             self.weight_zero_point.copy_(packed.zero_point)
         if packed.codebook is not None:
             self.weight_codebook.copy_(packed.codebook)
@@ -84,6 +91,13 @@ class PackedWeightModule(nn.Module):
             self.check_scales()
         return out
 
+    def float_zero_points(self) -> Optional[torch.Tensor]:
+        """The zero points as float32 values (one-byte codes decoded), None when there are none."""
+        zp = self.weight_zero_point
+        if zp is None:
+            return None
+        return decode_zero_points(zp, format_bits(self.fmt)) if zp.dtype == torch.uint8 else zp.float()
+
     @property
     def packed_weight(self) -> PackedTensor:
         return PackedTensor(self.weight_packed, self.weight_scale, self.weight_zero_point, self.fmt, self.symmetric,
@@ -91,6 +105,13 @@ class PackedWeightModule(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.packed_weight.dequantize(dtype)
+
+
+def _zero_dtype(packed: PackedTensor) -> Optional[torch.dtype]:
+    """The zero point buffer dtype for ``packed``: uint8 for one-byte zero points, else None (the
+    scales' dtype)."""
+    zp = packed.zero_point
+    return torch.uint8 if zp is not None and zp.dtype == torch.uint8 else None
 
 
 def _check_loaded_scales(module: PackedWeightModule, incompatible_keys) -> None:

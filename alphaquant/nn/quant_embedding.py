@@ -10,7 +10,7 @@ from torch import nn
 from .. import ops
 from ..packed import PackedTensor
 from ..quantizers.base import BaseQuantizer
-from .packed_weight import PackedWeightModule
+from .packed_weight import PackedWeightModule, _zero_dtype
 
 
 class QuantEmbedding(PackedWeightModule):
@@ -26,12 +26,13 @@ class QuantEmbedding(PackedWeightModule):
     def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str, symmetric: bool, group_size: int,
                  dtype: torch.dtype = torch.float32, device=None, scale_dtype: torch.dtype = torch.float32,
                  scheme: Optional[dict] = None, codebook_shape: Optional[tuple] = None,
-                 codebook_dtype: torch.dtype = torch.float16, padding_idx: Optional[int] = None):
+                 codebook_dtype: torch.dtype = torch.float16, padding_idx: Optional[int] = None,
+                 zero_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.dtype, self.scheme, self.padding_idx = dtype, scheme, padding_idx
         self._init_packed_weight(num_embeddings, embedding_dim, fmt, symmetric, group_size, device, scale_dtype,
-                                 codebook_shape, codebook_dtype)
+                                 codebook_shape, codebook_dtype, zero_dtype)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, w_quantizer: BaseQuantizer,
@@ -52,7 +53,8 @@ class QuantEmbedding(PackedWeightModule):
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, packed.fmt, packed.symmetric,
                     packed.group_size, embedding.weight.dtype, embedding.weight.device, packed.scale.dtype,
                     scheme=scheme, codebook_shape=None if cb is None else tuple(cb.shape),
-                    codebook_dtype=torch.float16 if cb is None else cb.dtype, padding_idx=embedding.padding_idx)
+                    codebook_dtype=torch.float16 if cb is None else cb.dtype, padding_idx=embedding.padding_idx,
+                    zero_dtype=_zero_dtype(packed))
         layer.load_packed(packed)
         return layer
 

@@ -9,7 +9,7 @@ from torch import nn
 from .. import ops
 from ..formats import LEARNED_FORMATS
 from ..packed import PackedTensor
-from .packed_weight import PackedWeightModule
+from .packed_weight import PackedWeightModule, _zero_dtype
 from ..quantizers.base import BaseQuantizer
 from ..algorithms.rotation import ATTR as ROTATION_ATTR, set_input_rotation
 
@@ -40,7 +40,7 @@ class QuantLinear(PackedWeightModule):
                  act_quantizer: Optional[BaseQuantizer] = None, bias_dtype: torch.dtype = torch.float32,
                  device=None, scale_dtype: torch.dtype = torch.float32, scheme: Optional[dict] = None,
                  codebook_shape: Optional[tuple] = None, codebook_dtype: torch.dtype = torch.float16,
-                 input_rotation: Optional[str] = None):
+                 input_rotation: Optional[str] = None, zero_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if act_quantizer is not None and act_quantizer.fmt in LEARNED_FORMATS:
             raise ValueError(f"QuantLinear: a {act_quantizer.fmt} code book is fitted to a weight; it cannot "
@@ -49,7 +49,7 @@ class QuantLinear(PackedWeightModule):
         self.act_quantizer = act_quantizer
         self.scheme = scheme
         self._init_packed_weight(out_features, in_features, fmt, symmetric, group_size, device, scale_dtype,
-                                 codebook_shape, codebook_dtype)
+                                 codebook_shape, codebook_dtype, zero_dtype)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         set_input_rotation(self, input_rotation)
 
@@ -74,7 +74,8 @@ class QuantLinear(PackedWeightModule):
                     packed.group_size, a_quantizer, linear.weight.dtype, linear.weight.device, packed.scale.dtype,
                     scheme=scheme, codebook_shape=None if cb is None else tuple(cb.shape),
                     codebook_dtype=torch.float16 if cb is None else cb.dtype,
-                    input_rotation=getattr(linear, ROTATION_ATTR, None))
+                    input_rotation=getattr(linear, ROTATION_ATTR, None),
+                    zero_dtype=_zero_dtype(packed))
         layer.load_packed(packed)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())

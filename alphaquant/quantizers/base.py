@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..formats import format_bits
+from ..formats import decode_zero_points, encode_zero_points, format_bits, zero_grid
 from .._logging import logger
-from ..layout import GRANULARITIES, op_group_size, scale_shape
+from ..layout import GRANULARITIES, op_group_size, scale_shape, to_groups
 from ..packed import PackedTensor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -80,6 +80,16 @@ class QuantizerConfig:
     def integer_zero_point(self) -> bool:
         """Whether weight zero points are rounded to integers in the code range (IntConfig.zero_point)."""
         return False
+
+    @property
+    def byte_zero_point(self) -> bool:
+        """Whether weight zero points are stored as one byte on a grid (IntConfig.zero_point "byte")."""
+        return False
+
+    @property
+    def zero_point_dtype(self) -> torch.dtype:
+        """dtype of stored weight zero points: uint8 codes for one-byte ones, else scale_dtype's."""
+        return torch.uint8 if self.byte_zero_point else DTYPES[self.scale_dtype]
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -179,8 +189,9 @@ class BaseQuantizer:
             raise TypeError(f"quantize_weight expects a floating tensor; got {weight.dtype}")
         w = weight.detach()
         s, z = self._static_args(w)
-        plain = (not (self.config.clip_search or self.config.zero_opt or self.config.integer_zero_point)
-                 and self.config.scale_dtype == "float32")
+        c = self.config
+        plain = (not (c.clip_search or c.zero_opt or c.integer_zero_point or c.byte_zero_point)
+                 and c.scale_dtype == "float32")
         if s is None and not plain:
             s, z = self.choose_weight_scales(w)
         return self.pack_with_scales(w, s, z)
@@ -213,13 +224,20 @@ class BaseQuantizer:
             if not (self.config.clip_search or self.config.zero_opt):
                 outside = torch.ones_like(outside)
             s, z = torch.where(outside, s0, s), torch.where(outside, z0, z)
+        if z is not None and self.config.byte_zero_point:
+            s, z = _widen_into_zero_grid(s, z, format_bits(self.fmt))
+            z = _grid_zero_by_error(w, s, z, format_bits(self.fmt), gs)
         return self._round_scales(s, z)
 
     def _round_scales(self, s: torch.Tensor, z: Optional[torch.Tensor]):
         # Round the scales to their storage dtype first and quantize with the rounded ones;
-        # integer zero points are rounded into the code range (exact in every scale dtype).
+        # integer zero points are rounded into the code range (exact in every scale dtype), one-byte
+        # ones onto their grid (exact in float32, which they are decoded to).
         if z is not None and self.config.integer_zero_point:
             z = z.round().clamp(0, 2 ** format_bits(self.fmt) - 1)
+        if z is not None and self.config.byte_zero_point:
+            s, z = _widen_into_zero_grid(s, z, format_bits(self.fmt))
+            z = decode_zero_points(encode_zero_points(z, format_bits(self.fmt)), format_bits(self.fmt))
         sdt = DTYPES[self.config.scale_dtype]
         if sdt == torch.float32:
             return s, z
@@ -236,10 +254,12 @@ class BaseQuantizer:
         if s is not None:  # None: the kernel picks min/max scales itself (float32 storage only)
             s, z = self._round_scales(s.float(), None if z is None else z.float())
             s, z = s.contiguous(), None if z is None else z.contiguous()
+        if z is not None and self.config.byte_zero_point:
+            z = encode_zero_points(z, format_bits(self.fmt))  # exact: z is on the grid
         packed, scale, zero = ops.quantize(w, self.fmt, symmetric=self.symmetric, group_size=self.config.op_group_size,
                                            scale=s, zero_point=z,
                                            stochastic=self.config.stochastic, seed=self._rounding_seed())
-        zero = zero.to(sdt) if zero.numel() else None
+        zero = (z if z is not None and z.dtype == torch.uint8 else zero.to(sdt)) if zero.numel() else None
         return PackedTensor(packed, scale.to(sdt), zero, self.fmt, self.symmetric,
                             self.config.op_group_size, tuple(w.shape), self.config.torch_dtype)
 
@@ -276,3 +296,45 @@ def _zero_inclusive_scales(w: torch.Tensor, group_size: int, qmax: int, shape) -
     scale = (mx - mn) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return scale.reshape(shape), (-mn / scale).reshape(shape)
+
+
+def _widen_into_zero_grid(s: torch.Tensor, z: torch.Tensor, bits: int) -> tuple:
+    """(scale, zero point clamped into the one-byte grid's span, alphaquant.formats.zero_grid).
+    A zero point beyond it (a range far from 0) is clamped and the scale widened so that the range
+    the group's codes spanned, [-z s, (qmax - z) s], still fits."""
+    _, low, high = zero_grid(bits)
+    qmax = 2 ** bits - 1
+    s = torch.where(z < low, (qmax - z) * s / (qmax - low), torch.where(z > high, z * s / high, s))
+    return s, z.clamp(low, high)
+
+
+def _grid_zero_by_error(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``z`` (inside the grid's span) moved to one of the two grid points around it: the one whose
+    codes reconstruct the group with the smaller squared error (chosen on calibration-free weight
+    error; nearest rounding costs more perplexity on SmolLM2's calibration text)."""
+    step, low, _ = zero_grid(bits)
+    c = (z - low) / step
+    lo, hi = c.floor() * step + low, c.ceil() * step + low
+    if group_size == -1:
+        return decode_zero_points(encode_zero_points(z, bits), bits)
+    qmax = float(2 ** bits - 1)
+    k = w.shape[-1]
+    w2 = w.reshape(-1, k)
+    rows = w2.shape[0]
+    s2, lo2, hi2 = s.reshape(rows, -1), lo.reshape(rows, -1), hi.reshape(rows, -1)
+    block = max(1, (1 << 17) // k)  # rows per block: its temporaries stay small
+    out = []
+    for r in range(0, rows, block):
+        wg = to_groups(w2[r:r + block].float(), group_size)
+        valid = ~torch.isnan(wg)
+        wg = torch.nan_to_num(wg)
+        sb = s2[r:r + block].unsqueeze(-1)
+
+        def err(zb):
+            zb = zb.unsqueeze(-1)
+            d = torch.where(valid, wg - (torch.round(wg / sb + zb).clamp(0, qmax) - zb) * sb, 0)
+            return (d * d).sum(-1)
+
+        lb, hb = lo2[r:r + block], hi2[r:r + block]
+        out.append(torch.where(err(hb) < err(lb), hb, lb))
+    return torch.cat(out).reshape(z.shape)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .base import BaseQuantizer, QuantizerConfig
 
-ZERO_POINTS = ("float", "integer")
+ZERO_POINTS = ("float", "integer", "byte")
 
 
 @dataclass
@@ -16,7 +16,9 @@ class IntConfig(QuantizerConfig):
     zero_point (asymmetric weights): "float" (default) keeps the zero point as computed; "integer"
     rounds it to an integer in the code range [0, 2^bits - 1] (and the codes are chosen with the
     rounded one), the zero point GPTQ and compressed-tensors store, so such a weight exports
-    without loss."""
+    without loss; "byte" stores it in one byte, on a grid of 2^(bits-7) codes over
+    [-2^(bits-1), 3 * 2^(bits-1)) (int4: eighths of a code; alphaquant.formats.zero_grid),
+    which halves the zero points' share of fp16 storage (int4 g64: 4.375 bits/weight, not 4.5)."""
 
     symmetric: bool = True
     zero_point: str = "float"
@@ -26,14 +28,18 @@ class IntConfig(QuantizerConfig):
             raise ValueError(f"{type(self).__name__}.symmetric must be True or False; got {self.symmetric!r}")
         if self.zero_point not in ZERO_POINTS:
             raise ValueError(f"{type(self).__name__}.zero_point must be one of {ZERO_POINTS}; got {self.zero_point!r}")
-        if self.zero_point == "integer" and self.symmetric:
-            raise ValueError(f"{type(self).__name__}.zero_point='integer' needs symmetric=False (symmetric formats "
-                             f"have no zero point)")
+        if self.zero_point != "float" and self.symmetric:
+            raise ValueError(f"{type(self).__name__}.zero_point={self.zero_point!r} needs symmetric=False (symmetric "
+                             f"formats have no zero point)")
         super().__post_init__()
 
     @property
     def integer_zero_point(self) -> bool:
         return self.zero_point == "integer"
+
+    @property
+    def byte_zero_point(self) -> bool:
+        return self.zero_point == "byte"
 
     @property
     def asymmetric_int(self) -> bool:

@@ -181,6 +181,19 @@ AQ_HD IntRange int_range(int bits, bool symmetric) {
   return {0.0f, static_cast<float>((1 << bits) - 1)};
 }
 
+// One-byte zero points (asymmetric ints): zero points are floats, but may be passed and stored as
+// uint8 codes c on a grid of step 2^(b-7) codes, decoded (exactly, in float32) as
+//   z = c * 2^(b-7) - 2^(b-1)          c in 0..255, z in [-2^(b-1), 3 * 2^(b-1))
+// int4: steps of 1/8 over [-8, 23.875]; int8: steps of 2 over [-128, 382]; int2: 1/32 over [-2, 6).
+// Every integer zero point of the code range is on the grid, and so is a range that holds 0.
+struct ZeroGrid {
+  float step, lowest;
+};
+
+inline ZeroGrid zero_grid(int bits) {
+  return {std::ldexp(1.0f, bits - 7), -std::ldexp(1.0f, bits - 1)};
+}
+
 // Pack eight codes of BITS bits into one integer of 8*BITS bits, which is exactly BITS bytes
 // (the unit of the row bit stream; byte lengths: layout.h).
 template <int BITS>
