@@ -53,7 +53,8 @@ def sanitizer_flags() -> list[str]:
 
 
 with_cuda = build_cuda()
-sources = ["csrc/ops.cpp", "csrc/format_and_layout.cpp", "csrc/arg_checks.cpp", "csrc/embedding.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/ops.cpp", "csrc/format_and_layout.cpp", "csrc/arg_checks.cpp", "csrc/embedding.cpp",
+           "csrc/quantization_error.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.abspath("csrc/include"), os.path.abspath("csrc")]
 extra = {"cxx": cpu_flags() + sanitizer_flags() + ["-DPy_LIMITED_API=0x030A0000"]}
 Extension = CppExtension

@@ -102,6 +102,22 @@ def dequantize(
     return _ops.dequantize(packed, scale, zero_point, fmt, symmetric, group_size, k, dtype, validate)
 
 
+def quantization_error(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: Optional[torch.Tensor],
+    fmt: str,
+    *,
+    symmetric: bool = True,
+    group_size: int = 128,
+) -> torch.Tensor:
+    """float64 [2] on the CPU: (sum of x^2, sum of (x - dequantize(packed))^2), the error of a
+    quantized ``x`` [..., k] in one pass over x and its packed codes, without decoding a copy
+    (SQNR = 10 log10(first / second)). The difference is taken in float32, as dequantize gives it."""
+    return _ops.quantization_error(x, packed, scale, zero_point, fmt, symmetric, group_size)
+
+
 def fake_quantize(
     x: torch.Tensor,
     fmt: str,
@@ -462,6 +478,20 @@ def _dequantize_fake(packed, scale, zero_point, fmt, symmetric, group_size, k, d
     _check_output_dtype("dequantize", dtype)
     _check_dequantize("dequantize", packed, scale, zero_point, fmt, symmetric, group_size, k)
     return packed.new_empty(tuple(packed.shape[:-1]) + (k,), dtype=dtype)
+
+
+@torch.library.register_fake("alphaquant::quantization_error")
+def _quantization_error_fake(x, packed, scale, zero_point, fmt, symmetric, group_size):
+    op = "quantization_error"
+    _check_floating(op, x)
+    _check_same_device(op, x, "x", packed, "packed")
+    if x.dim() < 1 or x.numel() == 0:
+        raise _value_error(op, f"x must be a non-empty tensor with at least one dimension; got shape {_shape(x)}")
+    if packed.dim() != x.dim() or tuple(packed.shape[:-1]) != tuple(x.shape[:-1]):
+        raise _value_error(op, f"packed has shape {_shape(packed)}, which does not hold the rows of x of shape "
+                               f"{_shape(x)} (the same leading dimensions, then the packed bytes of a row)")
+    _check_dequantize(op, packed, scale, zero_point, fmt, symmetric, group_size, x.shape[-1])
+    return torch.empty(2, dtype=torch.float64, device="cpu")
 
 
 @torch.library.register_fake("alphaquant::fake_quantize")

@@ -302,6 +302,14 @@ def dequantize(packed, scale, zero_point, fmt, symmetric=True, group_size=128, k
     return dequantize_codes(codes, scale, zero_point, fmt, symmetric, group_size, dtype)
 
 
+def quantization_error(x, packed, scale, zero_point, fmt, symmetric=True, group_size=128):
+    """Reference of torch.ops.alphaquant.quantization_error: float64 (sum x^2, sum (x - deq)^2)."""
+    xf = x.cpu().to(torch.float32)
+    deq = dequantize(packed.cpu(), scale.cpu(), None if zero_point is None else zero_point.cpu(), fmt, symmetric,
+                     group_size, x.shape[-1])
+    return torch.stack([xf.double().square().sum(), (xf - deq).double().square().sum()])
+
+
 def fake_quantize(x, fmt, symmetric=True, group_size=128, scale=None, zero_point=None, stochastic=False, seed=0):
     codes, scale, zero = quantize_codes(x, fmt, symmetric, group_size, scale, zero_point, stochastic, seed)
     return dequantize_codes(codes, scale, zero, fmt, symmetric, group_size, x.dtype)

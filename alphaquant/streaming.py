@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from . import ops
 from . import sharded_safetensors as shards
 from .checkpoint_file import FORMAT_TAG, _SAFETENSORS_DTYPE, _aliases, _layer_meta
 from .formats import LEARNED_FORMATS
@@ -292,6 +293,12 @@ class _ErrorMeter:
         self.noise = self.signal = 0.0
 
     def __call__(self, x: torch.Tensor, packed) -> None:
+        if packed.codebook is None:  # one pass over x and the codes (ops.quantization_error)
+            signal, noise = ops.quantization_error(x, packed.data, packed.scale, packed.zero_point, packed.fmt,
+                                                   symmetric=packed.symmetric, group_size=packed.group_size).tolist()
+            self.signal += signal
+            self.noise += noise
+            return
         x = x.to(torch.float32)
         deq = packed.dequantize(torch.float32)
         self.signal += float(torch.linalg.vector_norm(x)) ** 2

@@ -196,6 +196,22 @@ DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, cons
   return a;
 }
 
+ErrorArgs prepare_quantization_error(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                     const std::optional<at::Tensor>& zero_point, const std::string& fmt,
+                                     bool symmetric, int64_t group_size) {
+  const char* op = "quantization_error";
+  check_floating(op, x);
+  check_same_device(op, x, "x", packed, "packed");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.numel() > 0, "alphaquant.", op,
+                    ": x must be a non-empty tensor with at least one dimension; got shape ", x.sizes());
+  TORCH_CHECK_VALUE(packed.dim() == x.dim() && packed.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+                    "alphaquant.", op, ": packed has shape ", packed.sizes(), ", which does not hold the rows of x of ",
+                    "shape ", x.sizes(), " (the same leading dimensions, then the packed bytes of a row)");
+  ErrorArgs a{.x = x.contiguous(),
+              .w = prepare_dequantize(op, packed, scale, zero_point, fmt, symmetric, group_size, x.size(-1), true)};
+  return a;
+}
+
 LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                           const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
                           const std::string& fmt, bool symmetric, int64_t group_size, int64_t k, bool validate) {

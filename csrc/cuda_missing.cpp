@@ -39,7 +39,8 @@ void no_cuda_kernels(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::
 
 TORCH_LIBRARY_IMPL(alphaquant, CUDA, m) {
   for (const char* name : {"pack", "unpack", "encode_float", "decode_float", "quantize", "dequantize", "fake_quantize",
-                           "linear", "dequantize_codebook", "linear_codebook", "embedding", "embedding_codebook"}) {
+                           "linear", "dequantize_codebook", "linear_codebook", "embedding", "embedding_codebook",
+                           "quantization_error"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernels>());
   }
 }

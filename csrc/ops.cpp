@@ -54,6 +54,13 @@ TORCH_LIBRARY(alphaquant, m) {
       "linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero_point, Tensor? bias, str fmt, bool symmetric, "
       "int group_size, int k, bool validate=True) -> Tensor");
 
+  // (sum of x^2, sum of (x - dequantize(packed))^2) as float64 [2] on the CPU: the error of a
+  // quantized tensor against its source x [..., k] in one pass, without a decoded copy. packed,
+  // scale and zero_point as for dequantize, with x's leading dimensions.
+  m.def(
+      "quantization_error(Tensor x, Tensor packed, Tensor scale, Tensor? zero_point, str fmt, bool symmetric, "
+      "int group_size) -> Tensor");
+
   // Learned code books (lut4, formats.h: LearnedCodebook). The table is a tensor argument rather
   // than a format name: it is fitted per weight, so no fixed format can name it, and a format
   // string plus a table would let the two disagree. packed: [..., ceil(k/2)] uint8 4-bit codes;

@@ -67,11 +67,16 @@ def samples(device):
     yield "embedding_codebook", (idx[:, 0], pn, sn, cb, 16, 40, torch.bfloat16, False)
     # one-byte zero points (uint8 codes on the zero point grid)
     zb = torch.randint(0, 256, tuple(z.shape), dtype=torch.uint8, device=device)
-    yield "quantize", (x, "int4", False, 16, torch.ones(6, 3, device=device), zb[:6], False, 0)
+    yield "quantize", (x.detach(), "int4", False, 16, torch.ones(6, 3, device=device), zb[:6], False, 0)
     yield "dequantize", (packed, s, zb, "int4", False, 16, 40, torch.bfloat16)
     yield "linear", (torch.randn(3, 40, device=device, requires_grad=True), packed, s, zb, None, "int4", False,
                      16, 40)
     yield "embedding", (idx, packed, s.half(), zb, "int4", False, 16, 40, torch.float32)
+    # the error of a quantized tensor against its source, in one pass
+    xw = torch.randn(24, 40, device=device)
+    yield "quantization_error", (xw, packed, s, z, "int4", False, 16)
+    yield "quantization_error", (xw.bfloat16(), packed, s, zb, "int4", False, 16)
+    yield "quantization_error", (xw.half(), p8, s8, None, "fp8_e4m3", True, 0)
     # with gradients (x and bias) and without the scale check
     yield "linear", (torch.randn(4, 40, device=device, requires_grad=True), packed, s, z,
                      torch.randn(24, device=device, requires_grad=True), "int4", False, 16, 40, False)

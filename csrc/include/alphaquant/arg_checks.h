@@ -84,6 +84,19 @@ DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, cons
                                   const std::optional<at::Tensor>& zero_point, const std::string& fmt,
                                   bool symmetric, int64_t group_size, int64_t k, bool validate);
 
+// ---------------------------------------------------------------- quantization_error
+
+// x [..., k] and its quantized form (packed [..., row bytes] with scale / zero_point as for
+// dequantize) of the same leading shape.
+struct ErrorArgs {
+  at::Tensor x;  // contiguous, x's dtype
+  DequantizeArgs w;
+};
+
+ErrorArgs prepare_quantization_error(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                     const std::optional<at::Tensor>& zero_point, const std::string& fmt,
+                                     bool symmetric, int64_t group_size);
+
 // ---------------------------------------------------------------- linear
 
 struct LinearArgs {
