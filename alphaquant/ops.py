@@ -114,7 +114,9 @@ def quantization_error(
 ) -> torch.Tensor:
     """float64 [2] on the CPU: (sum of x^2, sum of (x - dequantize(packed))^2), the error of a
     quantized ``x`` [..., k] in one pass over x and its packed codes, without decoding a copy
-    (SQNR = 10 log10(first / second)). The difference is taken in float32, as dequantize gives it."""
+    (SQNR = 10 log10(first / second)). The difference is taken in float32, as dequantize gives it;
+    its squares are summed in float32 runs of at most 512 terms, then in double (relative error
+    ~1e-6)."""
     return _ops.quantization_error(x, packed, scale, zero_point, fmt, symmetric, group_size)
 
 

@@ -28,7 +28,8 @@ def test_quantization_error_matches_the_reference(rows, k, group, fmt, dtype, by
     got = ops.quantization_error(x, packed, s, z, name, symmetric=symmetric, group_size=group)
     want = reference.quantization_error(x, packed, s, z, name, symmetric, group)
     assert got.dtype == torch.float64 and got.device.type == "cpu" and got.shape == (2,)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)  # sums of the same float32 differences
+    # the same float32 differences, their squares summed in float32 lanes of at most 512 terms
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-30)
 
 
 def test_strided_and_batched_inputs_and_a_known_error():
@@ -36,12 +37,12 @@ def test_strided_and_batched_inputs_and_a_known_error():
     packed, s, z = ops.quantize(x, "int4", symmetric=False, group_size=32)
     got = ops.quantization_error(x, packed, s, z, "int4", symmetric=False, group_size=32)
     deq = ops.dequantize(packed, s, z, "int4", symmetric=False, group_size=32, k=64)
-    assert math.isclose(got[1].item(), float(((x - deq).double() ** 2).sum()), rel_tol=1e-12)
-    assert math.isclose(got[0].item(), float((x.double() ** 2).sum()), rel_tol=1e-12)
+    assert math.isclose(got[1].item(), float(((x - deq).double() ** 2).sum()), rel_tol=2e-5)
+    assert math.isclose(got[0].item(), float((x.double() ** 2).sum()), rel_tol=2e-5)
     xt = torch.randn(64, 6).t()  # non-contiguous rows
     p, s2, _ = ops.quantize(xt, "fp8_e4m3", symmetric=True, group_size=0)
     torch.testing.assert_close(ops.quantization_error(xt, p, s2, None, "fp8_e4m3", symmetric=True, group_size=0),
-                               reference.quantization_error(xt, p, s2, None, "fp8_e4m3", True, 0), rtol=1e-12, atol=0)
+                               reference.quantization_error(xt, p, s2, None, "fp8_e4m3", True, 0), rtol=2e-5, atol=1e-30)
 
 
 def test_bad_arguments_are_refused_clearly():

@@ -38,11 +38,18 @@ at::Tensor quantization_error_cpu(const at::Tensor& x, const at::Tensor& packed,
       for_each_segment(l, [&](int64_t row, int64_t k0, int64_t k1) {
         const uint8_t* prow = src + row * row_bytes;
         const scalar_t* xrow = xs + row * l.k;
-        // The difference is taken in float32, as dequantize's values are; its square summed in
-        // double, in 8 lanes that vectorize.
-        double sig[8] = {}, err[8] = {};
+        // The difference is taken in float32, as dequantize's values are; squares are summed in
+        // 8 float32 lanes for at most 512 blocks, then added up in double.
+        float sig[8] = {}, err[8] = {};
+        double s_sum = 0.0, e_sum = 0.0;
+        int blocks = 0;
+        const auto flush = [&] {
+          for (int i = 0; i < 8; ++i) s_sum += sig[i], e_sum += err[i], sig[i] = err[i] = 0.0f;
+          blocks = 0;
+        };
         bool bad = false;
         for (int64_t kb = k0; kb < k1; kb += 8) {
+          if (++blocks == 512) flush();
           const int n = static_cast<int>(std::min<int64_t>(8, k1 - kb));
           const int64_t si0 = l.scale_index(row, kb), si1 = l.scale_index(row, kb + n - 1);
           uint8_t c[8];
@@ -59,8 +66,8 @@ at::Tensor quantization_error_cpu(const at::Tensor& x, const at::Tensor& packed,
             }
             for (int i = 0; i < 8; ++i) {
               const float xv = static_cast<float>(xrow[kb + i]);
-              const double d = static_cast<double>(xv - v[i]);
-              sig[i] += static_cast<double>(xv) * xv;
+              const float d = xv - v[i];
+              sig[i] += xv * xv;
               err[i] += d * d;
             }
             continue;
@@ -72,13 +79,12 @@ at::Tensor quantization_error_cpu(const at::Tensor& x, const at::Tensor& packed,
             bad |= !valid_scale(s, z);
             const float vi = std::is_void_v<CODEC> ? dequantize_int_code(c[i], s, z, qmin) : table[c[i]] * s;
             const float xv = static_cast<float>(xrow[kb + i]);
-            const double d = static_cast<double>(xv - vi);
-            sig[i] += static_cast<double>(xv) * xv;
+            const float d = xv - vi;
+            sig[i] += xv * xv;
             err[i] += d * d;
           }
         }
-        double s_sum = 0.0, e_sum = 0.0;
-        for (int i = 0; i < 8; ++i) s_sum += sig[i], e_sum += err[i];
+        flush();
         const int64_t at_seg = row * per_row + k0 / seg;
         sums[2 * at_seg] = s_sum;
         sums[2 * at_seg + 1] = e_sum;
