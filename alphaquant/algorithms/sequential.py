@@ -11,12 +11,14 @@ pooler) are calibrated last, with the whole quantized model in front of them.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from .._logging import logger
+from .activation_store import SpilledInputs, activation_limit, hidden_bytes, spill
 from .gptq import HessianAccumulator
 from . import smoothing
 
@@ -125,16 +127,22 @@ def merge_inputs(inputs: list, rows: int = MERGE_ROWS) -> list:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: list, info: Optional[dict] = None) -> list:
+def run_block(block: nn.Module, inputs, info: Optional[dict] = None):
     """The block's outputs as the next block's inputs (same keyword arguments); ``info["tuple"]``
-    says whether the block returns a tuple."""
-    out = []
-    for args, kwargs in inputs:
-        y = block(*args, **kwargs)
-        if info is not None:
-            info["tuple"] = isinstance(y, (tuple, list))
-        h = y[0] if isinstance(y, (tuple, list)) else y
-        out.append(((h,) + tuple(args[1:]), kwargs))
+    says whether the block returns a tuple. Inputs on disk (SpilledInputs) give outputs on disk,
+    written batch by batch."""
+    out = SpilledInputs(os.path.dirname(inputs.folder)) if isinstance(inputs, SpilledInputs) else []
+    try:
+        for args, kwargs in inputs:
+            y = block(*args, **kwargs)
+            if info is not None:
+                info["tuple"] = isinstance(y, (tuple, list))
+            h = y[0] if isinstance(y, (tuple, list)) else y
+            out.append(((h,) + tuple(args[1:]), kwargs))
+    except BaseException:
+        if isinstance(out, SpilledInputs):
+            out.close()
+        raise
     return out
 
 
@@ -240,13 +248,30 @@ def quantize_sequential(model: nn.Module, schemes: dict, batches: list, forward_
     ``undo`` as (tensor, original copy) so that a caller can put them back. ``block_hooks``:
     (before(i, block), after(i, block)) called around each block's turn, e.g. to load its weights
     just before it is calibrated and to write and free them once it has produced the next block's
-    inputs (streaming from disk: only one block is ever in memory).
+    inputs (streaming from disk: only one block is ever in memory). Calibration activations
+    beyond ``activation_store.activation_limit()`` are carried from block to block on disk.
     """
     undo = [] if undo is None else undo
     list_name, blocks = find_blocks(model, schemes)
     done, info = set(), {}
+    live = []  # block inputs on disk, removed however this ends
+    try:
+        _quantize_blocks(model, schemes, batches, forward_fn, build_layer, build_quantizers, progress, undo,
+                         block_hooks, list_name, blocks, done, info, live)
+    finally:
+        for store in live:
+            store.close()
+
+
+def _quantize_blocks(model, schemes, batches, forward_fn, build_layer, build_quantizers, progress, undo,
+                     block_hooks, list_name, blocks, done, info, live) -> None:
+    inputs = None
     if blocks is not None:
         inputs = merge_inputs(capture_block_inputs(model, blocks[0], batches, forward_fn))
+        if hidden_bytes(inputs) > activation_limit():
+            logger.info("calibration activations (%.0f MB) go to disk", hidden_bytes(inputs) / 2**20)
+            inputs = spill(inputs)
+            live.append(inputs)
         items = list(enumerate(blocks))
         for i, block in (progress(items, desc="calibrated quantization") if progress else items):
             prefix = f"{list_name}.{i}." if list_name else f"{i}."
@@ -261,7 +286,11 @@ def quantize_sequential(model: nn.Module, schemes: dict, batches: list, forward_
                     h = hess[n].hessian() if n in hess else None
                     _set_child(block, n, build_layer(prefix + n, block.get_submodule(n), s, h))
                     done.add(prefix + n)
-            inputs = run_block(block, inputs, info)
+            outputs = run_block(block, inputs, info)
+            if isinstance(inputs, SpilledInputs):
+                live.append(outputs)
+                inputs.close()  # the previous block's inputs are no longer needed
+            inputs = outputs
             if block_hooks is not None:
                 block_hooks[1](i, block)
     elif block_hooks is not None:
