@@ -100,3 +100,16 @@ class PackedTensor:
         asym = "" if self.symmetric or self.fmt.startswith("fp") else ", asymmetric"
         return (f"PackedTensor({self.fmt}{asym}, shape={list(self.shape)}, group_size={self.group_size}, "
                 f"{self.nbytes} bytes ({self.bits_per_value:.2f} bits/value), device={self.device})")
+
+
+def concat_rows(parts: list) -> PackedTensor:
+    """One PackedTensor of the rows of ``parts`` (2-D packed tensors of the same format, layout and
+    width, quantized a block of rows at a time), in order."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    cat = (lambda ts: None if ts[0] is None else torch.cat(ts))  # noqa: E731
+    rows = sum(p.shape[0] for p in parts)
+    return PackedTensor(torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]),
+                        cat([p.zero_point for p in parts]), first.fmt, first.symmetric, first.group_size,
+                        (rows,) + tuple(first.shape[1:]), first.dtype, cat([p.codebook for p in parts]))

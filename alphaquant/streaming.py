@@ -266,7 +266,7 @@ def quantize_by_rows(wq, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES, on_chu
     codes, so that a large weight (an LM head) never has a full float32 copy and its temporaries.
     ``on_chunk(rows, packed)`` sees each block of ``w`` with its quantized rows (e.g. to measure
     the error while the block is in cache)."""
-    from .packed import PackedTensor
+    from .packed import concat_rows
 
     direct = _takes_source_dtype(wq) and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
     n = _rows_per_chunk(wq, w.shape[-1], chunk_bytes)
@@ -277,12 +277,7 @@ def quantize_by_rows(wq, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES, on_chu
         parts.append(wq.quantize_weight(x if direct else x.to(torch.float32)))  # float32 as the in-memory path
         if on_chunk is not None:
             on_chunk(x, parts[-1])
-    if len(parts) == 1:
-        return parts[0]
-    cat = (lambda ts: None if ts[0] is None else torch.cat(ts))
-    return PackedTensor(torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]),
-                        cat([p.zero_point for p in parts]), parts[0].fmt, parts[0].symmetric, parts[0].group_size,
-                        tuple(w.shape), parts[0].dtype, codebook=None)
+    return concat_rows(parts)
 
 
 class _ErrorMeter:

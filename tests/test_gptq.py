@@ -162,3 +162,26 @@ def test_refit_keeps_the_codes_and_lowers_the_layer_error(name, symmetric):
     assert refit.scale.dtype == torch.float16
     e_plain = layer_output_error(w, plain.dequantize(torch.float32), h)
     assert layer_output_error(w, refit.dequantize(torch.float32), h) < e_plain
+
+
+@pytest.mark.parametrize("cfg,options", [
+    (dict(symmetric=False, group_size=32, zero_opt=True, scale_dtype="float16"), dict(refit=True)),
+    (dict(symmetric=False, group_size=32, zero_opt=True, zero_point="byte", scale_dtype="float16"), dict()),
+    (dict(symmetric=True, granularity="per_channel"), dict(act_order=True)),
+    (dict(symmetric=False, group_size=48, zero_point="integer", zero_opt=True), dict(act_order=True, refit=True))])
+def test_gptq_in_blocks_of_rows_gives_the_codes_of_the_whole_weight(monkeypatch, cfg, options):
+    import alphaquant.algorithms.gptq as gptq_mod
+
+    g = torch.Generator().manual_seed(4)
+    rows, k = 5000, 128  # zero_opt refines blocks of 1024 rows, the column loop 2048: blocks of 2048
+    w = torch.randn(rows, k, generator=g) * 0.05
+    acc = HessianAccumulator(k)
+    acc.add(correlated_inputs(400, k, seed=5))
+    quantizer = INT4Quantizer(INT4Config(dtype="float32", **cfg))
+    whole = gptq_quantize(w, acc.hessian(), quantizer, GPTQOptions(**options))
+    monkeypatch.setattr(gptq_mod, "ROW_BLOCK_BYTES", 1)
+    assert gptq_mod._rows_per_block(quantizer, k) == 2048
+    blocks = gptq_quantize(w, acc.hessian(), quantizer, GPTQOptions(**options))
+    assert blocks.shape == whole.shape == (rows, k)
+    for a, b in ((whole.data, blocks.data), (whole.scale, blocks.scale), (whole.zero_point, blocks.zero_point)):
+        assert (a is None and b is None) or torch.equal(a, b)

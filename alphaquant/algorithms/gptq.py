@@ -20,6 +20,7 @@ are visited by decreasing Hessian diagonal and the scales of all groups are chos
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,7 +29,7 @@ import torch
 from .. import ops
 from ..formats import FLOAT_INFO, format_bits, int_range
 from ..layout import PER_CHANNEL, PER_TENSOR, group_length
-from ..packed import PackedTensor
+from ..packed import PackedTensor, concat_rows
 from ..quantizers.base import BaseQuantizer
 
 
@@ -140,13 +141,37 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: BaseQu
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
 
-    gs = quantizer.config.op_group_size
-    glen = group_length(k, gs) if gs > 0 else k
     perm = torch.argsort(torch.diagonal(h), descending=True) if options.act_order else None
     if perm is not None:
         h = h[perm][:, perm]
     u = _inverse_cholesky(h, options.damp)
+    n = _rows_per_block(quantizer, k)
+    if quantizer.config.op_group_size == PER_TENSOR or quantizer.fmt == "lut4" or rows <= n:
+        return _gptq_block(weight, hessian, u, dead, perm, quantizer, options)
+    # Rows are independent given H: blocks of rows bound the float32 copies (codes, refit, packing)
+    # by the block, not the weight (an LM head of 32000 x 4096 is 0.5 GB per copy).
+    return concat_rows([_gptq_block(weight[r:r + n], hessian, u, dead, perm, quantizer, options)
+                        for r in range(0, rows, n)])
 
+
+ROW_BLOCK_BYTES = 16 << 20  # float32 bytes of rows GPTQ quantizes together (its temporaries are ~8x that)
+
+
+def _rows_per_block(quantizer: BaseQuantizer, k: int) -> int:
+    """Rows per block: a whole number of zero_opt's row blocks ((1 << 17) // k rows, refined with
+    an early stop each, when scales are chosen for the whole weight) and of the column loop's
+    ROW_CHUNK (within which group scales are chosen as their columns come up), so that blocks give
+    the codes of the whole weight."""
+    base = math.lcm(ROW_CHUNK, max(1, (1 << 17) // max(1, k)))
+    return base * max(1, ROW_BLOCK_BYTES // (4 * k) // base)
+
+
+def _gptq_block(weight, hessian, u, dead, perm, quantizer, options) -> PackedTensor:
+    """GPTQ on the rows ``weight`` [r, k] given the inverse Cholesky factor ``u`` of the (permuted,
+    damped) Hessian."""
+    rows, k = weight.shape
+    gs = quantizer.config.op_group_size
+    glen = group_length(k, gs) if gs > 0 else k
     # Scales: per tensor and per channel they are known up front; per group they are chosen when
     # the group's first column comes up (or all at once with act_order, from the original weight).
     codebook = None
