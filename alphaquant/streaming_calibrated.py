@@ -5,7 +5,8 @@ norm, LM head, rotary frequencies) is loaded, and the block-by-block pipeline of
 alphaquant.algorithms.sequential runs with hooks that load each block's weights from the source
 just before its turn and, once it has produced the next block's calibration inputs, write its
 tensors to the output and free it. Calibration activations are carried from block to block in
-memory (one block's worth, as in the in-memory pipeline). The checkpoint is the one the in-memory
+memory, or on disk past a limit (alphaquant/algorithms/activation_store.py), as in the in-memory
+pipeline. The checkpoint is the one the in-memory
 path writes (float tensors in float32, the dtype the calibration computed in, unless
 ``float_dtype`` says otherwise), bit for bit. Plans with static activation scales (their values
 go into the file's header, known only at the end), rotation or fine-tuning are refused.
