@@ -309,9 +309,12 @@ def _restore_buffers(model: nn.Module, modules: list) -> None:
                 m._buffers[b] = fresh._buffers[b].to(device=m._buffers[b].device)
 
 
-def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
+def load_quantized(model: nn.Module, path: str, device=None, device_map=None) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized` into a float model of the same
-    architecture (its nn.Linear layers are replaced by empty QuantLinears first)."""
+    architecture (its nn.Linear layers are replaced by empty QuantLinears first). ``device_map``
+    (see :mod:`alphaquant.placement`): where each module's tensors go; a meta-device model gets
+    them allocated there directly."""
+    from . import placement
     from .plans import PlanError
     from .sharded_safetensors import ShardedReader
 
@@ -356,13 +359,18 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
         raise ValueError(f"checkpoint {path} does not match this model's architecture: tensors missing "
                          f"{missing[:5]}, unexpected {[k[:80] for k in extra[:5]]}")
     lean = any(t.device.type == "meta" for t in model_state.values())
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both")
+    placed = None  # the model stays where it is (a meta-device one is allocated on the CPU)
+    if device is not None or device_map is not None:
+        placed = placement.resolve_device_map(model, device if device_map is None else device_map)
     if lean:
         from .utils.heap import bound_heap_growth
 
         bound_heap_growth()
     rebuild = _non_persistent_buffers(model) if lean else []
     if lean:  # a model built on the meta device: only now is memory allocated, once, for what the file holds
-        model.to_empty(device=device if device is not None else "cpu")
+        placement.allocate(model, placed or {"": torch.device("cpu")})
         model_state = model.state_dict(keep_vars=True)
         _restore_buffers(model, rebuild)
     scale_keys = {f"{n}.{b}" for n in layers for b in ("weight_scale", "weight_zero_point", "weight_codebook")}
@@ -390,6 +398,8 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
         raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupted): {e}") from e
     finally:
         reader.close()
+    if placed is not None and not lean:
+        placement.allocate(model, placed, empty=False)
     for m in model.modules():
         if isinstance(m, PackedWeightModule):
             m.check_scales()
@@ -407,4 +417,4 @@ def load_quantized(model: nn.Module, path: str, device=None) -> nn.Module:
             except (ValueError, RuntimeError, TypeError) as e:
                 raise ValueError(f"checkpoint {path}: layer {name} has static activation scales this model's "
                                  f"plan cannot take: {e}") from None
-    return model
+    return model if placed is None else placement.dispatch(model, placed)

@@ -3,6 +3,9 @@
 Makes (once) a synthetic Llama-shaped checkpoint of random bf16 weights with
 scripts/make_synthetic_llama.py, then in fresh processes, side by side:
   read      the safetensors library's read of every tensor of the same files (the baseline)
+  copy      that read while writing as many bytes as the quantized output has (the I/O any
+            streaming quantizer does: on this machine's disk, writes beyond ~2 GB of dirty pages
+            go at the disk's write speed)
   quantize  `alphaquant quantize DIR --plan PLAN --no-eval` (the streaming path)
   load      `load_checkpoint` of the result
 each with its peak resident memory (getrusage) and seconds; read and quantize run twice: with the
@@ -35,6 +38,25 @@ for shard in ShardedReader(sys.argv[1]).shards:
     with safe_open(shard, "pt") as f:
         for name in f.keys():
             f.get_tensor(name).clone()  # the safetensors library's read, copied out of its map, one alive at a time
+print(json.dumps({"s": time.time() - t, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+COPY = r"""
+import os, resource, sys, time
+import torch
+from safetensors import safe_open
+from alphaquant.sharded_safetensors import ShardedReader
+t = time.time()
+left = int(sys.argv[2])  # bytes to write: as many as the quantized output has
+with open(sys.argv[3], "wb") as out:
+    for shard in ShardedReader(sys.argv[1]).shards:
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                x = f.get_tensor(name).clone().reshape(-1).view(torch.uint8)
+                n = min(left, x.numel())
+                out.write(memoryview(x[:n].numpy()))
+                left -= n
+os.remove(sys.argv[3])
 print(json.dumps({"s": time.time() - t, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
@@ -78,6 +100,7 @@ print(json.dumps({"s": 0, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_ma
 
 
 def run(code: str, *args) -> dict:
+    os.sync()  # a step starts with no earlier step's writes still going to disk (they would slow its own)
     out = subprocess.run([sys.executable, "-c", "import json\n" + code, *args], check=True, capture_output=True,
                          text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -117,21 +140,26 @@ def main() -> None:
     size_in = folder_bytes(src)
     base = run(BASELINE)
     steps = {}
+    size_out = None
     for cache in ("warm", "cold"):
-        for step, code, args in (("read", READ, (src,)), ("quantize", QUANTIZE, (src, a.plan, out))):
+        for step in ("read", "quantize", "copy"):
+            code, args = {"read": (READ, (src,)), "quantize": (QUANTIZE, (src, a.plan, out)),
+                          "copy": (COPY, (src, str(size_out), out + ".copy"))}[step]
             if cache == "cold":
                 drop_from_page_cache(src)
             else:
                 run(READ, src)  # the files in the page cache
             steps[step, cache] = run(code, *args)
-    size_out = folder_bytes(out)
+            size_out = folder_bytes(out) if step == "quantize" else size_out
     load = run(LOAD, out)
     gb = size_in / 1e9
     rows = [["imports only (torch, transformers, alphaquant)", "-", f"{base['peak'] / 1e9:.2f}", "-", "-"]]
     for cache in ("warm", "cold"):
-        read, quant = steps["read", cache], steps["quantize", cache]
+        read, quant, copy = steps["read", cache], steps["quantize", cache], steps["copy", cache]
         rows += [[f"read every tensor (safetensors), {cache}", f"{read['s']:.1f}", f"{read['peak'] / 1e9:.2f}",
                   f"{read['s'] / gb:.2f}", "1.00x"],
+                 [f"read + write {size_out / 1e9:.2f} GB (the I/O floor), {cache}", f"{copy['s']:.1f}",
+                  f"{copy['peak'] / 1e9:.2f}", f"{copy['s'] / gb:.2f}", f"{copy['s'] / max(read['s'], 1e-9):.2f}x"],
                  [f"alphaquant quantize --plan {a.plan} (streaming), {cache}", f"{quant['s']:.1f}",
                   f"{quant['peak'] / 1e9:.2f}", f"{quant['s'] / gb:.2f}", f"{quant['s'] / max(read['s'], 1e-9):.2f}x"]]
     rows.append([f"load_checkpoint of the result ({size_out / 1e9:.2f} GB)", f"{load['s']:.1f}",

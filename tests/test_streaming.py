@@ -218,6 +218,40 @@ def test_sharded_reader_reads_into_a_tensor_and_refuses_a_wrong_one(tmp_path):
         r.close()
 
 
+def test_mapped_tensors_are_the_file_bytes_and_never_write_to_it(tmp_path):
+    from alphaquant.sharded_safetensors import ShardedReader, ShardWriter
+
+    w, odd = torch.randn(300, 70).to(torch.bfloat16), torch.arange(5, dtype=torch.uint8)
+    w2 = torch.randn(3, 3).to(torch.bfloat16)
+    path = str(tmp_path / "model.safetensors")
+    tensors = {"w": w, "a_odd": odd, "w2": w2, "e": torch.zeros(0)}  # in file order: w2 starts at an odd byte
+    writer = ShardWriter(path, [("w", "BF16", (300, 70)), ("a_odd", "U8", (5,)), ("w2", "BF16", (3, 3)),
+                                ("e", "F32", (0,))])
+    for name, t in tensors.items():
+        writer.write(name, t)
+    writer.close()
+    before = open(path, "rb").read()
+    r = ShardedReader(str(tmp_path))
+    try:
+        r.prefetch("w")
+        for name, want in tensors.items():
+            with r.mapped(name) as t:
+                assert t.dtype == want.dtype and torch.equal(t, want)
+                t.fill_(1)  # copy-on-write (or a copy): the file is untouched
+        with r.mapped("w") as t:
+            kept = t[:2]  # a view that outlives the block keeps its pages, and stays right
+        assert torch.equal(kept, w[:2])
+        del kept
+        assert open(path, "rb").read() == before
+    finally:
+        r.close()
+    truncated = tmp_path / "t"
+    truncated.mkdir()
+    (truncated / "model.safetensors").write_bytes(before[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        ShardedReader(str(truncated))
+
+
 def test_a_failed_background_write_is_raised_and_the_producer_stops(tmp_path):
     from alphaquant.sharded_safetensors import write_sharded
 

@@ -160,25 +160,39 @@ def _float_dtype_of(path: str) -> torch.dtype:
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[best]
 
 
-def load_checkpoint(path: str, device: Optional[str] = None, gguf_other_types: str = "dequantize"):
+def load_checkpoint(path: str, device: Optional[str] = None, gguf_other_types: str = "dequantize",
+                    device_map=None):
     """(model, tokenizer) from a checkpoint folder (ours, or a compressed-tensors folder such as
     llm-compressor writes) or a GGUF file with Q8_0/Q4_0/Q4_1 linears; linear weights stay packed (no
     float copy). ``gguf_other_types``: GGUF tensors of other block types (K-quants) are decoded to
-    float with a warning ("dequantize") or the file is refused ("refuse")."""
+    float with a warning ("dequantize") or the file is refused ("refuse"). ``device`` puts the
+    whole model on one device; ``device_map`` ("auto", a device, or {module name: device}, as
+    transformers takes it) spreads its layers over several (:mod:`alphaquant.placement`)."""
     import transformers
 
+    from .. import placement
     from ..export.from_compressed_tensors import is_compressed_tensors_folder, load_compressed_tensors
+
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both")
+
+    def place(model):  # a model loaded on the CPU by an importer
+        if device is None and device_map is None:
+            return model
+        where = placement.resolve_device_map(model, device if device_map is None else device_map)
+        placement.allocate(model, where, empty=False)
+        return placement.dispatch(model, where)
 
     if os.path.isfile(path) and path.endswith(".gguf"):  # Q8_0/Q4_0/Q4_1 linears from their codes
         from ..export.from_gguf import load_gguf
 
         model, tokenizer = load_gguf(path, unsupported=gguf_other_types)
-        return (model.to(device) if device is not None else model), tokenizer
+        return place(model), tokenizer
     if os.path.isdir(path) and is_compressed_tensors_folder(path):
         model, tokenizer = load_compressed_tensors(path)
         if tokenizer is None:
             raise ValueError(f"compressed-tensors folder {path} has no usable tokenizer")
-        return (model.to(device) if device is not None else model), tokenizer
+        return place(model), tokenizer
     weights = _weights_of(path)
     read_metadata(weights)  # fails early and clearly on foreign or damaged files
     try:
@@ -190,9 +204,7 @@ def load_checkpoint(path: str, device: Optional[str] = None, gguf_other_types: s
     except Exception as e:  # noqa: BLE001  transformers fails in many ways on a damaged config
         raise ValueError(f"checkpoint {path} has no usable config.json: {type(e).__name__}: "
                          f"{str(e).strip()[:200]}") from None
-    load_quantized(model, path if os.path.isdir(path) else weights, device=device)
-    if device is not None:
-        model.to(device)
+    model = load_quantized(model, path if os.path.isdir(path) else weights, device=device, device_map=device_map)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001

@@ -11,6 +11,7 @@
 #include "alphaquant/bitstream.h"
 #include "cpu/decode_table.h"
 #include "cpu/int_block_values.h"
+#include "cpu/quantize_avx2.h"
 #include "cpu/segments.h"
 
 namespace alphaquant {
@@ -48,40 +49,94 @@ at::Tensor quantization_error_cpu(const at::Tensor& x, const at::Tensor& packed,
           blocks = 0;
         };
         bool bad = false;
-        for (int64_t kb = k0; kb < k1; kb += 8) {
-          if (++blocks == 512) flush();
-          const int n = static_cast<int>(std::min<int64_t>(8, k1 - kb));
-          const int64_t si0 = l.scale_index(row, kb), si1 = l.scale_index(row, kb + n - 1);
-          uint8_t c[8];
-          float v[8];
-          if (n == 8 && si0 == si1) {  // a whole block under one scale
-            const float s = sc[si0], z = zp ? zp[si0] : 0.0f;
-            bad |= !valid_scale(s, z);
-            if constexpr (std::is_void_v<CODEC>) {
-              if constexpr (!kUnpacksInRegisters<BITS>) load_block<BITS>(prow + kb / 8 * BITS, c, 8);
-              int_block_values<BITS>(prow + kb / 8 * BITS, c, qmin, z, s, v);
-            } else {
-              load_block<BITS>(prow + kb / 8 * BITS, c, 8);
-              for (int i = 0; i < 8; ++i) v[i] = table[c[i]] * s;
-            }
-            for (int i = 0; i < 8; ++i) {
-              const float xv = static_cast<float>(xrow[kb + i]);
-              const float d = xv - v[i];
-              sig[i] += xv * xv;
-              err[i] += d * d;
-            }
-            continue;
+        const auto add_block = [&](const scalar_t* xb, const float* v) {
+          for (int i = 0; i < 8; ++i) {
+            const float xv = static_cast<float>(xb[i]);
+            const float d = xv - v[i];
+            sig[i] += xv * xv;
+            err[i] += d * d;
           }
+        };
+        // Codes [kb, kb + n) under one scale (s, z), n <= 8, kb a multiple of 8.
+        const auto add_tail = [&](int64_t kb, int n, float s, float z) {
+          uint8_t c[8];
           load_block<BITS>(prow + kb / 8 * BITS, c, n);
           for (int i = 0; i < n; ++i) {
-            const int64_t si = l.scale_index(row, kb + i);
-            const float s = sc[si], z = zp ? zp[si] : 0.0f;
-            bad |= !valid_scale(s, z);
             const float vi = std::is_void_v<CODEC> ? dequantize_int_code(c[i], s, z, qmin) : table[c[i]] * s;
             const float xv = static_cast<float>(xrow[kb + i]);
             const float d = xv - vi;
             sig[i] += xv * xv;
             err[i] += d * d;
+          }
+        };
+        if (l.per_tensor || l.group_size % 8 == 0 || l.group_size >= l.k) {
+          // Groups start on a multiple of 8 codes: one scale lookup per group, whole blocks of 8
+          // decoded in registers, a short block only at the end of a row.
+          for (int64_t g0 = k0; g0 < k1;) {
+            const int64_t g1 = l.per_tensor ? k1 : std::min(k1, (g0 / l.group_size + 1) * l.group_size);
+            const int64_t si = l.scale_index(row, g0);
+            const float s = sc[si], z = zp ? zp[si] : 0.0f;
+            bad |= !valid_scale(s, z);
+            int64_t kb = g0;
+            const auto decode = [&](int64_t b, float* v) {
+              uint8_t c[8];
+              if constexpr (std::is_void_v<CODEC>) {
+                if constexpr (!kUnpacksInRegisters<BITS>) load_block<BITS>(prow + b / 8 * BITS, c, 8);
+                int_block_values<BITS>(prow + b / 8 * BITS, c, qmin, z, s, v);
+              } else {
+                load_block<BITS>(prow + b / 8 * BITS, c, 8);
+                for (int i = 0; i < 8; ++i) v[i] = table[c[i]] * s;
+              }
+            };
+#if defined(__AVX2__) && defined(__F16C__)
+            if constexpr (kHaveAvx2Quantize<scalar_t>) {  // the lanes in registers for the whole group
+              __m256 vs = _mm256_loadu_ps(sig), ve = _mm256_loadu_ps(err);
+              for (; kb + 8 <= g1; kb += 8) {
+                if (++blocks == 512) {
+                  _mm256_storeu_ps(sig, vs), _mm256_storeu_ps(err, ve);
+                  flush();
+                  vs = ve = _mm256_setzero_ps();
+                }
+                alignas(32) float v[8];
+                decode(kb, v);
+                const __m256 xv = load8(xrow + kb);
+                const __m256 d = _mm256_sub_ps(xv, _mm256_load_ps(v));
+                vs = _mm256_fmadd_ps(xv, xv, vs);
+                ve = _mm256_fmadd_ps(d, d, ve);
+              }
+              _mm256_storeu_ps(sig, vs), _mm256_storeu_ps(err, ve);
+            }
+#endif
+            for (; kb + 8 <= g1; kb += 8) {
+              if (++blocks == 512) flush();
+              float v[8];
+              decode(kb, v);
+              add_block(xrow + kb, v);
+            }
+            if (kb < g1) {
+              if (++blocks == 512) flush();
+              add_tail(kb, static_cast<int>(g1 - kb), s, z);
+            }
+            g0 = g1;
+          }
+        } else {
+          // Group sizes that are not multiples of 8: a block may straddle two groups, so each
+          // code looks up its own scale.
+          for (int64_t kb = k0; kb < k1; kb += 8) {
+            if (++blocks == 512) flush();
+            const int n = static_cast<int>(std::min<int64_t>(8, k1 - kb));
+            uint8_t c[8];
+            load_block<BITS>(prow + kb / 8 * BITS, c, n);
+            for (int i = 0; i < n; ++i) {
+              const int64_t si = l.scale_index(row, kb + i);
+              const float s = sc[si], z = zp ? zp[si] : 0.0f;
+              bad |= !valid_scale(s, z);
+              const float vi = std::is_void_v<CODEC> ? dequantize_int_code(c[i], s, z, qmin) : table[c[i]] * s;
+              const float xv = static_cast<float>(xrow[kb + i]);
+              const float d = xv - vi;
+              sig[i] += xv * xv;
+              err[i] += d * d;
+            }
           }
         }
         flush();
