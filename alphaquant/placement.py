@@ -115,3 +115,13 @@ def single_device(device_map: dict) -> Optional[torch.device]:
     """The one device of ``device_map``, or None when it spans several."""
     devices = set(device_map.values())
     return next(iter(devices)) if len(devices) == 1 else None
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: the device of its input embedding (the first layer)."""
+    get = getattr(model, "get_input_embeddings", None)
+    first = get() if get is not None else None
+    first = first if first is not None else model
+    t = next(iter(first.parameters()), None)
+    t = t if t is not None else next(iter(first.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")

@@ -254,6 +254,38 @@ class ShardedReader:
         self._open.clear()
 
 
+def prefetch_files(paths: list, budget_bytes: int):
+    """Start the kernel reading the first ``budget_bytes`` of ``paths`` (in order) into the page
+    cache, on a daemon thread; returns the thread. Page cache is not this process's memory and
+    is dropped under pressure. For the seconds a job spends importing and planning before its
+    first read: the disk is busy meanwhile. Errors are ignored (the real read reports them)."""
+    import threading
+
+    def run():
+        left = budget_bytes
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                size = min(os.fstat(fd).st_size, left)
+                for a in range(0, size, PREFETCH_WINDOW):
+                    os.posix_fadvise(fd, a, min(PREFETCH_WINDOW, size - a), os.POSIX_FADV_WILLNEED)
+                left -= size
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            if left <= 0:
+                return
+
+    t = threading.Thread(target=run, name="alphaquant-prefetch", daemon=True)
+    if hasattr(os, "posix_fadvise"):
+        t.start()
+    return t
+
+
 class ShardedWriter:
     """Shards of at most ``max_shard_bytes`` in ``folder`` for ``entries`` ([(name, dtype, shape)]):
     :meth:`write` takes the tensors in the order of ``entries``; :meth:`close` checks that all came

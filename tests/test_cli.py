@@ -32,6 +32,18 @@ def test_quantize_inspect_eval_generate(tiny_model_dir, tmp_path, capsys):
     ppl = float(capsys.readouterr().out.split("perplexity")[-1])
     assert abs(ppl - report["eval"]["after"]["perplexity"]) < 1e-3 * ppl  # the reloaded model is the same model
     assert main(["generate", out, "--prompt", "the", "--max-new-tokens", "4"]) == 0
+    text = capsys.readouterr().out
+    assert main(["generate", out, "--prompt", "the", "--max-new-tokens", "4", "--device-map",
+                 '{"model": "cpu", "lm_head": "cpu"}']) == 0
+    assert capsys.readouterr().out == text  # the same model, placed by a map
+    assert main(["eval", out, "--eval-tokens", "1024", "--device-map", "auto"]) == 0
+    assert abs(float(capsys.readouterr().out.split("perplexity")[-1]) - ppl) < 1e-3 * ppl
+    for bad, match in (('{"model.nope": "cpu", "": "cpu"}', "not a module"), ("disk", "disk")):
+        assert main(["generate", out, "--device-map", bad]) == 2
+        assert match in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's own error
+        main(["generate", out, "--device-map", "{oops"])
+    assert exit_.value.code == 2 and "JSON" in capsys.readouterr().err
 
 
 def test_static_activation_plan_calibrates(tiny_model_dir, tmp_path, capsys):

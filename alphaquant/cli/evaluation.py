@@ -58,7 +58,11 @@ def perplexity(model, tokenizer, text: str, n_tokens: int = 4096, window: int = 
     if not windows:
         raise ValueError(f"perplexity needs at least one window of {window} tokens; got fewer "
                          f"(n_tokens={n_tokens})")
+    from ..placement import input_device
+
+    device = input_device(model)
     for ids in progress(windows, desc="perplexity") if progress else windows:
+        ids = ids.to(device)
         out = model(ids, labels=ids)
         total += out.loss.item() * (ids.shape[1] - 1)
         count += ids.shape[1] - 1
@@ -68,9 +72,11 @@ def perplexity(model, tokenizer, text: str, n_tokens: int = 4096, window: int = 
 @torch.no_grad()
 def embeddings(model, tokenizer, sentences: list[str]) -> torch.Tensor:
     """Mean-pooled, normalized sentence embeddings (the MiniLM recipe)."""
+    from ..placement import input_device
+
     batch = tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    hidden = model(**batch.to(input_device(model))).last_hidden_state.cpu()
+    mask = batch["attention_mask"].cpu().unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1)
     return torch.nn.functional.normalize(pooled.float(), dim=-1)
 

@@ -16,6 +16,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -224,11 +225,25 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _load_checkpoint(path: str, gguf_other_types: str = "dequantize"):
+def _device_map(text: str):
+    """--device-map: "auto", a device ("cpu", "cuda:1", "0") or a JSON object {module: device}."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON object of module -> device: {e}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError("a JSON device map must be an object of module -> device")
+        return value
+    return int(text) if text.isdigit() else text
+
+
+def _load_checkpoint(path: str, gguf_other_types: str = "dequantize", device_map=None):
     from .checkpoint_folder import load_checkpoint
 
     try:
-        return load_checkpoint(path, gguf_other_types=gguf_other_types)
+        return load_checkpoint(path, gguf_other_types=gguf_other_types, device_map=device_map)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CliError(str(e)) from None
 
@@ -236,7 +251,7 @@ def _load_checkpoint(path: str, gguf_other_types: str = "dequantize"):
 def cmd_eval(args) -> int:
     from . import evaluation
 
-    model, tok = _load_checkpoint(args.checkpoint, args.gguf_other_types)
+    model, tok = _load_checkpoint(args.checkpoint, args.gguf_other_types, args.device_map)
     _, eval_text = evaluation.split_text(evaluation.corpus_text())
     is_lm = hasattr(model, "generate") and model.config.architectures and \
         any(a.endswith("ForCausalLM") for a in model.config.architectures)
@@ -314,12 +329,14 @@ def cmd_generate(args) -> int:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise CliError("--prompt is not valid UTF-8 text (check the terminal's encoding)") from None
-    model, tok = _load_checkpoint(args.checkpoint, args.gguf_other_types)
+    from ..placement import input_device
+
+    model, tok = _load_checkpoint(args.checkpoint, args.gguf_other_types, args.device_map)
     ids = tok(args.prompt, return_tensors="pt")
     if ids["input_ids"].numel() == 0:
         raise CliError(f"--prompt {args.prompt!r} gives no tokens with this model's tokenizer")
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = model.generate(**ids.to(input_device(model)), max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tok.decode(out[0], skip_special_tokens=True))
     return 0
 
@@ -377,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gguf-other-types", choices=("dequantize", "refuse"), default="dequantize",
                    help="GGUF tensors of block types not kept as codes (K-quants...): decode them to float "
                         "with a warning (default) or refuse the file")
+    e.add_argument("--device-map", type=_device_map, default=None, metavar="MAP",
+                   help="where the layers load: auto (GPUs first, then the CPU), a device (cpu, cuda:0) or a JSON "
+                        "object {module: device}; default: the CPU")
     e.set_defaults(func=cmd_eval)
     i = sub.add_parser("inspect", help="what a packed checkpoint holds")
     i.add_argument("checkpoint")
@@ -404,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gguf-other-types", choices=("dequantize", "refuse"), default="dequantize",
                    help="GGUF tensors of block types not kept as codes (K-quants...): decode them to float "
                         "with a warning (default) or refuse the file")
+    g.add_argument("--device-map", type=_device_map, default=None, metavar="MAP",
+                   help="where the layers load: auto (GPUs first, then the CPU), a device (cpu, cuda:0) or a JSON "
+                        "object {module: device}; default: the CPU")
     g.set_defaults(func=cmd_generate)
     return p
 

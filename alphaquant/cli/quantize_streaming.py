@@ -83,6 +83,25 @@ def memory_available() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def _start_reading(model_path: str) -> None:
+    """The first shards into the page cache while the model's structure is built (seconds of
+    imports and planning in which the disk would otherwise be idle): at most an eighth of the
+    available memory, 2 GB."""
+    from ..sharded_safetensors import INDEX, prefetch_files
+
+    try:
+        if os.path.isfile(model_path):
+            paths = [model_path]
+        elif os.path.isfile(os.path.join(model_path, INDEX)):
+            with open(os.path.join(model_path, INDEX)) as f:
+                paths = [os.path.join(model_path, s) for s in dict.fromkeys(json.load(f)["weight_map"].values())]
+        else:
+            paths = sorted(os.path.join(model_path, f) for f in os.listdir(model_path) if f.endswith(".safetensors"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # a damaged index: the real read says what is wrong
+    prefetch_files(paths, min(memory_available() // 8, 2 << 30))
+
+
 def _byte_bar():
     try:
         from tqdm.auto import tqdm
@@ -104,6 +123,7 @@ def quantize_streaming(args, plan_name: str, plan: dict, model_path: str, out: s
     from .main import CliError, WriteError, _load_checkpoint, _load_model, _metric_line, _warn, evaluate
 
     t0 = time.time()
+    _start_reading(model_path)
     float_dtype = FLOAT_DTYPES[args.float_dtype] if args.float_dtype else None
     try:  # the plan against the model's structure (on the meta device: no memory), before any work
         from ..plans import unmatched_patterns
