@@ -7,7 +7,15 @@ INT_FORMATS = tuple(f"int{b}" for b in range(1, 9))
 FLOAT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1")
 # Code book formats: a code indexes a fixed table of values in [-1, 1]; scale = max|x| per group.
 CODEBOOK_FORMATS = ("nf4",)
-ALL_FORMATS = INT_FORMATS + FLOAT_FORMATS + CODEBOOK_FORMATS
+# MX block formats (OCP Microscaling v1.0): an element format and one E8M0 (power-of-two) scale
+# byte per block of MX_BLOCK values; the element format and its largest power of two's exponent.
+MX_BLOCK = 32
+MX_ELEMENTS = {"mxfp8_e4m3": ("fp8_e4m3", 8), "mxfp8_e5m2": ("fp8_e5m2", 15), "mxfp6_e3m2": ("fp6_e3m2", 4),
+               "mxfp6_e2m3": ("fp6_e2m3", 2), "mxfp4_e2m1": ("fp4_e2m1", 2), "mxint8": ("int8", 0)}
+MX_FORMATS = tuple(MX_ELEMENTS)
+MX_INT_SHIFT = 6  # an mxint8 element q stands for q * 2^-6
+E8M0_BIAS = 127
+ALL_FORMATS = INT_FORMATS + FLOAT_FORMATS + CODEBOOK_FORMATS + MX_FORMATS
 # Learned code books: 4-bit codes index 16 values fitted to each weight (or each of its rows) and
 # stored beside codes and scales (alphaquant.quantizers.codebook). Not a fixed format, so not in
 # ALL_FORMATS: the ops that take a format name do not take it; dequantize_codebook and
@@ -68,6 +76,15 @@ def is_int_format(fmt: str) -> bool:
     return check_format(fmt) in INT_FORMATS
 
 
+def is_mx_format(fmt: str) -> bool:
+    return fmt in MX_FORMATS
+
+
+def mx_element(fmt: str) -> str:
+    """The element format of an MX format (mxfp4_e2m1 -> fp4_e2m1, mxint8 -> int8)."""
+    return MX_ELEMENTS[fmt][0]
+
+
 def format_max(fmt: str) -> float:
     """Largest value of a float or code book format: their scale is max|x| / format_max."""
     if is_int_format(fmt):
@@ -80,6 +97,8 @@ def format_bits(fmt: str) -> int:
     if fmt in LEARNED_FORMATS:
         return (LEARNED_CODEBOOK_SIZE - 1).bit_length()
     check_format(fmt)
+    if fmt in MX_ELEMENTS:
+        return format_bits(mx_element(fmt))
     if fmt in FLOAT_INFO:
         return FLOAT_INFO[fmt].bits
     if fmt in CODEBOOK_VALUES:

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from . import _native  # noqa: F401  (registers the ops)
-from .formats import (CODEBOOK_FORMATS, FLOAT_FORMATS, LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, format_bits,
+from .formats import (CODEBOOK_FORMATS, FLOAT_FORMATS, LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, MX_BLOCK, MX_FORMATS,
+                      format_bits,
                       packed_row_bytes)
 from .layout import check_op_group_size, scale_shape  # scale_shape also re-exported: ops.scale_shape
 
@@ -245,7 +246,8 @@ def embedding_codebook(
 # The same rules and messages as csrc/arg_checks.cpp and csrc/format_and_layout.cpp.
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FORMAT_NAMES = "int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, nf4"
+_FORMAT_NAMES = ("int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, nf4, "
+                 "mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4_e2m1, mxint8")
 _MAX_ROW_LENGTH = (2**63 - 1) // 8  # a row's length in bits still fits in int64
 _INT64_MAX = 2**63 - 1
 
@@ -269,6 +271,11 @@ def _parse_format(fmt: str, symmetric: bool) -> tuple[int, bool]:
             raise ValueError("alphaquant: int1 has no symmetric form (its symmetric range [-1, 0] has qmax = 0, so "
                              "max|x| / qmax is undefined); use symmetric=False")
         return int(fmt[3]), not symmetric
+    if fmt in MX_FORMATS:
+        if not symmetric:
+            raise ValueError(f"alphaquant: MX format {fmt} is symmetric by definition (one shared power-of-two scale "
+                             f"per block, no zero point); use symmetric=True")
+        return format_bits(fmt), False
     if fmt not in FLOAT_FORMATS + CODEBOOK_FORMATS:
         raise ValueError(f"alphaquant: unknown format '{fmt}'; allowed: {_FORMAT_NAMES}")
     if not symmetric:
@@ -327,14 +334,24 @@ def _check_packed_rows(op: str, packed: torch.Tensor, bits: int, k: int, what: s
                                f"{row_bytes}")
 
 
+def _check_mx_group(op: str, fmt: str, group_size: int) -> None:
+    if fmt in MX_FORMATS and group_size != MX_BLOCK:
+        raise _value_error(op, f"{fmt} shares one scale per block of {MX_BLOCK} values: group_size must be "
+                               f"{MX_BLOCK}; got {group_size}")
+
+
 def _check_params(op: str, ref: torch.Tensor, ref_name: str, t: torch.Tensor, name: str, expected: tuple,
-                  shape, group_size: int) -> None:
+                  shape, group_size: int, fmt: str = "") -> None:
     """A scale or zero point argument: on ref's device, of the expected shape, floating (zero points
-    may also be uint8 one-byte codes)."""
+    may also be uint8 one-byte codes; MX scales are uint8 E8M0 bytes)."""
     _check_same_device(op, ref, ref_name, t, name)
     if tuple(t.shape) != tuple(expected):
         raise _value_error(op, f"{name} has shape {_shape(t)}; expected {list(expected)} for input shape "
                                f"{list(shape)} with group_size={group_size}")
+    if fmt in MX_FORMATS and name == "scale":
+        if t.dtype != torch.uint8:
+            raise _type_error(op, f"{fmt} scales are E8M0 bytes (uint8: X = 2^(e - 127)); got {t.dtype}")
+        return
     if name == "zero_point" and t.dtype == torch.uint8:
         return  # one-byte zero points (alphaquant.formats.zero_grid)
     if not t.dtype.is_floating_point:
@@ -346,12 +363,13 @@ def _check_quantize(op: str, x, fmt, symmetric, group_size, scale, zero_point) -
     """The checks of quantize and fake_quantize; returns (bits, asymmetric int)."""
     _check_floating(op, x)
     bits, asym = _parse_format(fmt, symmetric)
+    _check_mx_group(op, fmt, group_size)
     _check_layout(x.shape, group_size)
     if x.numel() == 0:
         raise _value_error(op, f"input is empty (shape {_shape(x)}); quantization needs at least one element")
     expected = scale_shape(x.shape, group_size)
     if scale is not None:
-        _check_params(op, x, "x", scale, "scale", expected, x.shape, group_size)
+        _check_params(op, x, "x", scale, "scale", expected, x.shape, group_size, fmt)
         if asym:
             if zero_point is None:
                 raise _value_error(op, "asymmetric formats need zero_point together with a given scale")
@@ -366,11 +384,12 @@ def _check_quantize(op: str, x, fmt, symmetric, group_size, scale, zero_point) -
 
 def _check_dequantize(op: str, packed, scale, zero_point, fmt, symmetric, group_size, k) -> None:
     bits, asym = _parse_format(fmt, symmetric)
+    _check_mx_group(op, fmt, group_size)
     _check_packed_rows(op, packed, bits, k, "values")
     out_shape = tuple(packed.shape[:-1]) + (k,)
     _check_layout(out_shape, group_size)
     expected = scale_shape(out_shape, group_size)
-    _check_params(op, packed, "packed", scale, "scale", expected, out_shape, group_size)
+    _check_params(op, packed, "packed", scale, "scale", expected, out_shape, group_size, fmt)
     if asym:
         if zero_point is None:
             raise _value_error(op, f"asymmetric {fmt} needs zero_point")
@@ -470,7 +489,7 @@ def _quantize_fake(x, fmt, symmetric, group_size, scale, zero_point, stochastic,
     bits, asym = _check_quantize("quantize", x, fmt, symmetric, group_size, scale, zero_point)
     packed = x.new_empty(tuple(x.shape[:-1]) + (packed_row_bytes(x.shape[-1], bits),), dtype=torch.uint8)
     s_shape = scale_shape(x.shape, group_size)
-    s = x.new_empty(s_shape, dtype=torch.float32)
+    s = x.new_empty(s_shape, dtype=torch.uint8 if fmt in MX_FORMATS else torch.float32)
     z = x.new_empty(s_shape if asym else (0,), dtype=torch.float32)
     return packed, s, z
 

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from .formats import (CODEBOOK_VALUES, FLOAT_INFO, format_bits, format_max, holds_nonfinite, int_range,
-                      is_codebook_format, is_float_format, is_int_format)
+from .formats import (CODEBOOK_VALUES, FLOAT_INFO, MX_ELEMENTS, format_bits, format_max, holds_nonfinite,
+                      int_range, is_codebook_format, is_float_format, is_int_format, is_mx_format)
 
 _FLOAT_MAX = 3.4028234663852886e38
 _M32 = 0xFFFFFFFF
@@ -246,6 +246,8 @@ def quantize_codes(
 ):
     """(codes uint8 [..., k] unpacked, scale, zero) exactly as the kernels compute them."""
     _check_finite(x, fmt)
+    if is_mx_format(fmt):
+        return mx_quantize_codes(x, fmt, scale, stochastic, seed)
     if scale is None:
         scale, zero = group_scales(x, fmt, symmetric, group_size)
     else:
@@ -277,6 +279,63 @@ def _zero_points(zero_point: torch.Tensor, fmt: str) -> torch.Tensor:
     return zero_point.to(torch.float32) * 2.0 ** (bits - 7) - 2.0 ** (bits - 1)
 
 
+# ---------------------------------------------------------------- MX block formats (OCP MX v1.0)
+
+_MX_BLOCK = 32
+
+
+def _blocks(x: torch.Tensor, fill: float) -> torch.Tensor:
+    """[..., k] -> [..., ceil(k / 32), 32], the short last block padded with ``fill``."""
+    k = x.shape[-1]
+    n = -(-k // _MX_BLOCK)
+    return torch.nn.functional.pad(x, (0, n * _MX_BLOCK - k), value=fill).reshape(*x.shape[:-1], n, _MX_BLOCK)
+
+
+def mx_scale_codes(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """E8M0 scale bytes [..., blocks]: e = floor(log2(max|x| of the block)) - emax + 127, read from
+    the float32 exponent field (0 and subnormal maxima count as 2^-127), clamped to 0..254."""
+    amax = _blocks(x.to(torch.float32).abs(), 0.0).amax(-1)
+    floor_log2 = ((amax.view(torch.int32) >> 23) & 0xFF) - 127
+    emax = MX_ELEMENTS[fmt][1]
+    return ((floor_log2 - emax).clamp(-127, 127) + 127).to(torch.uint8)
+
+
+def mx_scale_values(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The float32 scale each element is divided by: 2^(e - 127), times 2^-6 for mxint8 (exact:
+    computed in float64, every such power of two is a float32 or a float32 subnormal)."""
+    shift = 6 if MX_ELEMENTS[fmt][0] == "int8" else 0
+    e = codes.to(torch.float64) - 127 - shift
+    return torch.where(codes == 255, float("nan"), torch.pow(2.0, e)).to(torch.float32)
+
+
+def mx_quantize_codes(x, fmt, scale=None, stochastic=False, seed=0):
+    """(codes, E8M0 scale bytes, empty zero) of an MX format: element = x / X rounded to nearest
+    even (or stochastically) and saturated to the element's largest finite value."""
+    element = MX_ELEMENTS[fmt][0]
+    codes_e8m0 = mx_scale_codes(x, fmt) if scale is None else scale
+    k = x.shape[-1]
+    s = mx_scale_values(codes_e8m0, fmt).repeat_interleave(_MX_BLOCK, dim=-1)[..., :k]
+    v = x.to(torch.float32) / s
+    noise = None
+    if stochastic:
+        noise = random_bits(seed, torch.arange(x.numel(), dtype=torch.int64).reshape(x.shape))
+    if element == "int8":
+        q = torch.floor(v + _uniform01(noise)) if stochastic else torch.round(v)
+        codes = (q.clamp(-128, 127) + 128).to(torch.uint8)
+    else:
+        m = FLOAT_INFO[element].max_value
+        codes = encode_float(v.clamp(-m, m), element, noise)
+    return codes, codes_e8m0, torch.zeros(0)
+
+
+def mx_dequantize_codes(codes, scale, fmt, dtype=torch.float32):
+    element = MX_ELEMENTS[fmt][0]
+    k = codes.shape[-1]
+    s = mx_scale_values(scale, fmt).repeat_interleave(_MX_BLOCK, dim=-1)[..., :k]
+    v = codes.to(torch.float32) - 128 if element == "int8" else decode_float(codes, element)
+    return (v * s).to(dtype)
+
+
 def quantize(x, fmt, symmetric=True, group_size=128, scale=None, zero_point=None, stochastic=False, seed=0):
     """Reference of torch.ops.alphaquant.quantize: (packed, scale, zero_point)."""
     codes, scale, zero = quantize_codes(x, fmt, symmetric, group_size, scale, zero_point, stochastic, seed)
@@ -285,6 +344,8 @@ def quantize(x, fmt, symmetric=True, group_size=128, scale=None, zero_point=None
 
 
 def dequantize_codes(codes, scale, zero_point, fmt, symmetric=True, group_size=128, dtype=torch.float32):
+    if is_mx_format(fmt):
+        return mx_dequantize_codes(codes, scale, fmt, dtype)
     s = _expand(scale.to(torch.float32), codes.shape, group_size)
     if is_float_format(fmt):
         return (decode_float(codes, fmt) * s).to(dtype)

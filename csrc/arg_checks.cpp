@@ -31,6 +31,9 @@ void check_row_length(const char* op, int64_t k, int64_t rows) {
 }
 
 void raise_kernel_error(const char* op, int flags, const FormatSpec& fmt) {
+  TORCH_CHECK_VALUE(!(flags & kErrNonFinite) || !fmt.mx, "alphaquant.", op, ": input contains NaN or Inf, which ",
+                    format_name(fmt), " does not take (the MX spec's NaN block scale is not implemented); clean the ",
+                    "input");
   TORCH_CHECK_VALUE(!(flags & kErrNonFinite), "alphaquant.", op, ": input contains NaN or Inf, which ",
                     format_name(fmt), " cannot represent (only fp8_e4m3 and fp8_e5m2 hold them); ",
                     "clean the input or pick an fp8 format");
@@ -118,12 +121,54 @@ static at::Tensor checked_zero_points(const char* op, const at::Tensor& ref, con
   return (t.to(at::kFloat) * g.step + g.lowest).contiguous();
 }
 
+// MX formats (formats.h) have one scale per block of 32 values.
+static void check_mx_group(const char* op, const FormatSpec& f, int64_t group_size) {
+  TORCH_CHECK_VALUE(!f.mx || group_size == kMxBlock, "alphaquant.", op, ": ", format_name(f),
+                    " shares one scale per block of ", kMxBlock, " values: group_size must be ", kMxBlock, "; got ",
+                    group_size);
+}
+
+at::Tensor mx_scale_values(const at::Tensor& codes, const FormatSpec& f) {
+  // The kernel's scale 2^e, built from float32 bits so that it is exact on every device
+  // (2^-133 for mxint8's smallest is a subnormal); code 255 is NaN, which the kernels refuse.
+  const at::Tensor e = codes.to(at::kInt) - (kE8M0Bias + (f.id == FormatId::kInt ? kMxIntShift : 0));
+  const at::Tensor normal = at::bitwise_left_shift((e + 127).clamp_min(0), 23);
+  const at::Tensor subnormal = at::bitwise_left_shift(at::ones_like(e), (e + 149).clamp(0, 22));
+  at::Tensor bits = at::where(e >= -126, normal, subnormal);
+  bits = at::where(codes == 255, at::full_like(bits, 0x7fc00000), bits);
+  return bits.view(at::kFloat).contiguous();
+}
+
+at::Tensor mx_scale_codes(const at::Tensor& scale, const FormatSpec& f) {
+  // Powers of two 2^e -> E8M0 bytes: frexp gives (0.5, e + 1) exactly, subnormals included.
+  const at::Tensor exponent = std::get<1>(at::frexp(scale));
+  return (exponent - 1 + kE8M0Bias + (f.id == FormatId::kInt ? kMxIntShift : 0)).to(at::kByte);
+}
+
+at::Tensor returned_scale(const QuantizeArgs& a, const at::Tensor& scale) {
+  return a.fmt.mx ? mx_scale_codes(scale, a.fmt) : scale;
+}
+
+// A scale argument: float (checked_params), or for MX formats E8M0 bytes decoded to float32.
+static at::Tensor checked_scales(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                                 const std::vector<int64_t>& expected, const std::string& context,
+                                 const FormatSpec& f) {
+  if (!f.mx) return checked_params(op, ref, ref_name, t, "scale", expected, context);
+  check_same_device(op, ref, ref_name, t, "scale");
+  TORCH_CHECK_VALUE(t.sizes().vec() == expected, "alphaquant.", op, ": scale has shape ", t.sizes(), "; expected ",
+                    at::IntArrayRef(expected), " for ", context);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kByte, "alphaquant.", op, ": ", format_name(f),
+                   " scales are E8M0 bytes (uint8: X = 2^(e - 127)); got ", t.scalar_type());
+  return mx_scale_values(t, f);
+}
+
 QuantizeArgs prepare_quantize(const char* op, const at::Tensor& x, const std::string& fmt, bool symmetric,
                               int64_t group_size, const std::optional<at::Tensor>& scale,
                               const std::optional<at::Tensor>& zero_point, TensorStatsFn tensor_stats) {
   check_floating(op, x);
   QuantizeArgs a;
   a.fmt = parse_format(fmt, symmetric);
+  check_mx_group(op, a.fmt, group_size);
   a.layout = make_layout(x.sizes(), group_size);
   TORCH_CHECK_VALUE(x.numel() > 0, "alphaquant.", op, ": input is empty (shape ", x.sizes(),
                     "); quantization needs at least one element");
@@ -132,7 +177,7 @@ QuantizeArgs prepare_quantize(const char* op, const at::Tensor& x, const std::st
   const bool asym = a.fmt.is_asymmetric_int();
   const std::string ctx = layout_context(x.sizes(), group_size);
   if (scale.has_value()) {
-    a.scale = checked_params(op, x, "x", *scale, "scale", a.scale_shape, ctx);
+    a.scale = checked_scales(op, x, "x", *scale, a.scale_shape, ctx, a.fmt);
     if (asym) {
       TORCH_CHECK_VALUE(zero_point.has_value(), "alphaquant.", op,
                         ": asymmetric formats need zero_point together with a given scale");
@@ -176,6 +221,7 @@ DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, cons
                                   bool symmetric, int64_t group_size, int64_t k, bool validate) {
   DequantizeArgs a;
   a.fmt = parse_format(fmt, symmetric);
+  check_mx_group(op, a.fmt, group_size);
   a.validate = validate;
   check_packed_rows(op, packed, a.fmt.bits, k, "values");
   a.out_shape = packed.sizes().vec();
@@ -184,7 +230,7 @@ DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, cons
   a.packed = packed.contiguous();
   const auto expected = scale_shape(a.out_shape, a.layout);
   const std::string ctx = layout_context(a.out_shape, group_size);
-  a.scale = checked_params(op, packed, "packed", scale, "scale", expected, ctx);
+  a.scale = checked_scales(op, packed, "packed", scale, expected, ctx, a.fmt);
   if (a.fmt.is_asymmetric_int()) {
     TORCH_CHECK_VALUE(zero_point.has_value(), "alphaquant.", op, ": asymmetric ", fmt, " needs zero_point");
     a.zero = checked_zero_points(op, packed, "packed", *zero_point, expected, ctx, a.fmt.bits);
@@ -212,6 +258,15 @@ ErrorArgs prepare_quantization_error(const at::Tensor& x, const at::Tensor& pack
   return a;
 }
 
+// The name kernels that re-enter the dispatcher (dequantize_weight) pass with the decoded float32
+// scales: an MX format's element format, whose float scales give the same values.
+static std::string element_format_name(const FormatSpec& f, const std::string& name) {
+  if (!f.mx) return name;
+  FormatSpec element = f;
+  element.mx = false;
+  return format_name(element);
+}
+
 LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                           const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
                           const std::string& fmt, bool symmetric, int64_t group_size, int64_t k, bool validate) {
@@ -232,7 +287,7 @@ LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const a
                .zero = d.zero,
                .bias = std::nullopt,
                .out_shape = x.sizes().vec(),
-               .fmt_name = fmt,
+               .fmt_name = element_format_name(d.fmt, fmt),
                .group_size_arg = group_size,
                .validate = validate};
   const int64_t n = packed.size(0);

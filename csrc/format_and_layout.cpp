@@ -7,7 +7,17 @@
 namespace alphaquant {
 
 namespace {
-const char* kFormatNames = "int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, nf4";
+const char* kFormatNames =
+    "int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, nf4, "
+    "mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4_e2m1, mxint8";
+
+// MX element formats and the exponent of each one's largest power of two (formats.h).
+struct MxElement {
+  const char* name;
+  int emax;
+};
+constexpr MxElement kMxElements[] = {{"fp8_e4m3", 8}, {"fp8_e5m2", 15}, {"fp6_e3m2", 4},
+                                     {"fp6_e2m3", 2}, {"fp4_e2m1", 2},  {"int8", 0}};
 
 FormatSpec float_format(FormatId id, int bits, float max_value) {
   return {.id = id, .bits = bits, .symmetric = true, .max_value = max_value};
@@ -15,6 +25,17 @@ FormatSpec float_format(FormatId id, int bits, float max_value) {
 }  // namespace
 
 FormatSpec parse_format(const std::string& name, bool symmetric) {
+  if (name.rfind("mx", 0) == 0) {
+    for (const MxElement& e : kMxElements) {
+      if (name.compare(2, std::string::npos, e.name) != 0) continue;
+      TORCH_CHECK_VALUE(symmetric, "alphaquant: MX format ", name, " is symmetric by definition (one shared ",
+                        "power-of-two scale per block, no zero point); use symmetric=True");
+      FormatSpec f = parse_format(e.name, true);
+      f.mx = true;
+      f.mx_emax = e.emax;
+      return f;
+    }
+  }
   if (name.size() == 4 && name.rfind("int", 0) == 0 && name[3] >= '1' && name[3] <= '8') {
     TORCH_CHECK_VALUE(!(name[3] == '1' && symmetric), "alphaquant: int1 has no symmetric form (its symmetric ",
                       "range [-1, 0] has qmax = 0, so max|x| / qmax is undefined); use symmetric=False");
@@ -34,6 +55,11 @@ FormatSpec parse_format(const std::string& name, bool symmetric) {
 }
 
 std::string format_name(const FormatSpec& f) {
+  if (f.mx) {
+    FormatSpec element = f;
+    element.mx = false;
+    return "mx" + format_name(element);
+  }
   switch (f.id) {
     case FormatId::kInt: return "int" + std::to_string(f.bits) + (f.symmetric ? "" : " (asymmetric)");
     case FormatId::kFP8E4M3: return "fp8_e4m3";

@@ -77,6 +77,18 @@ def samples(device):
     yield "quantization_error", (xw, packed, s, z, "int4", False, 16)
     yield "quantization_error", (xw.bfloat16(), packed, s, zb, "int4", False, 16)
     yield "quantization_error", (xw.half(), p8, s8, None, "fp8_e4m3", True, 0)
+    # MX block formats: E8M0 scale bytes, a short last block (k = 40)
+    pm, sm, _ = torch.ops.alphaquant.quantize(xw, "mxfp4_e2m1", True, 32, None, None, False, 0)
+    yield "quantize", (x.detach().bfloat16(), "mxfp6_e3m2", True, 32, None, None, True, 7)
+    yield "quantize", (x.detach(), "mxint8", True, 32, torch.full((6, 2), 120, dtype=torch.uint8, device=device),
+                       None, False, 0)
+    yield "fake_quantize", (x.detach().requires_grad_(), "mxfp8_e5m2", True, 32, None, None, False, 0)
+    yield "dequantize", (pm, sm, None, "mxfp4_e2m1", True, 32, 40, torch.bfloat16)
+    yield "linear", (torch.randn(3, 40, device=device, requires_grad=True), pm, sm, None, None, "mxfp4_e2m1", True,
+                     32, 40)
+    yield "linear", (torch.randn(20, 40, device=device), pm, sm, None, None, "mxfp4_e2m1", True, 32, 40)
+    yield "embedding", (idx, pm, sm, None, "mxfp4_e2m1", True, 32, 40, torch.float32)
+    yield "quantization_error", (xw, pm, sm, None, "mxfp4_e2m1", True, 32)
     # with gradients (x and bias) and without the scale check
     yield "linear", (torch.randn(4, 40, device=device, requires_grad=True), packed, s, z,
                      torch.randn(24, device=device, requires_grad=True), "int4", False, 16, 40, False)

@@ -70,7 +70,7 @@ bool quantize_group(const FormatSpec& f, const T* xrow, int64_t g0, int64_t g1, 
     if constexpr (std::is_void_v<CODEC>) {
       codes[k - g0] = quantize_int_code(v, sz.scale, sz.zero, qmin, qmax, noise, STOCHASTIC);
     } else {
-      codes[k - g0] = quantize_float_code<CODEC>(v, sz.scale, noise, STOCHASTIC);
+      codes[k - g0] = quantize_float_code<CODEC>(v, sz.scale, noise, STOCHASTIC, f.mx);
     }
   }
   return bad;
@@ -187,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
     });
   });
   if (err) raise_kernel_error("quantize", err, a.fmt);
-  return {o.packed, o.scale, o.zero};
+  return {o.packed, returned_scale(a, o.scale), o.zero};
 }
 
 at::Tensor fake_quantize_cpu(const at::Tensor& x, const std::string& fmt, bool symmetric, int64_t group_size,

@@ -42,7 +42,7 @@ __device__ __forceinline__ void emit_block(const QuantParams& p, const float (&v
     if constexpr (std::is_void_v<CODEC>) {
       c[i] = quantize_int_code(v[i], sz[i].scale, sz[i].zero, qmin, qmax, noise, p.stochastic);
     } else {
-      c[i] = quantize_float_code<CODEC>(v[i], sz[i].scale, noise, p.stochastic);
+      c[i] = quantize_float_code<CODEC>(v[i], sz[i].scale, noise, p.stochastic, p.fmt.mx);
     }
     if (i >= n) c[i] = 0;
   }
@@ -303,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x
   QuantizeOutputs o = allocate_quantize_outputs(a);
   at::Tensor none;
   run_quantize<false>("quantize", a, o.packed.data_ptr<uint8_t>(), none, o.scale_dst, o.zero_dst, stochastic, seed);
-  return {o.packed, o.scale, o.zero};
+  return {o.packed, returned_scale(a, o.scale), o.zero};
 }
 
 at::Tensor fake_quantize_cuda(const at::Tensor& x, const std::string& fmt, bool symmetric, int64_t group_size,

@@ -68,6 +68,12 @@ struct QuantizeOutputs {
 
 QuantizeOutputs allocate_quantize_outputs(const QuantizeArgs& a);
 
+// MX scales (formats.h): E8M0 bytes <-> the float32 powers of two the kernels compute with.
+at::Tensor mx_scale_values(const at::Tensor& codes, const FormatSpec& f);
+at::Tensor mx_scale_codes(const at::Tensor& scale, const FormatSpec& f);
+// The scale a quantize op returns: float32, or E8M0 bytes for MX formats.
+at::Tensor returned_scale(const QuantizeArgs& a, const at::Tensor& scale);
+
 // ---------------------------------------------------------------- dequantize
 
 struct DequantizeArgs {

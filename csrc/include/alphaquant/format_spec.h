@@ -21,6 +21,10 @@ struct FormatSpec {
   int bits;
   bool symmetric;
   float max_value;  // float and code book formats: largest finite value
+  // MX (formats.h, "MX block formats"): the element format above, one E8M0 scale per block of
+  // kMxBlock values; mx_emax is the exponent of the element's largest power of two.
+  bool mx = false;
+  int mx_emax = 0;
 
   // Float and code book formats: every code has a fixed value (a table lookup on the CPU), the
   // scale is max|x| / max_value and there is no zero point. Integers compute their values.
@@ -28,7 +32,8 @@ struct FormatSpec {
   // The only formats with a zero point: integers on [0, 2^bits - 1].
   AQ_HD bool is_asymmetric_int() const { return !is_float_or_codebook() && !symmetric; }
   // Float formats hold NaN (and e5m2 Inf) themselves; the others reject non-finite input.
-  AQ_HD bool holds_nonfinite() const { return id == FormatId::kFP8E4M3 || id == FormatId::kFP8E5M2; }
+  // MX formats refuse them too (the spec's NaN scale for a block holding NaN is not implemented).
+  AQ_HD bool holds_nonfinite() const { return !mx && (id == FormatId::kFP8E4M3 || id == FormatId::kFP8E5M2); }
   AQ_HD float qmin() const { return is_float_or_codebook() ? -max_value : int_range(bits, symmetric).qmin; }
   AQ_HD float qmax() const { return is_float_or_codebook() ? max_value : int_range(bits, symmetric).qmax; }
 };

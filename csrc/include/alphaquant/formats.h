@@ -22,6 +22,18 @@
 // codes and the scales (see LearnedCodebook at the end of this file):
 //   value = codebook[row or 0][code] * scale[group]
 //
+// MX block formats (OCP Microscaling v1.0): an element format above plus one shared scale per
+// block of 32 consecutive values along a row (the last block of a row may be shorter):
+//   mxfp8_e4m3 mxfp8_e5m2 mxfp6_e3m2 mxfp6_e2m3 mxfp4_e2m1   elements as fp8/fp6/fp4 above
+//   mxint8     elements int8 q in [-128, 127] (offset-binary codes as int8), value q * 2^-6
+// The scale is an E8M0 byte e: X = 2^(e - 127), e in 0..254 (2^-127 .. 2^127), e = 255 is NaN.
+//   X = 2^(floor(log2(max|x| of the block)) - emax), emax = 8 (e4m3), 15 (e5m2), 4 (e3m2),
+//       2 (e2m3, e2m1), 0 (int8); clamped to 2^-127 .. 2^127 (an all-zero block gets 2^-127)
+//   element = x / X rounded to nearest even, saturated to the element's largest finite value
+//   value   = element * X
+// floor(log2) is read from the float32 exponent field (a subnormal max counts as 2^-127), as
+// torchao's FLOOR mode does. Values are 4.25 / 6.25 / 8.25 bits each with their scale byte.
+//
 // Packing (every format, every width b): each row is a little-endian bit stream; code i of the
 // row sits in bits [i*b, i*b + b), counted from bit 0 of the row's first byte. A row of K codes
 // takes ceil(K*b/8) bytes, so rows start on byte boundaries and can be read alone. Eight codes
@@ -193,6 +205,15 @@ struct ZeroGrid {
 inline ZeroGrid zero_grid(int bits) {
   return {std::ldexp(1.0f, bits - 7), -std::ldexp(1.0f, bits - 1)};
 }
+
+// 2^e for e in [-149, 127]: normal powers from the exponent field, the rest as float32 subnormals.
+AQ_HD float pow2_wide(int e) {
+  return e >= -126 ? bits_float(static_cast<uint32_t>(e + 127) << 23) : bits_float(1u << (e + 149));
+}
+
+constexpr int kMxBlock = 32;       // values per MX scale
+constexpr int kE8M0Bias = 127;     // X = 2^(e - 127)
+constexpr int kMxIntShift = 6;     // an mxint8 element q is q * 2^-6
 
 // Pack eight codes of BITS bits into one integer of 8*BITS bits, which is exactly BITS bytes
 // (the unit of the row bit stream; byte lengths: layout.h).

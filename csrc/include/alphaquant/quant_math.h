@@ -48,9 +48,19 @@ struct ScaleZero {
 // When max - min overflows float32 (values of both signs near the float32 limit), the range is
 // divided before subtracting: max / (qmax - qmin) - min / (qmax - qmin); int1 (one step) still
 // overflows there, and the largest float32 is the closest scale. Then |zero| <= qmax - qmin.
+// The scale the kernels use for an MX block (formats.h): X = 2^(floor(log2 amax) - emax),
+// clamped to E8M0's range; for mxint8 it includes the element's 2^-6.
+AQ_HD float mx_scale(const FormatSpec& f, float amax) {
+  const int floor_log2 = static_cast<int>((float_bits(amax) >> 23) & 0xffu) - 127;  // -127 for 0, subnormals
+  int e = floor_log2 - f.mx_emax;
+  e = e < -kE8M0Bias ? -kE8M0Bias : (e > kE8M0Bias ? kE8M0Bias : e);
+  return pow2_wide(f.id == FormatId::kInt ? e - kMxIntShift : e);
+}
+
 AQ_HD ScaleZero group_scale(const FormatSpec& f, const GroupStats& s) {
   float mn = s.mn, mx = s.mx;
   if (mn > mx) mn = mx = 0.0f;  // empty or all non-finite: nothing to scale
+  if (f.mx) return {mx_scale(f, fmaxf(fabsf(mn), fabsf(mx))), 0.0f};
   if (!f.is_asymmetric_int()) {
     const float amax = fmaxf(fabsf(mn), fabsf(mx));
     float scale = amax / f.qmax();
@@ -75,10 +85,13 @@ AQ_HD bool valid_scale(float scale, float zero) {
 }
 
 // One value -> code, given its group's scale and zero point. `noise` is only read when
-// stochastic rounding is on.
+// stochastic rounding is on. `saturate` (MX) clamps to the largest finite value first, which
+// only changes e5m2 (the others saturate when they encode; e5m2 rounds overflow to Inf).
 template <class FMT>
-AQ_HD uint8_t quantize_float_code(float x, float scale, uint32_t noise, bool stochastic) {
-  return static_cast<uint8_t>(FMT::encode(x / scale, noise, stochastic));
+AQ_HD uint8_t quantize_float_code(float x, float scale, uint32_t noise, bool stochastic, bool saturate = false) {
+  float v = x / scale;
+  if (saturate) v = min_of(max_of(v, -FMT::max_value()), FMT::max_value());
+  return static_cast<uint8_t>(FMT::encode(v, noise, stochastic));
 }
 
 AQ_HD uint8_t quantize_int_code(float x, float scale, float zero, float qmin, float qmax,
