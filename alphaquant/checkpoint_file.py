@@ -272,7 +272,11 @@ def _check_scale_tensor(key: str, t: torch.Tensor, path: str) -> None:
     """Scales that are zero, negative, NaN or infinite (or non-finite zero points / code books)
     would decode to garbage or divide by zero: a checkpoint holding them is refused."""
     v = t.float()
-    if key.endswith(".weight_scale"):
+    if key.endswith(".weight_scale") and t.dtype == torch.uint8:  # MX E8M0 bytes: 255 is NaN
+        if (t == 255).any():
+            raise ValueError(f"checkpoint {path}: tensor {key} holds {int((t == 255).sum())} E8M0 scale byte(s) 255 "
+                             f"(NaN); MX scales must be finite powers of two (bytes 0..254)")
+    elif key.endswith(".weight_scale"):
         bad = ~torch.isfinite(v) | (v <= 0)
         if bad.any():
             raise ValueError(f"checkpoint {path}: tensor {key} holds {int(bad.sum())} invalid scale(s) (e.g. "

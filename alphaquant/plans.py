@@ -56,7 +56,9 @@ from .nn.quant_embedding import QuantEmbedding, TiedQuantLinear
 from .nn.quant_linear import QuantLinear
 from .quantizers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
 from .layout import GRANULARITIES
+from .formats import MX_BLOCK
 from .quantizers.base import MAX_GROUP_SIZE
+from .quantizers.mx import MXConfig
 from .quantizers.registry import FLOAT_NAMES, lookup
 from .algorithms.rotation import ATTR as ROTATION_ATTR, ROTATIONS, RotationError, restore, rotate_model
 from .algorithms.finetune import FinetuneOptions, check_options as finetune_options, finetune_scales
@@ -236,6 +238,15 @@ def build_quantizers(scheme: dict):
             return None
         q_cls, cfg = found
         kwargs = dict(group_size=scheme["group_size"], dtype=scheme["dtype"], granularity=granularity)
+        if issubclass(cfg, MXConfig):  # the block is the format's: 32 values, one scale each
+            if scheme["group_size"] not in (MX_BLOCK, DEFAULTS["group_size"]) or granularity != "per_group":
+                raise PlanError(f"{scheme[side]} shares one scale per block of {MX_BLOCK} values: group_size must be "
+                                f"{MX_BLOCK} (or left out) and the granularity per_group; got group_size="
+                                f"{scheme['group_size']}, granularity {granularity}")
+            kwargs["group_size"] = MX_BLOCK
+            if side == "wq" and scheme["algorithm"] != "rtn":
+                raise PlanError(f"{scheme[side]}: {scheme['algorithm']} does not take MX formats yet (their scales are "
+                                f"E8M0 bytes chosen by the format's rule); use round to nearest")
         if side == "wq" and scheme[side] == "lut4":
             kwargs["codebook_granularity"] = scheme["codebook_granularity"]
         if side == "wq":
@@ -298,6 +309,8 @@ class PlanReport:
 
 def _weight_label(s: dict) -> str:
     w = s["wq"] + ("" if s["symmetric"] or not s["wq"].startswith("int") else "a")
+    if s["wq"].startswith("mx"):
+        return f"w{w}/g{MX_BLOCK}"
     g = {"per_tensor": "t", "per_channel": "c"}.get(s["granularity"], str(s["group_size"]))
     return f"w{w}/g{g}"
 
@@ -465,7 +478,7 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
         else:
             q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, wq.fmt,
                             wq.symmetric, wq.config.op_group_size, aq, linear.weight.dtype, linear.weight.device,
-                            getattr(torch, wq.config.scale_dtype), scheme=scheme,
+                            wq.config.scale_storage_dtype, scheme=scheme,
                             input_rotation=getattr(linear, ROTATION_ATTR, None), zero_dtype=wq.config.zero_point_dtype)
             sqnr = float("nan")
         before = linear.weight.numel() * linear.weight.element_size()
@@ -485,7 +498,7 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
         else:
             q = QuantEmbedding(embedding.num_embeddings, embedding.embedding_dim, wq.fmt, wq.symmetric,
                                wq.config.op_group_size, embedding.weight.dtype, embedding.weight.device,
-                               getattr(torch, wq.config.scale_dtype), scheme=scheme,
+                               wq.config.scale_storage_dtype, scheme=scheme,
                                padding_idx=embedding.padding_idx, zero_dtype=wq.config.zero_point_dtype)
             sqnr = float("nan")
         before = embedding.weight.numel() * embedding.weight.element_size()

@@ -73,7 +73,10 @@ class PackedWeightModule(nn.Module):
         scale, zero, codebook = self.weight_scale, self.weight_zero_point, self.weight_codebook
         if scale.device.type == "meta" or isinstance(scale, torch._subclasses.FakeTensor):
             return  # no values to check
-        bad_scale = not bool(((scale > 0) & torch.isfinite(scale)).all())
+        if scale.dtype == torch.uint8:  # MX E8M0 bytes: every code but 255 (NaN) is a power of two > 0
+            bad_scale = bool((scale == 255).any())
+        else:
+            bad_scale = not bool(((scale > 0) & torch.isfinite(scale)).all())
         bad_zero = zero is not None and not bool(torch.isfinite(zero).all())
         bad_codebook = codebook is not None and not bool(torch.isfinite(codebook).all())
         if bad_scale or bad_zero or bad_codebook:

@@ -19,6 +19,8 @@ from .int_quantizers import (
     IntConfig,
     IntQuantizer,
 )
+from .mx import (MXConfig, MXFP4Config, MXFP4Quantizer, MXFP6Config, MXFP6Quantizer, MXFP8Config, MXFP8Quantizer,
+                 MXINT8Config, MXINT8Quantizer, MXQuantizer)
 from .nf4 import NF4Config, NF4Quantizer
 from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, ObserverBase, PercentileObserver
 
@@ -28,5 +30,7 @@ __all__ = [
     "INT5Quantizer", "INT5Config", "INT6Quantizer", "INT6Config",
     "INT8Quantizer", "INT8Config", "FP4Quantizer", "FP4Config", "FP8Quantizer", "FP8Config",
     "NF4Quantizer", "NF4Config", "CodebookQuantizer", "CodebookConfig",
+    "MXQuantizer", "MXConfig", "MXFP4Quantizer", "MXFP4Config", "MXFP6Quantizer", "MXFP6Config",
+    "MXFP8Quantizer", "MXFP8Config", "MXINT8Quantizer", "MXINT8Config",
     "ObserverBase", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
 ]

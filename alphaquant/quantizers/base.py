@@ -92,6 +92,11 @@ class QuantizerConfig:
         return torch.uint8 if self.byte_zero_point else DTYPES[self.scale_dtype]
 
     @property
+    def scale_storage_dtype(self) -> torch.dtype:
+        """dtype of stored weight scales (MX formats: uint8 E8M0 codes)."""
+        return DTYPES[self.scale_dtype]
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 

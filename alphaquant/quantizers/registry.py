@@ -16,6 +16,8 @@ from .fp4 import FP4Config, FP4Quantizer
 from .fp8 import FP8Config, FP8Quantizer
 from .int_quantizers import (INT2Config, INT2Quantizer, INT3Config, INT3Quantizer, INT4Config, INT4Quantizer,
                              INT5Config, INT5Quantizer, INT6Config, INT6Quantizer, INT8Config, INT8Quantizer)
+from .mx import (MXFP4Config, MXFP4Quantizer, MXFP6Config, MXFP6Quantizer, MXFP8Config, MXFP8Quantizer, MXINT8Config,
+                 MXINT8Quantizer)
 from .nf4 import NF4Config, NF4Quantizer
 
 # name -> (quantizer class, config class, config defaults the name fixes)
@@ -33,6 +35,16 @@ QUANTIZER_REGISTRY: dict = {
     "fp4_e2m1": (FP4Quantizer, FP4Config, {"format": "e2m1"}),
     "nf4": (NF4Quantizer, NF4Config, {"format": "nf4"}),
     "lut4": (CodebookQuantizer, CodebookConfig, {}),
+    # MX block formats (OCP MX v1.0): 32 values per E8M0 scale byte
+    "mxfp4": (MXFP4Quantizer, MXFP4Config, {"format": "e2m1"}),
+    "mxfp4_e2m1": (MXFP4Quantizer, MXFP4Config, {"format": "e2m1"}),
+    "mxfp6": (MXFP6Quantizer, MXFP6Config, {"format": "e3m2"}),
+    "mxfp6_e3m2": (MXFP6Quantizer, MXFP6Config, {"format": "e3m2"}),
+    "mxfp6_e2m3": (MXFP6Quantizer, MXFP6Config, {"format": "e2m3"}),
+    "mxfp8": (MXFP8Quantizer, MXFP8Config, {"format": "e4m3"}),
+    "mxfp8_e4m3": (MXFP8Quantizer, MXFP8Config, {"format": "e4m3"}),
+    "mxfp8_e5m2": (MXFP8Quantizer, MXFP8Config, {"format": "e5m2"}),
+    "mxint8": (MXINT8Quantizer, MXINT8Config, {}),
 }
 FLOAT_NAMES = (None, "none", "float")  # keep this side in floating point
 
