@@ -19,7 +19,8 @@ from alphaquant import ops, reference as ref  # noqa: E402
 from alphaquant.formats import format_bits  # noqa: E402
 
 SCHEMES = [("int4", True, 128), ("int4", False, 128), ("int2", False, 64), ("int6", True, 128), ("int8", True, 128),
-           ("fp8_e4m3", True, 128), ("fp8_e5m2", True, 128), ("fp4_e2m1", True, 32), ("fp6_e2m3", True, 32)]
+           ("fp8_e4m3", True, 128), ("fp8_e5m2", True, 128), ("fp4_e2m1", True, 32), ("fp6_e2m3", True, 32),
+           ("mxfp4_e2m1", True, 32), ("mxfp6_e3m2", True, 32), ("mxfp8_e4m3", True, 32), ("mxint8", True, 32)]
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     for fmt, sym, g in SCHEMES:
         packed, s, z = ops.quantize(x, fmt, symmetric=sym, group_size=g)
         zp = z if z.numel() else None
-        out_bytes = packed.numel() + s.numel() * 4 + z.numel() * 4
+        out_bytes = packed.numel() + s.numel() * s.element_size() + z.numel() * z.element_size()
         t_q = median_time(lambda: ops.quantize(x, fmt, symmetric=sym, group_size=g), dev, reps)
         t_d = median_time(lambda: ops.dequantize(packed, s, zp, fmt, symmetric=sym, group_size=g, k=k, dtype=dtype),
                           dev, reps)

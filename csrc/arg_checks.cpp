@@ -2,6 +2,7 @@
 // code, no kernels).
 #include "alphaquant/arg_checks.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 namespace alphaquant {
@@ -131,7 +132,18 @@ static void check_mx_group(const char* op, const FormatSpec& f, int64_t group_si
 at::Tensor mx_scale_values(const at::Tensor& codes, const FormatSpec& f) {
   // The kernel's scale 2^e, built from float32 bits so that it is exact on every device
   // (2^-133 for mxint8's smallest is a subnormal); code 255 is NaN, which the kernels refuse.
-  const at::Tensor e = codes.to(at::kInt) - (kE8M0Bias + (f.id == FormatId::kInt ? kMxIntShift : 0));
+  const int shift = kE8M0Bias + (f.id == FormatId::kInt ? kMxIntShift : 0);
+  if (codes.device().is_cpu()) {  // one pass, no temporaries: this runs on every linear call
+    const at::Tensor c = codes.contiguous();
+    at::Tensor out = at::empty(c.sizes(), c.options().dtype(at::kFloat));
+    const uint8_t* src = c.data_ptr<uint8_t>();
+    float* dst = out.data_ptr<float>();
+    at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) dst[i] = src[i] == 255 ? bits_float(0x7fc00000u) : pow2_wide(src[i] - shift);
+    });
+    return out;
+  }
+  const at::Tensor e = codes.to(at::kInt) - shift;
   const at::Tensor normal = at::bitwise_left_shift((e + 127).clamp_min(0), 23);
   const at::Tensor subnormal = at::bitwise_left_shift(at::ones_like(e), (e + 149).clamp(0, 22));
   at::Tensor bits = at::where(e >= -126, normal, subnormal);
