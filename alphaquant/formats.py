@@ -15,7 +15,12 @@ MX_ELEMENTS = {"mxfp8_e4m3": ("fp8_e4m3", 8), "mxfp8_e5m2": ("fp8_e5m2", 15), "m
 MX_FORMATS = tuple(MX_ELEMENTS)
 MX_INT_SHIFT = 6  # an mxint8 element q stands for q * 2^-6
 E8M0_BIAS = 127
-ALL_FORMATS = INT_FORMATS + FLOAT_FORMATS + CODEBOOK_FORMATS + MX_FORMATS
+# NVFP4: fp4_e2m1 values, one E4M3 scale byte per block of NVFP4_BLOCK values and one float32
+# global scale per tensor, which the ops take in their zero_point argument (formats.h, "NVFP4").
+NVFP4 = "nvfp4"
+NVFP4_BLOCK = 16
+NVFP4_FORMATS = (NVFP4,)
+ALL_FORMATS = INT_FORMATS + FLOAT_FORMATS + CODEBOOK_FORMATS + MX_FORMATS + NVFP4_FORMATS
 # Learned code books: 4-bit codes index 16 values fitted to each weight (or each of its rows) and
 # stored beside codes and scales (alphaquant.quantizers.codebook). Not a fixed format, so not in
 # ALL_FORMATS: the ops that take a format name do not take it; dequantize_codebook and
@@ -80,6 +85,16 @@ def is_mx_format(fmt: str) -> bool:
     return fmt in MX_FORMATS
 
 
+def is_block_scaled(fmt: str) -> bool:
+    """MX and NVFP4: a narrow scale byte per block of a size the format fixes."""
+    return fmt in MX_FORMATS or fmt in NVFP4_FORMATS
+
+
+def format_block(fmt: str) -> int:
+    """Values per scale of a block-scaled format."""
+    return MX_BLOCK if fmt in MX_FORMATS else NVFP4_BLOCK
+
+
 def mx_element(fmt: str) -> str:
     """The element format of an MX format (mxfp4_e2m1 -> fp4_e2m1, mxint8 -> int8)."""
     return MX_ELEMENTS[fmt][0]
@@ -99,6 +114,8 @@ def format_bits(fmt: str) -> int:
     check_format(fmt)
     if fmt in MX_ELEMENTS:
         return format_bits(mx_element(fmt))
+    if fmt == NVFP4:
+        return FLOAT_INFO["fp4_e2m1"].bits
     if fmt in FLOAT_INFO:
         return FLOAT_INFO[fmt].bits
     if fmt in CODEBOOK_VALUES:

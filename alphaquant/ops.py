@@ -23,8 +23,7 @@ import torch
 
 from . import _native  # noqa: F401  (registers the ops)
 from .formats import (CODEBOOK_FORMATS, FLOAT_FORMATS, LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, MX_BLOCK, MX_FORMATS,
-                      format_bits,
-                      packed_row_bytes)
+                      NVFP4, NVFP4_BLOCK, format_bits, packed_row_bytes)
 from .layout import check_op_group_size, scale_shape  # scale_shape also re-exported: ops.scale_shape
 
 _ops = torch.ops.alphaquant
@@ -77,6 +76,9 @@ def quantize(
     Returns (packed uint8 [..., ceil(k*bits/8)], scale float32, zero_point float32). zero_point
     is empty (shape [0]) unless the format is an asymmetric integer. Scales are computed from
     each group's min/max unless ``scale`` (and for asymmetric ints ``zero_point``) are given.
+    Block-scaled formats return scale bytes: E8M0 for MX (group_size 32), E4M3 for nvfp4
+    (group_size 16), whose float32 global scale [1] comes back as zero_point and may be given
+    as zero_point (with or without the scale bytes) to quantize under a chosen global scale.
     ``stochastic`` rounds up with probability equal to the discarded fraction, reproducibly for
     a given ``seed``. NaN/Inf raise ValueError except for fp8 formats, which encode them.
     """
@@ -247,7 +249,7 @@ def embedding_codebook(
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FORMAT_NAMES = ("int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, nf4, "
-                 "mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4_e2m1, mxint8")
+                 "mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4_e2m1, mxint8, nvfp4")
 _MAX_ROW_LENGTH = (2**63 - 1) // 8  # a row's length in bits still fits in int64
 _INT64_MAX = 2**63 - 1
 
@@ -276,6 +278,11 @@ def _parse_format(fmt: str, symmetric: bool) -> tuple[int, bool]:
             raise ValueError(f"alphaquant: MX format {fmt} is symmetric by definition (one shared power-of-two scale "
                              f"per block, no zero point); use symmetric=True")
         return format_bits(fmt), False
+    if fmt == NVFP4:
+        if not symmetric:
+            raise ValueError("alphaquant: nvfp4 is symmetric by definition (E4M3 block scales and a global scale, no "
+                             "zero point); use symmetric=True")
+        return 4, False
     if fmt not in FLOAT_FORMATS + CODEBOOK_FORMATS:
         raise ValueError(f"alphaquant: unknown format '{fmt}'; allowed: {_FORMAT_NAMES}")
     if not symmetric:
@@ -334,10 +341,23 @@ def _check_packed_rows(op: str, packed: torch.Tensor, bits: int, k: int, what: s
                                f"{row_bytes}")
 
 
-def _check_mx_group(op: str, fmt: str, group_size: int) -> None:
-    if fmt in MX_FORMATS and group_size != MX_BLOCK:
-        raise _value_error(op, f"{fmt} shares one scale per block of {MX_BLOCK} values: group_size must be "
-                               f"{MX_BLOCK}; got {group_size}")
+def _check_block_group(op: str, fmt: str, group_size: int) -> None:
+    block = MX_BLOCK if fmt in MX_FORMATS else NVFP4_BLOCK if fmt == NVFP4 else None
+    if block is not None and group_size != block:
+        raise _value_error(op, f"{fmt} shares one scale per block of {block} values: group_size must be "
+                               f"{block}; got {group_size}")
+
+
+def _check_global_scale(op: str, ref: torch.Tensor, ref_name: str, g: Optional[torch.Tensor]) -> None:
+    """nvfp4's global scale, which travels as zero_point: floating, shape [1], on ref's device."""
+    if g is None:
+        raise _value_error(op, "nvfp4 needs its float32 global scale (shape [1]) as zero_point, as quantize returns "
+                               "it (nvfp4 has no zero point)")
+    _check_same_device(op, ref, ref_name, g, "zero_point (nvfp4's global scale)")
+    if g.dim() != 1 or g.numel() != 1:
+        raise _value_error(op, f"nvfp4's global scale (zero_point) must have shape [1]; got {_shape(g)}")
+    if not g.dtype.is_floating_point:
+        raise _type_error(op, f"nvfp4's global scale (zero_point) must be a floating tensor; got {g.dtype}")
 
 
 def _check_params(op: str, ref: torch.Tensor, ref_name: str, t: torch.Tensor, name: str, expected: tuple,
@@ -352,6 +372,10 @@ def _check_params(op: str, ref: torch.Tensor, ref_name: str, t: torch.Tensor, na
         if t.dtype != torch.uint8:
             raise _type_error(op, f"{fmt} scales are E8M0 bytes (uint8: X = 2^(e - 127)); got {t.dtype}")
         return
+    if fmt == NVFP4 and name == "scale":
+        if t.dtype not in (torch.uint8, torch.float8_e4m3fn):
+            raise _type_error(op, f"nvfp4 scales are E4M3 bytes (uint8 or float8_e4m3fn); got {t.dtype}")
+        return
     if name == "zero_point" and t.dtype == torch.uint8:
         return  # one-byte zero points (alphaquant.formats.zero_grid)
     if not t.dtype.is_floating_point:
@@ -363,11 +387,17 @@ def _check_quantize(op: str, x, fmt, symmetric, group_size, scale, zero_point) -
     """The checks of quantize and fake_quantize; returns (bits, asymmetric int)."""
     _check_floating(op, x)
     bits, asym = _parse_format(fmt, symmetric)
-    _check_mx_group(op, fmt, group_size)
+    _check_block_group(op, fmt, group_size)
     _check_layout(x.shape, group_size)
     if x.numel() == 0:
         raise _value_error(op, f"input is empty (shape {_shape(x)}); quantization needs at least one element")
     expected = scale_shape(x.shape, group_size)
+    if fmt == NVFP4:  # zero_point is the global scale: given or computed, with or without scale
+        if zero_point is not None:
+            _check_global_scale(op, x, "x", zero_point)
+        if scale is not None:
+            _check_params(op, x, "x", scale, "scale", expected, x.shape, group_size, fmt)
+        return bits, asym
     if scale is not None:
         _check_params(op, x, "x", scale, "scale", expected, x.shape, group_size, fmt)
         if asym:
@@ -384,11 +414,15 @@ def _check_quantize(op: str, x, fmt, symmetric, group_size, scale, zero_point) -
 
 def _check_dequantize(op: str, packed, scale, zero_point, fmt, symmetric, group_size, k) -> None:
     bits, asym = _parse_format(fmt, symmetric)
-    _check_mx_group(op, fmt, group_size)
+    _check_block_group(op, fmt, group_size)
     _check_packed_rows(op, packed, bits, k, "values")
     out_shape = tuple(packed.shape[:-1]) + (k,)
     _check_layout(out_shape, group_size)
     expected = scale_shape(out_shape, group_size)
+    if fmt == NVFP4:
+        _check_global_scale(op, packed, "packed", zero_point)
+        _check_params(op, packed, "packed", scale, "scale", expected, out_shape, group_size, fmt)
+        return
     _check_params(op, packed, "packed", scale, "scale", expected, out_shape, group_size, fmt)
     if asym:
         if zero_point is None:
@@ -489,8 +523,8 @@ def _quantize_fake(x, fmt, symmetric, group_size, scale, zero_point, stochastic,
     bits, asym = _check_quantize("quantize", x, fmt, symmetric, group_size, scale, zero_point)
     packed = x.new_empty(tuple(x.shape[:-1]) + (packed_row_bytes(x.shape[-1], bits),), dtype=torch.uint8)
     s_shape = scale_shape(x.shape, group_size)
-    s = x.new_empty(s_shape, dtype=torch.uint8 if fmt in MX_FORMATS else torch.float32)
-    z = x.new_empty(s_shape if asym else (0,), dtype=torch.float32)
+    s = x.new_empty(s_shape, dtype=torch.uint8 if fmt in MX_FORMATS + (NVFP4,) else torch.float32)
+    z = x.new_empty(s_shape if asym else (1,) if fmt == NVFP4 else (0,), dtype=torch.float32)
     return packed, s, z
 
 
@@ -645,4 +679,5 @@ def _quantize_fake_shapes(rows: int, k: int, fmt: str, symmetric: bool, group_si
         return (rows, packed_row_bytes(k, format_bits(fmt))), scale_shape((rows, k), group_size), None
     bits, asym = _parse_format(fmt, symmetric)
     s = scale_shape((rows, k), group_size)
-    return (rows, packed_row_bytes(k, bits)), s, (s if asym else None)
+    second = s if asym else (1,) if fmt == NVFP4 else None  # zero points, or nvfp4's global scale
+    return (rows, packed_row_bytes(k, bits)), s, second

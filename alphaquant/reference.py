@@ -248,6 +248,8 @@ def quantize_codes(
     _check_finite(x, fmt)
     if is_mx_format(fmt):
         return mx_quantize_codes(x, fmt, scale, stochastic, seed)
+    if fmt == "nvfp4":
+        return nvfp4_quantize_codes(x, scale, zero_point, stochastic, seed)
     if scale is None:
         scale, zero = group_scales(x, fmt, symmetric, group_size)
     else:
@@ -336,16 +338,68 @@ def mx_dequantize_codes(codes, scale, fmt, dtype=torch.float32):
     return (v * s).to(dtype)
 
 
+# ---------------------------------------------------------------- NVFP4 (compressed-tensors' recipe)
+
+_NVFP4_BLOCK = 16
+
+
+def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
+    """float32 [1]: 448 * 6 / max|x| (max|x| at least the smallest normal float32), 1 if not finite."""
+    amax = x.to(torch.float32).abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+    g = torch.tensor([448.0 * 6.0]) / amax
+    return torch.where(torch.isfinite(g), g, torch.ones_like(g))
+
+
+def nvfp4_scale_codes(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 bytes [..., blocks]: (max|x| of the block / 6) * g, saturated at 448, rounded to
+    nearest even by torch's float8_e4m3fn cast; a zero byte becomes 0.125's (0x20)."""
+    k = x.shape[-1]
+    n = -(-k // _NVFP4_BLOCK)
+    padded = torch.nn.functional.pad(x.to(torch.float32).abs(), (0, n * _NVFP4_BLOCK - k))
+    amax = padded.reshape(*x.shape[:-1], n, _NVFP4_BLOCK).amax(-1)
+    s = ((amax / 6.0) * global_scale.to(torch.float32)).clamp(max=448.0)
+    codes = s.to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch.where(codes == 0, torch.full_like(codes, 0x20), codes)
+
+
+def nvfp4_scale_values(codes: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """float32 block scales S = float(E4M3 byte) / g."""
+    return codes.view(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32) / global_scale.to(torch.float32)
+
+
+def nvfp4_quantize_codes(x, scale=None, global_scale=None, stochastic=False, seed=0):
+    """(codes, E4M3 scale bytes, global scale [1]): element = x / S rounded to nearest even (or
+    stochastically), saturated to +-6."""
+    g = nvfp4_global_scale(x) if global_scale is None else global_scale.to(torch.float32).reshape(1)
+    codes_e4m3 = nvfp4_scale_codes(x, g) if scale is None else scale.view(torch.uint8)
+    k = x.shape[-1]
+    s = nvfp4_scale_values(codes_e4m3, g).repeat_interleave(_NVFP4_BLOCK, dim=-1)[..., :k]
+    noise = None
+    if stochastic:
+        noise = random_bits(seed, torch.arange(x.numel(), dtype=torch.int64).reshape(x.shape))
+    codes = encode_float((x.to(torch.float32) / s).clamp(-6.0, 6.0), "fp4_e2m1", noise)
+    return codes, codes_e4m3, g
+
+
+def nvfp4_dequantize_codes(codes, scale, global_scale, dtype=torch.float32):
+    k = codes.shape[-1]
+    s = nvfp4_scale_values(scale, global_scale.reshape(1)).repeat_interleave(_NVFP4_BLOCK, dim=-1)[..., :k]
+    return (decode_float(codes, "fp4_e2m1") * s).to(dtype)
+
+
 def quantize(x, fmt, symmetric=True, group_size=128, scale=None, zero_point=None, stochastic=False, seed=0):
-    """Reference of torch.ops.alphaquant.quantize: (packed, scale, zero_point)."""
+    """Reference of torch.ops.alphaquant.quantize: (packed, scale, zero_point); nvfp4 returns its
+    global scale as zero_point."""
     codes, scale, zero = quantize_codes(x, fmt, symmetric, group_size, scale, zero_point, stochastic, seed)
     asym = is_int_format(fmt) and not symmetric
-    return pack(codes, format_bits(fmt)), scale, (zero if asym else torch.empty(0))
+    return pack(codes, format_bits(fmt)), scale, (zero if asym or fmt == "nvfp4" else torch.empty(0))
 
 
 def dequantize_codes(codes, scale, zero_point, fmt, symmetric=True, group_size=128, dtype=torch.float32):
     if is_mx_format(fmt):
         return mx_dequantize_codes(codes, scale, fmt, dtype)
+    if fmt == "nvfp4":
+        return nvfp4_dequantize_codes(codes, scale, zero_point, dtype)
     s = _expand(scale.to(torch.float32), codes.shape, group_size)
     if is_float_format(fmt):
         return (decode_float(codes, fmt) * s).to(dtype)

@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cfloat>
+#include <cmath>
+
 namespace alphaquant {
 
 void check_floating(const char* op, const at::Tensor& x) {
@@ -122,11 +125,71 @@ static at::Tensor checked_zero_points(const char* op, const at::Tensor& ref, con
   return (t.to(at::kFloat) * g.step + g.lowest).contiguous();
 }
 
-// MX formats (formats.h) have one scale per block of 32 values.
-static void check_mx_group(const char* op, const FormatSpec& f, int64_t group_size) {
-  TORCH_CHECK_VALUE(!f.mx || group_size == kMxBlock, "alphaquant.", op, ": ", format_name(f),
-                    " shares one scale per block of ", kMxBlock, " values: group_size must be ", kMxBlock, "; got ",
-                    group_size);
+// MX formats (formats.h) have one scale per block of 32 values, NVFP4 one per block of 16.
+static void check_block_group(const char* op, const FormatSpec& f, int64_t group_size) {
+  if (!f.is_block_scaled()) return;
+  const int64_t block = f.mx ? kMxBlock : kNvfp4Block;
+  TORCH_CHECK_VALUE(group_size == block, "alphaquant.", op, ": ", format_name(f), " shares one scale per block of ",
+                    block, " values: group_size must be ", block, "; got ", group_size);
+}
+
+// ---------------------------------------------------------------- NVFP4 scales (formats.h)
+
+// nvfp4's global scale, passed as zero_point: a floating tensor of shape [1] on ref's device.
+static at::Tensor checked_global_scale(const char* op, const at::Tensor& ref, const char* ref_name,
+                                       const std::optional<at::Tensor>& g) {
+  TORCH_CHECK_VALUE(g.has_value(), "alphaquant.", op, ": nvfp4 needs its float32 global scale (shape [1]) as ",
+                    "zero_point, as quantize returns it (nvfp4 has no zero point)");
+  check_same_device(op, ref, ref_name, *g, "zero_point (nvfp4's global scale)");
+  TORCH_CHECK_VALUE(g->dim() == 1 && g->numel() == 1, "alphaquant.", op, ": nvfp4's global scale (zero_point) must ",
+                    "have shape [1]; got ", g->sizes());
+  TORCH_CHECK_TYPE(g->is_floating_point(), "alphaquant.", op, ": nvfp4's global scale (zero_point) must be a ",
+                   "floating tensor; got ", g->scalar_type());
+  return g->to(at::kFloat).contiguous();
+}
+
+at::Tensor nvfp4_scale_values(const at::Tensor& codes, const at::Tensor& global_scale) {
+  // S = float(e4m3 byte) / g. Bytes that are not positive finite E4M3 values give S <= 0 or NaN,
+  // which the kernels' scale check refuses.
+  if (codes.device().is_cpu()) {  // one pass through a 256-entry table: this runs on every linear call
+    float table[256];
+    const float g = global_scale.item<float>();
+    const at::Tensor all = at::arange(256, codes.options().dtype(at::kInt)).to(at::kByte);
+    const at::Tensor values = all.view(at::kFloat8_e4m3fn).to(at::kFloat);
+    for (int i = 0; i < 256; ++i) table[i] = values.data_ptr<float>()[i] / g;
+    const at::Tensor c = codes.contiguous();
+    at::Tensor out = at::empty(c.sizes(), c.options().dtype(at::kFloat));
+    const uint8_t* src = c.data_ptr<uint8_t>();
+    float* dst = out.data_ptr<float>();
+    at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) dst[i] = table[src[i]];
+    });
+    return out;
+  }
+  return (codes.contiguous().view(at::kFloat8_e4m3fn).to(at::kFloat) / global_scale).contiguous();
+}
+
+// 448 * 6 / max|x| (1 where that is not finite), compressed-tensors' generate_gparam.
+static at::Tensor nvfp4_default_global_scale(const char* op, const at::Tensor& x, const FormatSpec& f) {
+  const at::Tensor amax = x.abs().amax().to(at::kFloat).reshape({1});
+  if (!std::isfinite(amax.item<float>())) raise_kernel_error(op, kErrNonFinite, f);
+  const at::Tensor g = at::full({1}, 448.0f * 6.0f, amax.options()) / amax.clamp_min(FLT_MIN);
+  return at::where(at::isfinite(g), g, at::ones_like(g));
+}
+
+// The E4M3 block scale bytes of x [rows, k] under global scale g (formats.h): per block
+// e4m3((max|x| / 6) * g) saturated at 448, a zero byte replaced by 0.125's.
+static at::Tensor nvfp4_scale_codes(const char* op, const FormatSpec& f, const at::Tensor& x, const GroupLayout& l,
+                                    const at::Tensor& g, const std::vector<int64_t>& scale_shape) {
+  at::Tensor rows = x.reshape({l.rows, l.k});
+  const int64_t padded = l.groups * l.group_size;
+  if (padded != l.k) rows = at::constant_pad_nd(rows, {0, padded - l.k}, 0);  // zeros leave max|x| alone
+  const at::Tensor amax = rows.view({l.rows, l.groups, l.group_size}).abs().amax(-1).to(at::kFloat);
+  if (!at::isfinite(amax).all().item<bool>()) raise_kernel_error(op, kErrNonFinite, f);
+  const at::Tensor s = ((amax / 6.0f) * g).clamp_max(448.0f);
+  at::Tensor codes = s.to(at::kFloat8_e4m3fn).view(at::kByte);
+  codes = at::where(codes == 0, at::full_like(codes, 0x20), codes);  // 0x20 is E4M3 0.125
+  return codes.reshape(scale_shape).contiguous();
 }
 
 at::Tensor mx_scale_values(const at::Tensor& codes, const FormatSpec& f) {
@@ -158,17 +221,24 @@ at::Tensor mx_scale_codes(const at::Tensor& scale, const FormatSpec& f) {
 }
 
 at::Tensor returned_scale(const QuantizeArgs& a, const at::Tensor& scale) {
+  if (a.fmt.nvfp4) return *a.scale_codes;
   return a.fmt.mx ? mx_scale_codes(scale, a.fmt) : scale;
 }
 
-// A scale argument: float (checked_params), or for MX formats E8M0 bytes decoded to float32.
+// A scale argument: float (checked_params), or for MX formats E8M0 bytes and for nvfp4 E4M3 bytes
+// (with the global scale g) decoded to float32.
 static at::Tensor checked_scales(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
                                  const std::vector<int64_t>& expected, const std::string& context,
-                                 const FormatSpec& f) {
-  if (!f.mx) return checked_params(op, ref, ref_name, t, "scale", expected, context);
+                                 const FormatSpec& f, const at::Tensor* global_scale = nullptr) {
+  if (!f.is_block_scaled()) return checked_params(op, ref, ref_name, t, "scale", expected, context);
   check_same_device(op, ref, ref_name, t, "scale");
   TORCH_CHECK_VALUE(t.sizes().vec() == expected, "alphaquant.", op, ": scale has shape ", t.sizes(), "; expected ",
                     at::IntArrayRef(expected), " for ", context);
+  if (f.nvfp4) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kByte || t.scalar_type() == at::kFloat8_e4m3fn, "alphaquant.", op,
+                     ": nvfp4 scales are E4M3 bytes (uint8 or float8_e4m3fn); got ", t.scalar_type());
+    return nvfp4_scale_values(t.view(at::kByte), *global_scale);
+  }
   TORCH_CHECK_TYPE(t.scalar_type() == at::kByte, "alphaquant.", op, ": ", format_name(f),
                    " scales are E8M0 bytes (uint8: X = 2^(e - 127)); got ", t.scalar_type());
   return mx_scale_values(t, f);
@@ -180,7 +250,7 @@ QuantizeArgs prepare_quantize(const char* op, const at::Tensor& x, const std::st
   check_floating(op, x);
   QuantizeArgs a;
   a.fmt = parse_format(fmt, symmetric);
-  check_mx_group(op, a.fmt, group_size);
+  check_block_group(op, a.fmt, group_size);
   a.layout = make_layout(x.sizes(), group_size);
   TORCH_CHECK_VALUE(x.numel() > 0, "alphaquant.", op, ": input is empty (shape ", x.sizes(),
                     "); quantization needs at least one element");
@@ -188,6 +258,20 @@ QuantizeArgs prepare_quantize(const char* op, const at::Tensor& x, const std::st
   a.scale_shape = scale_shape(x.sizes(), a.layout);
   const bool asym = a.fmt.is_asymmetric_int();
   const std::string ctx = layout_context(x.sizes(), group_size);
+  if (a.fmt.nvfp4) {
+    // zero_point carries the global scale: given, or 448 * 6 / max|x|. Block scale bytes are given
+    // or chosen here; the kernels then quantize with the decoded float32 scales as static ones.
+    a.global_scale = zero_point.has_value() ? checked_global_scale(op, x, "x", zero_point)
+                                            : nvfp4_default_global_scale(op, a.x, a.fmt);
+    if (scale.has_value()) {
+      a.scale = checked_scales(op, x, "x", *scale, a.scale_shape, ctx, a.fmt, &*a.global_scale);
+      a.scale_codes = scale->view(at::kByte).contiguous();
+    } else {
+      a.scale_codes = nvfp4_scale_codes(op, a.fmt, a.x, a.layout, *a.global_scale, a.scale_shape);
+      a.scale = nvfp4_scale_values(*a.scale_codes, *a.global_scale);
+    }
+    return a;
+  }
   if (scale.has_value()) {
     a.scale = checked_scales(op, x, "x", *scale, a.scale_shape, ctx, a.fmt);
     if (asym) {
@@ -222,7 +306,10 @@ QuantizeOutputs allocate_quantize_outputs(const QuantizeArgs& a) {
   QuantizeOutputs o;
   o.packed = at::empty(packed_shape, a.x.options().dtype(at::kByte));
   o.scale = a.scale ? a.scale->clone() : at::empty(a.scale_shape, fopts);
-  o.zero = !a.fmt.is_asymmetric_int() ? at::empty({0}, fopts) : a.zero ? a.zero->clone() : at::empty(a.scale_shape, fopts);
+  o.zero = a.fmt.nvfp4                  ? a.global_scale->clone()
+           : !a.fmt.is_asymmetric_int() ? at::empty({0}, fopts)
+           : a.zero                     ? a.zero->clone()
+                                        : at::empty(a.scale_shape, fopts);
   o.scale_dst = a.scale ? nullptr : o.scale.data_ptr<float>();
   o.zero_dst = (a.fmt.is_asymmetric_int() && !a.zero) ? o.zero.data_ptr<float>() : nullptr;
   return o;
@@ -233,7 +320,7 @@ DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, cons
                                   bool symmetric, int64_t group_size, int64_t k, bool validate) {
   DequantizeArgs a;
   a.fmt = parse_format(fmt, symmetric);
-  check_mx_group(op, a.fmt, group_size);
+  check_block_group(op, a.fmt, group_size);
   a.validate = validate;
   check_packed_rows(op, packed, a.fmt.bits, k, "values");
   a.out_shape = packed.sizes().vec();
@@ -242,6 +329,11 @@ DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, cons
   a.packed = packed.contiguous();
   const auto expected = scale_shape(a.out_shape, a.layout);
   const std::string ctx = layout_context(a.out_shape, group_size);
+  if (a.fmt.nvfp4) {
+    const at::Tensor g = checked_global_scale(op, packed, "packed", zero_point);
+    a.scale = checked_scales(op, packed, "packed", scale, expected, ctx, a.fmt, &g);
+    return a;
+  }
   a.scale = checked_scales(op, packed, "packed", scale, expected, ctx, a.fmt);
   if (a.fmt.is_asymmetric_int()) {
     TORCH_CHECK_VALUE(zero_point.has_value(), "alphaquant.", op, ": asymmetric ", fmt, " needs zero_point");
@@ -271,12 +363,9 @@ ErrorArgs prepare_quantization_error(const at::Tensor& x, const at::Tensor& pack
 }
 
 // The name kernels that re-enter the dispatcher (dequantize_weight) pass with the decoded float32
-// scales: an MX format's element format, whose float scales give the same values.
+// scales: a block-scaled format's element format, whose float scales give the same values.
 static std::string element_format_name(const FormatSpec& f, const std::string& name) {
-  if (!f.mx) return name;
-  FormatSpec element = f;
-  element.mx = false;
-  return format_name(element);
+  return f.is_block_scaled() ? format_name(f.element()) : name;
 }
 
 LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,

@@ -50,12 +50,17 @@ at::Tensor embedding(const at::Tensor& indices, const at::Tensor& packed, const 
   check_output_dtype("embedding", dtype);
   const at::Tensor flat = checked_indices("embedding", indices, packed);
   // The whole table's layout is checked (shapes of scales and zero points for its rows).
-  prepare_dequantize("embedding", packed, scale, zero_point, fmt, symmetric, group_size, k, false);
+  const bool nvfp4 =
+      prepare_dequantize("embedding", packed, scale, zero_point, fmt, symmetric, group_size, k, false).fmt.nvfp4;
   if (flat.numel() == 0) return at::empty(output_shape(indices, k), packed.options().dtype(dtype));
   std::optional<at::Tensor> zero;
-  if (zero_point.has_value() && zero_point->numel() > 0) zero = rows_of(*zero_point, flat, group_size);
-  at::Tensor out = dequantize.call(packed.index_select(0, flat), rows_of(scale, flat, group_size), zero, fmt, symmetric,
-                                   group_size, k, dtype, validate);
+  if (zero_point.has_value() && zero_point->numel() > 0) {
+    zero = nvfp4 ? *zero_point : rows_of(*zero_point, flat, group_size);  // nvfp4's: one global scale
+  }
+  // E4M3 scale bytes are gathered as uint8 (index_select has no float8 kernel everywhere).
+  const at::Tensor scale_rows = nvfp4 ? rows_of(scale.view(at::kByte), flat, group_size) : rows_of(scale, flat, group_size);
+  at::Tensor out = dequantize.call(packed.index_select(0, flat), scale_rows, zero, fmt, symmetric, group_size, k, dtype,
+                                   validate);
   return out.reshape(output_shape(indices, k));
 }
 

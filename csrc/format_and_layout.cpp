@@ -9,7 +9,7 @@ namespace alphaquant {
 namespace {
 const char* kFormatNames =
     "int1..int8, fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, nf4, "
-    "mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4_e2m1, mxint8";
+    "mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4_e2m1, mxint8, nvfp4";
 
 // MX element formats and the exponent of each one's largest power of two (formats.h).
 struct MxElement {
@@ -25,6 +25,13 @@ FormatSpec float_format(FormatId id, int bits, float max_value) {
 }  // namespace
 
 FormatSpec parse_format(const std::string& name, bool symmetric) {
+  if (name == "nvfp4") {
+    TORCH_CHECK_VALUE(symmetric, "alphaquant: nvfp4 is symmetric by definition (E4M3 block scales and a global ",
+                      "scale, no zero point); use symmetric=True");
+    FormatSpec f = parse_format("fp4_e2m1", true);
+    f.nvfp4 = true;
+    return f;
+  }
   if (name.rfind("mx", 0) == 0) {
     for (const MxElement& e : kMxElements) {
       if (name.compare(2, std::string::npos, e.name) != 0) continue;
@@ -55,6 +62,7 @@ FormatSpec parse_format(const std::string& name, bool symmetric) {
 }
 
 std::string format_name(const FormatSpec& f) {
+  if (f.nvfp4) return "nvfp4";
   if (f.mx) {
     FormatSpec element = f;
     element.mx = false;

@@ -34,6 +34,9 @@ TORCH_LIBRARY(alphaquant, m) {
   // x: [..., k] float -> (packed [..., ceil(k*bits/8)] uint8, scale [..., groups] f32,
   // zero_point [..., groups] f32 for asymmetric ints else [0]). Scales are computed from
   // min/max unless given (static). group_size: > 0 groups, 0 per-channel, -1 per-tensor.
+  // Block-scaled formats (formats.h): scales are uint8 E8M0 (MX) or E4M3 (nvfp4) bytes. nvfp4's
+  // float32 global scale [1] travels as zero_point, in and out of every op: it has no zero point,
+  // and one more argument on every schema would serve one format.
   m.def(
       "quantize(Tensor x, str fmt, bool symmetric, int group_size, Tensor? scale, Tensor? zero_point, "
       "bool stochastic, int seed) -> (Tensor, Tensor, Tensor)");

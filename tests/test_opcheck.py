@@ -89,6 +89,15 @@ def samples(device):
     yield "linear", (torch.randn(20, 40, device=device), pm, sm, None, None, "mxfp4_e2m1", True, 32, 40)
     yield "embedding", (idx, pm, sm, None, "mxfp4_e2m1", True, 32, 40, torch.float32)
     yield "quantization_error", (xw, pm, sm, None, "mxfp4_e2m1", True, 32)
+    # NVFP4: E4M3 scale bytes per 16 values and the global scale as zero_point (k = 40: a short block)
+    pv, sv, gv = torch.ops.alphaquant.quantize(xw, "nvfp4", True, 16, None, None, False, 0)
+    yield "quantize", (x.detach().bfloat16(), "nvfp4", True, 16, None, None, True, 3)
+    yield "quantize", (x.detach(), "nvfp4", True, 16, None, torch.tensor([3.5], device=device), False, 0)
+    yield "fake_quantize", (x.detach().requires_grad_(), "nvfp4", True, 16, None, None, False, 0)
+    yield "dequantize", (pv, sv, gv, "nvfp4", True, 16, 40, torch.bfloat16)
+    yield "linear", (torch.randn(3, 40, device=device, requires_grad=True), pv, sv, gv, None, "nvfp4", True, 16, 40)
+    yield "embedding", (idx, pv, sv, gv, "nvfp4", True, 16, 40, torch.float32)
+    yield "quantization_error", (xw, pv, sv, gv, "nvfp4", True, 16)
     # with gradients (x and bias) and without the scale check
     yield "linear", (torch.randn(4, 40, device=device, requires_grad=True), packed, s, z,
                      torch.randn(24, device=device, requires_grad=True), "int4", False, 16, 40, False)

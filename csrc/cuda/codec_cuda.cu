@@ -30,8 +30,9 @@ namespace {
 
 at::Tensor encode_float_cuda(const at::Tensor& x_in, const std::string& fmt_name) {
   const FormatSpec fmt = parse_format(fmt_name, true);
-  TORCH_CHECK_VALUE(!fmt.mx, "alphaquant: ", fmt_name, " is an MX block format; encode_float/decode_float take its ",
-                    "element format (", fmt_name.substr(2), "), quantize/dequantize take the MX format");
+  TORCH_CHECK_VALUE(!fmt.is_block_scaled(), "alphaquant: ", fmt_name, " is a block-scaled format; encode_float/",
+                    "decode_float take its element format (", format_name(fmt.element()), "), quantize/dequantize ",
+                    "take ", fmt_name);
   check_decode_args("encode_float", at::empty({0}, at::kByte), fmt);
   check_floating("encode_float", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -56,8 +57,9 @@ at::Tensor encode_float_cuda(const at::Tensor& x_in, const std::string& fmt_name
 
 at::Tensor decode_float_cuda(const at::Tensor& codes_in, const std::string& fmt_name, at::ScalarType dtype) {
   const FormatSpec fmt = parse_format(fmt_name, true);
-  TORCH_CHECK_VALUE(!fmt.mx, "alphaquant: ", fmt_name, " is an MX block format; encode_float/decode_float take its ",
-                    "element format (", fmt_name.substr(2), "), quantize/dequantize take the MX format");
+  TORCH_CHECK_VALUE(!fmt.is_block_scaled(), "alphaquant: ", fmt_name, " is a block-scaled format; encode_float/",
+                    "decode_float take its element format (", format_name(fmt.element()), "), quantize/dequantize ",
+                    "take ", fmt_name);
   check_decode_args("decode_float", codes_in, fmt);
   check_output_dtype("decode_float", dtype);
   const c10::cuda::CUDAGuard guard(codes_in.device());

@@ -49,6 +49,10 @@ struct QuantizeArgs {
   std::vector<int64_t> scale_shape;
   std::optional<at::Tensor> scale;  // float32 contiguous, given or computed per tensor
   std::optional<at::Tensor> zero;   // float32 contiguous (asymmetric integers only)
+  // nvfp4 only: the E4M3 scale bytes and the float32 [1] global scale that quantize returns;
+  // `scale` above holds the float32 block scales they decode to.
+  std::optional<at::Tensor> scale_codes;
+  std::optional<at::Tensor> global_scale;
 };
 
 // Checks the input of quantize/fake_quantize; per-tensor dynamic scales come from `tensor_stats`.
@@ -71,7 +75,9 @@ QuantizeOutputs allocate_quantize_outputs(const QuantizeArgs& a);
 // MX scales (formats.h): E8M0 bytes <-> the float32 powers of two the kernels compute with.
 at::Tensor mx_scale_values(const at::Tensor& codes, const FormatSpec& f);
 at::Tensor mx_scale_codes(const at::Tensor& scale, const FormatSpec& f);
-// The scale a quantize op returns: float32, or E8M0 bytes for MX formats.
+// NVFP4 scales (formats.h): E4M3 bytes and the global scale -> float32 block scales.
+at::Tensor nvfp4_scale_values(const at::Tensor& codes, const at::Tensor& global_scale);
+// The scale a quantize op returns: float32, E8M0 bytes for MX formats, E4M3 bytes for nvfp4.
 at::Tensor returned_scale(const QuantizeArgs& a, const at::Tensor& scale);
 
 // ---------------------------------------------------------------- dequantize

@@ -25,6 +25,9 @@ struct FormatSpec {
   // kMxBlock values; mx_emax is the exponent of the element's largest power of two.
   bool mx = false;
   int mx_emax = 0;
+  // NVFP4 (formats.h, "NVFP4"): fp4_e2m1 elements with E4M3 scale bytes per block of kNvfp4Block
+  // values and a float32 global scale, which the arguments decode to float32 block scales.
+  bool nvfp4 = false;
 
   // Float and code book formats: every code has a fixed value (a table lookup on the CPU), the
   // scale is max|x| / max_value and there is no zero point. Integers compute their values.
@@ -34,6 +37,14 @@ struct FormatSpec {
   // Float formats hold NaN (and e5m2 Inf) themselves; the others reject non-finite input.
   // MX formats refuse them too (the spec's NaN scale for a block holding NaN is not implemented).
   AQ_HD bool holds_nonfinite() const { return !mx && (id == FormatId::kFP8E4M3 || id == FormatId::kFP8E5M2); }
+  // MX and NVFP4 share a narrow scale per block; `element()` is their element format alone.
+  AQ_HD bool is_block_scaled() const { return mx || nvfp4; }
+  AQ_HD FormatSpec element() const {
+    FormatSpec e = *this;
+    e.mx = false;
+    e.nvfp4 = false;
+    return e;
+  }
   AQ_HD float qmin() const { return is_float_or_codebook() ? -max_value : int_range(bits, symmetric).qmin; }
   AQ_HD float qmax() const { return is_float_or_codebook() ? max_value : int_range(bits, symmetric).qmax; }
 };

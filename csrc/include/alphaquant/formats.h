@@ -34,6 +34,16 @@
 // floor(log2) is read from the float32 exponent field (a subnormal max counts as 2^-127), as
 // torchao's FLOOR mode does. Values are 4.25 / 6.25 / 8.25 bits each with their scale byte.
 //
+// NVFP4 (nvfp4): fp4_e2m1 elements, one E4M3 scale byte per block of 16 values along a row (the
+// last block may be shorter) and one float32 global scale g per tensor, compressed-tensors' recipe
+// (the one vLLM loads); g travels in the ops' zero_point argument (nvfp4 has no zero point):
+//   g       = 448 * 6 / max|x| over the tensor (1 if that is not finite), or given
+//   s       = e4m3((max|x| of the block / 6) * g), saturated at 448; a zero byte becomes 0.125
+//   S       = float(s) / g                      the block's scale in float32 (a division, as
+//                                               compressed-tensors does: torchao multiplies by 1/g)
+//   element = x / S rounded to nearest even, saturated to +-6;   value = element * S
+// Scale bytes are E4M3 codes (fp8_e4m3 above) of positive finite values. 4.5 bits per value.
+//
 // Packing (every format, every width b): each row is a little-endian bit stream; code i of the
 // row sits in bits [i*b, i*b + b), counted from bit 0 of the row's first byte. A row of K codes
 // takes ceil(K*b/8) bytes, so rows start on byte boundaries and can be read alone. Eight codes
@@ -214,6 +224,7 @@ AQ_HD float pow2_wide(int e) {
 constexpr int kMxBlock = 32;       // values per MX scale
 constexpr int kE8M0Bias = 127;     // X = 2^(e - 127)
 constexpr int kMxIntShift = 6;     // an mxint8 element q is q * 2^-6
+constexpr int kNvfp4Block = 16;    // values per NVFP4 scale byte
 
 // Pack eight codes of BITS bits into one integer of 8*BITS bits, which is exactly BITS bytes
 // (the unit of the row bit stream; byte lengths: layout.h).
