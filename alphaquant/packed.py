@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .formats import LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, check_format, format_bits
+from .formats import LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, NVFP4, check_format, format_bits
 from .layout import scale_shape
 
 
@@ -16,7 +16,8 @@ class PackedTensor:
     """Packed codes plus what is needed to read them back.
 
     data: uint8 [..., ceil(k*bits/8)] (one bit stream per row, see formats.h); scale / zero_point:
-    float32 [..., groups] ([1, ..] per tensor; zero_point None unless asymmetric int); shape: the
+    float32 [..., groups] ([1, ..] per tensor; zero_point None unless asymmetric int; block-scaled
+    formats: scale bytes, and for nvfp4 the float32 global scale [1] as zero_point); shape: the
     original shape; dtype: what :meth:`dequantize` returns by default; codebook: the 16 values of a
     learned code book format (``lut4``), [16] or one per row [..., 16], None for every other format.
     """
@@ -50,7 +51,11 @@ class PackedTensor:
         if tuple(self.scale.shape) != expected:
             raise ValueError(f"PackedTensor.scale has shape {tuple(self.scale.shape)}; expected {expected} for "
                              f"shape {tuple(self.shape)} with group_size={self.group_size}")
-        if self.zero_point is not None and tuple(self.zero_point.shape) != expected:
+        if self.fmt == NVFP4:  # zero_point holds the float32 global scale
+            if self.zero_point is None or tuple(self.zero_point.shape) != (1,):
+                raise ValueError(f"PackedTensor(nvfp4) needs its global scale of shape (1,) as zero_point; got "
+                                 f"{getattr(self.zero_point, 'shape', None)}")
+        elif self.zero_point is not None and tuple(self.zero_point.shape) != expected:
             raise ValueError(f"PackedTensor.zero_point has shape {tuple(self.zero_point.shape)}; expected {expected}")
 
     @property
@@ -109,6 +114,10 @@ def concat_rows(parts: list) -> PackedTensor:
     if len(parts) == 1:
         return first
     cat = (lambda ts: None if ts[0] is None else torch.cat(ts))  # noqa: E731
+    if first.fmt == NVFP4:  # one global scale for the tensor
+        if any(not torch.equal(p.zero_point, first.zero_point) for p in parts):
+            raise ValueError("concat_rows: nvfp4 parts have different global scales; quantize them under one")
+        cat = (lambda ts: ts[0])  # noqa: E731
     rows = sum(p.shape[0] for p in parts)
     return PackedTensor(torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]),
                         cat([p.zero_point for p in parts]), first.fmt, first.symmetric, first.group_size,

@@ -56,9 +56,10 @@ from .nn.quant_embedding import QuantEmbedding, TiedQuantLinear
 from .nn.quant_linear import QuantLinear
 from .quantizers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
 from .layout import GRANULARITIES
-from .formats import MX_BLOCK
+from .formats import MX_BLOCK, NVFP4_BLOCK
 from .quantizers.base import MAX_GROUP_SIZE
 from .quantizers.mx import MXConfig
+from .quantizers.nvfp4 import NVFP4Config
 from .quantizers.registry import FLOAT_NAMES, lookup
 from .algorithms.rotation import ATTR as ROTATION_ATTR, ROTATIONS, RotationError, restore, rotate_model
 from .algorithms.finetune import FinetuneOptions, check_options as finetune_options, finetune_scales
@@ -238,15 +239,16 @@ def build_quantizers(scheme: dict):
             return None
         q_cls, cfg = found
         kwargs = dict(group_size=scheme["group_size"], dtype=scheme["dtype"], granularity=granularity)
-        if issubclass(cfg, MXConfig):  # the block is the format's: 32 values, one scale each
-            if scheme["group_size"] not in (MX_BLOCK, DEFAULTS["group_size"]) or granularity != "per_group":
-                raise PlanError(f"{scheme[side]} shares one scale per block of {MX_BLOCK} values: group_size must be "
-                                f"{MX_BLOCK} (or left out) and the granularity per_group; got group_size="
+        if issubclass(cfg, (MXConfig, NVFP4Config)):  # the block is the format's: 32 (MX) or 16 values per scale
+            block = MX_BLOCK if issubclass(cfg, MXConfig) else NVFP4_BLOCK
+            if scheme["group_size"] not in (block, DEFAULTS["group_size"]) or granularity != "per_group":
+                raise PlanError(f"{scheme[side]} shares one scale per block of {block} values: group_size must be "
+                                f"{block} (or left out) and the granularity per_group; got group_size="
                                 f"{scheme['group_size']}, granularity {granularity}")
-            kwargs["group_size"] = MX_BLOCK
+            kwargs["group_size"] = block
             if side == "wq" and scheme["algorithm"] != "rtn":
-                raise PlanError(f"{scheme[side]}: {scheme['algorithm']} does not take MX formats yet (their scales are "
-                                f"E8M0 bytes chosen by the format's rule); use round to nearest")
+                raise PlanError(f"{scheme[side]}: {scheme['algorithm']} does not take block-scaled formats yet (their "
+                                f"scale bytes are chosen by the format's rule); use round to nearest")
         if side == "wq" and scheme[side] == "lut4":
             kwargs["codebook_granularity"] = scheme["codebook_granularity"]
         if side == "wq":
@@ -311,6 +313,8 @@ def _weight_label(s: dict) -> str:
     w = s["wq"] + ("" if s["symmetric"] or not s["wq"].startswith("int") else "a")
     if s["wq"].startswith("mx"):
         return f"w{w}/g{MX_BLOCK}"
+    if s["wq"] == "nvfp4":
+        return f"w{w}/g{NVFP4_BLOCK}"
     g = {"per_tensor": "t", "per_channel": "c"}.get(s["granularity"], str(s["group_size"]))
     return f"w{w}/g{g}"
 

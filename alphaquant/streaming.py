@@ -23,7 +23,7 @@ from torch import nn
 from . import ops
 from . import sharded_safetensors as shards
 from .checkpoint_file import FORMAT_TAG, _SAFETENSORS_DTYPE, _aliases, _layer_meta
-from .formats import LEARNED_FORMATS
+from .formats import LEARNED_FORMATS, NVFP4
 from .nn.packed_weight import PackedWeightModule
 from .plans import PlanError, apply_plan, build_quantizers, load_plan
 
@@ -246,8 +246,9 @@ def _rows_per_chunk(wq, k: int, chunk_bytes: int) -> int:
     """Rows quantized together, 0 for "the whole tensor at once". Rows are independent per group
     and per channel; zero_opt refines its zero points in blocks of (1 << 17) // k rows (with an
     early stop per block), so chunks are whole numbers of those blocks and give the same codes.
-    Per-tensor scales and learned code books (fitted to the whole tensor) take the whole tensor."""
-    if wq.config.op_group_size == -1 or wq.fmt in LEARNED_FORMATS:
+    Per-tensor scales, learned code books (fitted to the whole tensor) and nvfp4 (a global scale
+    from the whole tensor) take the whole tensor."""
+    if wq.config.op_group_size == -1 or wq.fmt in LEARNED_FORMATS or wq.fmt == NVFP4:
         return 0
     block = max(1, (1 << 17) // max(1, k))
     return block * max(1, chunk_bytes // (4 * k) // block)

@@ -88,7 +88,7 @@ def test_plans_save_and_load_mx_layers_without_float_weights(tmp_path):
     assert torch.equal(fresh(x), got)
     with pytest.raises(PlanError, match="block of 32 values"):
         apply_plan(_mlp(), {"default": {"wq": "mxfp4", "group_size": 64}})
-    with pytest.raises(PlanError, match="gptq does not take MX formats"):
+    with pytest.raises(PlanError, match="gptq does not take block-scaled formats"):
         apply_plan(_mlp(), {"default": {"wq": "mxfp4", "algorithm": "gptq"}}, calibration_batches=[torch.randn(2, 96)])
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, decode_zero_points, format_bits
+from ..formats import LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, NVFP4, decode_zero_points, format_bits
 from ..packed import PackedTensor
 
 
@@ -73,7 +73,10 @@ class PackedWeightModule(nn.Module):
         scale, zero, codebook = self.weight_scale, self.weight_zero_point, self.weight_codebook
         if scale.device.type == "meta" or isinstance(scale, torch._subclasses.FakeTensor):
             return  # no values to check
-        if scale.dtype == torch.uint8:  # MX E8M0 bytes: every code but 255 (NaN) is a power of two > 0
+        if self.fmt == NVFP4:  # the block scales the kernels use: E4M3 byte / global scale
+            block = scale.view(torch.float8_e4m3fn).float() / zero.float()
+            bad_scale = not bool(((block > 0) & torch.isfinite(block)).all())
+        elif scale.dtype == torch.uint8:  # MX E8M0 bytes: every code but 255 (NaN) is a power of two > 0
             bad_scale = bool((scale == 255).any())
         else:
             bad_scale = not bool(((scale > 0) & torch.isfinite(scale)).all())
@@ -97,7 +100,7 @@ class PackedWeightModule(nn.Module):
     def float_zero_points(self) -> Optional[torch.Tensor]:
         """The zero points as float32 values (one-byte codes decoded), None when there are none."""
         zp = self.weight_zero_point
-        if zp is None:
+        if zp is None or self.fmt == NVFP4:  # nvfp4's is its global scale
             return None
         return decode_zero_points(zp, format_bits(self.fmt)) if zp.dtype == torch.uint8 else zp.float()
 
@@ -111,8 +114,10 @@ class PackedWeightModule(nn.Module):
 
 
 def _zero_dtype(packed: PackedTensor) -> Optional[torch.dtype]:
-    """The zero point buffer dtype for ``packed``: uint8 for one-byte zero points, else None (the
-    scales' dtype)."""
+    """The zero point buffer dtype for ``packed``: uint8 for one-byte zero points, float32 for
+    nvfp4's global scale, else None (the scales' dtype)."""
+    if packed.fmt == NVFP4:
+        return torch.float32  # the global scale
     zp = packed.zero_point
     return torch.uint8 if zp is not None and zp.dtype == torch.uint8 else None
 

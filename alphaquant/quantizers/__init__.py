@@ -22,6 +22,7 @@ from .int_quantizers import (
 from .mx import (MXConfig, MXFP4Config, MXFP4Quantizer, MXFP6Config, MXFP6Quantizer, MXFP8Config, MXFP8Quantizer,
                  MXINT8Config, MXINT8Quantizer, MXQuantizer)
 from .nf4 import NF4Config, NF4Quantizer
+from .nvfp4 import NVFP4Config, NVFP4Quantizer
 from .observers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, ObserverBase, PercentileObserver
 
 __all__ = [
@@ -31,6 +32,6 @@ __all__ = [
     "INT8Quantizer", "INT8Config", "FP4Quantizer", "FP4Config", "FP8Quantizer", "FP8Config",
     "NF4Quantizer", "NF4Config", "CodebookQuantizer", "CodebookConfig",
     "MXQuantizer", "MXConfig", "MXFP4Quantizer", "MXFP4Config", "MXFP6Quantizer", "MXFP6Config",
-    "MXFP8Quantizer", "MXFP8Config", "MXINT8Quantizer", "MXINT8Config",
+    "MXFP8Quantizer", "MXFP8Config", "MXINT8Quantizer", "MXINT8Config", "NVFP4Quantizer", "NVFP4Config",
     "ObserverBase", "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "MSEObserver",
 ]

@@ -19,6 +19,7 @@ from .int_quantizers import (INT2Config, INT2Quantizer, INT3Config, INT3Quantize
 from .mx import (MXFP4Config, MXFP4Quantizer, MXFP6Config, MXFP6Quantizer, MXFP8Config, MXFP8Quantizer, MXINT8Config,
                  MXINT8Quantizer)
 from .nf4 import NF4Config, NF4Quantizer
+from .nvfp4 import NVFP4Config, NVFP4Quantizer
 
 # name -> (quantizer class, config class, config defaults the name fixes)
 QUANTIZER_REGISTRY: dict = {
@@ -45,6 +46,8 @@ QUANTIZER_REGISTRY: dict = {
     "mxfp8_e4m3": (MXFP8Quantizer, MXFP8Config, {"format": "e4m3"}),
     "mxfp8_e5m2": (MXFP8Quantizer, MXFP8Config, {"format": "e5m2"}),
     "mxint8": (MXINT8Quantizer, MXINT8Config, {}),
+    # NVFP4: E2M1 values, an E4M3 scale byte per 16 values and a float32 global scale per tensor
+    "nvfp4": (NVFP4Quantizer, NVFP4Config, {}),
 }
 FLOAT_NAMES = (None, "none", "float")  # keep this side in floating point
 

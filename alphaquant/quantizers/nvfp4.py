@@ -1,0 +1,99 @@
+"""NVFP4 quantizer: fp4_e2m1 values, one E4M3 scale byte per block of 16 values and one float32
+global scale per tensor, compressed-tensors' recipe (the checkpoints vLLM loads; bit layout and
+scale rule: csrc/include/alphaquant/formats.h, "NVFP4").
+
+    NVFP4Quantizer(NVFP4Config())          4.5 bits per value
+
+The global scale is 448 * 6 / max|w| unless given (``global_scale``: one value shared by several
+weights, e.g. q/k/v projections that a serving engine fuses into one matrix with one global
+scale). It is stored beside the scale bytes; the ops take it as their zero_point argument.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import ops
+from ..formats import NVFP4, NVFP4_BLOCK
+from ..packed import PackedTensor
+from .base import BaseQuantizer, QuantizerConfig
+
+
+@dataclass
+class NVFP4Config(QuantizerConfig):
+    """Config of :class:`NVFP4Quantizer`: the block (16) and the scale rule are the format's."""
+
+    group_size: int = NVFP4_BLOCK
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group_size != NVFP4_BLOCK or self.granularity != "per_group":
+            raise ValueError(f"NVFP4Config: nvfp4 shares one E4M3 scale per block of {NVFP4_BLOCK} values: group_size "
+                             f"must be {NVFP4_BLOCK} and granularity per_group; got group_size={self.group_size!r}, "
+                             f"granularity={self.granularity!r}")
+        if self.clip_search or self.zero_opt:
+            raise ValueError("NVFP4Config: the block scale is fixed by the format's rule (E4M3 of the block's maximum "
+                             "/ 6 times the global scale); clip_search and zero_opt do not apply")
+        if self.scale_dtype != "float32":
+            raise ValueError(f"NVFP4Config: nvfp4 scales are stored as E4M3 bytes (and one float32 global scale); "
+                             f"scale_dtype does not apply (leave it float32); got {self.scale_dtype!r}")
+
+    @property
+    def scale_storage_dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    @property
+    def zero_point_dtype(self) -> torch.dtype:
+        return torch.float32  # the global scale, in the zero point's place
+
+
+class NVFP4Quantizer(BaseQuantizer):
+    """Weights to packed E2M1 codes with E4M3 block scale bytes and a global scale; activations
+    fake-quantized the same way (a global scale per call, as dynamic NVFP4 activations)."""
+
+    bits = 4
+    config_class = NVFP4Config
+
+    @property
+    def fmt(self) -> str:
+        return NVFP4
+
+    def choose_weight_scales(self, weight: torch.Tensor, group_size: Optional[int] = None,
+                             global_scale: Optional[torch.Tensor] = None):
+        """(E4M3 scale bytes, global scale [1]) as :meth:`quantize_weight` picks them."""
+        _, s, g = ops.quantize(weight.detach(), NVFP4, symmetric=True, group_size=NVFP4_BLOCK,
+                               zero_point=_as_global(global_scale, weight))
+        return s, g
+
+    def pack_with_scales(self, weight: torch.Tensor, scale: Optional[torch.Tensor],
+                         zero_point: Optional[torch.Tensor] = None) -> PackedTensor:
+        """Pack ``weight`` with E4M3 scale bytes (None: the format's rule) under the global scale
+        ``zero_point`` (None: 448 * 6 / max|weight|)."""
+        w = weight.detach()
+        packed, s, g = ops.quantize(w, NVFP4, symmetric=True, group_size=NVFP4_BLOCK, scale=scale,
+                                    zero_point=_as_global(zero_point, w), stochastic=self.config.stochastic,
+                                    seed=self._rounding_seed())
+        return PackedTensor(packed, s, g, NVFP4, True, NVFP4_BLOCK, tuple(w.shape), self.config.torch_dtype)
+
+    def quantize_weight(self, weight: torch.Tensor, global_scale: Optional[torch.Tensor] = None) -> PackedTensor:
+        if not torch.is_floating_point(weight):
+            raise TypeError(f"quantize_weight expects a floating tensor; got {weight.dtype}")
+        if self.static_scale is not None:
+            raise ValueError("NVFP4Quantizer: static scales are not supported (each block's scale follows from its "
+                             "values); pass global_scale to fix the tensor's scale")
+        return self.pack_with_scales(weight, None, global_scale)
+
+    def attach_observer(self, observer) -> None:
+        raise ValueError("NVFP4Quantizer: nvfp4 takes no observer (each block's scale follows from its own values); "
+                         "quantize activations dynamically")
+
+
+def _as_global(g: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    if g is None:
+        return None
+    g = torch.as_tensor(g, dtype=torch.float32, device=like.device).reshape(-1)
+    if g.numel() != 1 or not bool(torch.isfinite(g).all() and (g > 0).all()):
+        raise ValueError(f"NVFP4Quantizer: global_scale must be one finite value > 0; got {g.tolist()}")
+    return g
