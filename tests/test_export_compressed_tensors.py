@@ -204,3 +204,41 @@ def test_quantize_writes_a_compressed_tensors_folder_directly(tmp_path, capsys):
     assert main(["quantize", src, "--plan", str(plan_file), "--format", "compressed-tensors", "--out", src,
                  "--force", "--no-eval"]) == 2
     assert os.path.isfile(os.path.join(src, "config.json"))
+
+
+@pytest.mark.parametrize("wq, layout", [("nvfp4", "nvfp4-pack-quantized"), ("mxfp4", "mxfp4-pack-quantized")])
+def test_fp4_block_formats_export_as_their_bytes(tmp_path, wq, layout):
+    """nvfp4 and mxfp4 weights: the library's own compressor for that format decompresses our folder's
+    tensors to our dequantized weights exactly (in its bf16 output), and transformers loads the
+    folder (decompressing it) with our logits."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    model = tiny_llama()
+    apply_plan(model, {"default": {"wq": wq, "dtype": "float32"}, "overrides": [{"pattern": "lm_head", "skip": True}]})
+    ours = logits(model)
+    out = str(tmp_path / "ct")
+    to_compressed_tensors(model, out)
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert qc["format"] == layout and qc["ignore"] == ["lm_head"]
+    (group,) = qc["config_groups"].values()
+    scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"])
+    compressor = BaseCompressor.load_from_registry(layout)
+    tensors = load_file(os.path.join(out, "model.safetensors"))
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.rpartition(".")[0] == name}
+        assert layer["weight_packed"].dtype == torch.uint8 and "weight" not in layer
+        theirs = compressor.decompress(layer, scheme)["weight"]
+        mine = model.get_submodule(name).dequantized_weight(theirs.dtype)
+        assert torch.equal(theirs, mine), name
+    loaded = load(out, dequantize=True)
+    torch.testing.assert_close(logits(loaded), ours, atol=2e-2, rtol=2e-2)  # their weights are bf16-rounded
+
+
+def test_nvfp4_export_refuses_short_blocks_and_quantized_activations(tmp_path):
+    model = tiny_llama()
+    apply_plan(model, {"default": {"wq": "nvfp4", "aq": "nvfp4"}})
+    with pytest.raises(ExportError, match="weight-only"):
+        to_compressed_tensors(model, str(tmp_path / "ct"))
+    assert not os.path.exists(tmp_path / "ct")
