@@ -20,7 +20,8 @@ from alphaquant.formats import format_bits  # noqa: E402
 
 SCHEMES = [("int4", True, 128), ("int4", False, 128), ("int2", False, 64), ("int6", True, 128), ("int8", True, 128),
            ("fp8_e4m3", True, 128), ("fp8_e5m2", True, 128), ("fp4_e2m1", True, 32), ("fp6_e2m3", True, 32),
-           ("mxfp4_e2m1", True, 32), ("mxfp6_e3m2", True, 32), ("mxfp8_e4m3", True, 32), ("mxint8", True, 32)]
+           ("mxfp4_e2m1", True, 32), ("mxfp6_e3m2", True, 32), ("mxfp8_e4m3", True, 32), ("mxint8", True, 32),
+           ("nvfp4", True, 16)]
 
 
 def main() -> None:

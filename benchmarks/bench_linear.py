@@ -20,7 +20,7 @@ from alphaquant import ops  # noqa: E402
 
 FORMATS = [("int4", True, 128), ("int8", True, 0), ("fp8_e4m3", True, 0), ("int2", False, 64), ("fp4_e2m1", True, 32),
            ("int6", True, 128), ("nf4", True, 64), ("lut4", True, 64), ("mxfp4_e2m1", True, 32),
-           ("mxfp6_e3m2", True, 32), ("mxfp8_e4m3", True, 32), ("mxint8", True, 32)]
+           ("mxfp6_e3m2", True, 32), ("mxfp8_e4m3", True, 32), ("mxint8", True, 32), ("nvfp4", True, 16)]
 GPU_SHAPES = "4096x4096,4096x14336,14336x4096,8192x28672"
 
 

@@ -101,8 +101,11 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     bool bad = false;
     for (int64_t j = begin; j < end; ++j) {
+      // Each group's lanes are scaled and summed into `total` (one horizontal sum per row at the
+      // end, not per group: small groups such as nvfp4's 16 values are one chunk each).
       float out[M];
-      for (int r = 0; r < M; ++r) out[r] = bias ? bias[j] : 0.0f;
+      __m256 total[M];
+      for (int r = 0; r < M; ++r) out[r] = bias ? bias[j] : 0.0f, total[r] = _mm256_setzero_ps();
       for (int64_t g = 0; g < l.groups; ++g) {
         const int64_t si = l.group_index(j, g);
         const float s = scale[si], z = zero ? zero[si] : 0.0f;
@@ -115,10 +118,14 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
         } else {
           dot_chunks<BITS, M, TABLE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
         }
-        const float offset = TABLE ? 0.0f : qmin - z;
-        for (int r = 0; r < M; ++r) out[r] += s * (hsum(acc[r]) + offset * xsum[r * l.groups + g]);
+        const __m256 sv = _mm256_set1_ps(s);
+        for (int r = 0; r < M; ++r) total[r] = _mm256_fmadd_ps(acc[r], sv, total[r]);
+        if constexpr (!TABLE) {
+          const float offset = qmin - z;
+          for (int r = 0; r < M; ++r) out[r] += s * offset * xsum[r * l.groups + g];
+        }
       }
-      for (int r = 0; r < M; ++r) y[r * n + j] = out[r];
+      for (int r = 0; r < M; ++r) y[r * n + j] = out[r] + hsum(total[r]);
     }
     if (bad) bad_scale = true;
   });
