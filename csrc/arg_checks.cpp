@@ -148,15 +148,20 @@ static at::Tensor checked_global_scale(const char* op, const at::Tensor& ref, co
   return g->to(at::kFloat).contiguous();
 }
 
+// S = float(e4m3 byte) / g for every byte (g: a float32 [1] CPU tensor). Bytes that are not
+// positive finite E4M3 values give S <= 0 or NaN, which the kernels' scale check refuses.
+static std::array<float, 256> nvfp4_scale_table(const at::Tensor& global_scale) {
+  std::array<float, 256> table;
+  const float g = global_scale.item<float>();
+  const at::Tensor values = at::arange(256, at::TensorOptions().dtype(at::kInt)).to(at::kByte)
+                                .view(at::kFloat8_e4m3fn).to(at::kFloat);
+  for (int i = 0; i < 256; ++i) table[i] = values.data_ptr<float>()[i] / g;
+  return table;
+}
+
 at::Tensor nvfp4_scale_values(const at::Tensor& codes, const at::Tensor& global_scale) {
-  // S = float(e4m3 byte) / g. Bytes that are not positive finite E4M3 values give S <= 0 or NaN,
-  // which the kernels' scale check refuses.
-  if (codes.device().is_cpu()) {  // one pass through a 256-entry table: this runs on every linear call
-    float table[256];
-    const float g = global_scale.item<float>();
-    const at::Tensor all = at::arange(256, codes.options().dtype(at::kInt)).to(at::kByte);
-    const at::Tensor values = all.view(at::kFloat8_e4m3fn).to(at::kFloat);
-    for (int i = 0; i < 256; ++i) table[i] = values.data_ptr<float>()[i] / g;
+  if (codes.device().is_cpu()) {  // one pass through a 256-entry table
+    const std::array<float, 256> table = nvfp4_scale_table(global_scale);
     const at::Tensor c = codes.contiguous();
     at::Tensor out = at::empty(c.sizes(), c.options().dtype(at::kFloat));
     const uint8_t* src = c.data_ptr<uint8_t>();
@@ -317,7 +322,8 @@ QuantizeOutputs allocate_quantize_outputs(const QuantizeArgs& a) {
 
 DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, const at::Tensor& scale,
                                   const std::optional<at::Tensor>& zero_point, const std::string& fmt,
-                                  bool symmetric, int64_t group_size, int64_t k, bool validate) {
+                                  bool symmetric, int64_t group_size, int64_t k, bool validate,
+                                  bool keep_scale_bytes) {
   DequantizeArgs a;
   a.fmt = parse_format(fmt, symmetric);
   check_block_group(op, a.fmt, group_size);
@@ -330,8 +336,18 @@ DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, cons
   const auto expected = scale_shape(a.out_shape, a.layout);
   const std::string ctx = layout_context(a.out_shape, group_size);
   if (a.fmt.nvfp4) {
-    const at::Tensor g = checked_global_scale(op, packed, "packed", zero_point);
-    a.scale = checked_scales(op, packed, "packed", scale, expected, ctx, a.fmt, &g);
+    a.global_scale = checked_global_scale(op, packed, "packed", zero_point);
+    if (keep_scale_bytes && packed.device().is_cpu()) {
+      check_same_device(op, packed, "packed", scale, "scale");
+      TORCH_CHECK_VALUE(scale.sizes().vec() == expected, "alphaquant.", op, ": scale has shape ", scale.sizes(),
+                        "; expected ", at::IntArrayRef(expected), " for ", ctx);
+      TORCH_CHECK_TYPE(scale.scalar_type() == at::kByte || scale.scalar_type() == at::kFloat8_e4m3fn, "alphaquant.",
+                       op, ": nvfp4 scales are E4M3 bytes (uint8 or float8_e4m3fn); got ", scale.scalar_type());
+      a.scale_codes = scale.view(at::kByte).contiguous();
+      a.scale_table = nvfp4_scale_table(a.global_scale);
+    } else {
+      a.scale = checked_scales(op, packed, "packed", scale, expected, ctx, a.fmt, &a.global_scale);
+    }
     return a;
   }
   a.scale = checked_scales(op, packed, "packed", scale, expected, ctx, a.fmt);
@@ -378,7 +394,9 @@ LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const a
                     "; got shape ", x.sizes());
   TORCH_CHECK_VALUE(packed.dim() == 2, "alphaquant.linear: the packed weight must be 2-D [n, bytes per row]; got shape ",
                     packed.sizes());
-  DequantizeArgs d = prepare_dequantize("linear", packed, scale, zero_point, fmt, symmetric, group_size, k, validate);
+  // nvfp4 on the CPU: the kernel reads the scale bytes (LinearArgs::scale_at).
+  DequantizeArgs d = prepare_dequantize("linear", packed, scale, zero_point, fmt, symmetric, group_size, k, validate,
+                                        /*keep_scale_bytes=*/true);
   TORCH_CHECK_VALUE(x.numel() > 0, "alphaquant.linear: x is empty (shape ", x.sizes(), ")");
   LinearArgs a{.x2d = x.reshape({-1, k}).contiguous(),
                .packed = d.packed,
@@ -390,7 +408,10 @@ LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const a
                .out_shape = x.sizes().vec(),
                .fmt_name = element_format_name(d.fmt, fmt),
                .group_size_arg = group_size,
-               .validate = validate};
+               .validate = validate,
+               .scale_codes = d.scale_codes,
+               .global_scale = d.global_scale,
+               .scale_table = d.scale_table};
   const int64_t n = packed.size(0);
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, "alphaquant.linear: bias must have shape [", n,
@@ -410,6 +431,10 @@ at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype, int64_t 
                                          const std::string&, bool, int64_t, int64_t, at::ScalarType, bool)>();
   if (rows < 0) rows = a.layout.rows - n0;
   auto slice = [&](const at::Tensor& t) { return a.layout.per_tensor ? t : t.narrow(0, n0, rows); };
+  if (a.scale_codes) {  // nvfp4 scale bytes with their global scale, as the op takes them
+    return op.call(a.packed.narrow(0, n0, rows), slice(*a.scale_codes), a.global_scale, format_name(a.fmt),
+                   true, a.group_size_arg, a.layout.k, dtype, a.validate);
+  }
   std::optional<at::Tensor> zero;
   if (a.zero) zero = slice(*a.zero);
   return op.call(a.packed.narrow(0, n0, rows), slice(a.scale), zero, a.fmt_name, a.fmt.symmetric, a.group_size_arg,

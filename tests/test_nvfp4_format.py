@@ -47,7 +47,7 @@ def test_kernels_match_the_reference_bit_for_bit(rows, k, dtype, spread, stochas
                                                            seed=seed))
     again = nvfp4(x.to(device), scale=scale, zero_point=gs)  # static: the same bits
     assert stochastic or (torch.equal(again[0], packed) and torch.equal(again[1], scale))
-    w = torch.randn(3, k, generator=torch.Generator().manual_seed(seed)).to(device)
+    w = torch.randn(3 if seed % 2 else 20, k, generator=torch.Generator().manual_seed(seed)).to(device)
     want = reference.linear(w, rp, rs, rg, None, "nvfp4", True, 16, k)
     bound = (w.abs().cpu() @ reference.dequantize(rp, rs, rg, "nvfp4", True, 16, k).abs().t()).max()
     torch.testing.assert_close(ops.linear(w, packed, scale, gs, None, "nvfp4", symmetric=True, group_size=16, k=k).cpu(),
@@ -157,6 +157,9 @@ def test_bad_nvfp4_arguments_are_refused_with_what_is_allowed(device):
         bad_scale[0, 0] = byte
         with pytest.raises(ValueError, match="scale must be finite and > 0"):
             ops.dequantize(p, bad_scale, g, "nvfp4", symmetric=True, group_size=16, k=64)
+        for m in (1, 20):  # the CPU reads scale bytes in its gemv (m <= 16) and decodes them for GEMM tiles
+            with pytest.raises(ValueError, match="scale must be finite and > 0"):
+                ops.linear(torch.randn(m, 64, device=device), p, bad_scale, g, None, "nvfp4", group_size=16, k=64)
     with pytest.raises(ValueError, match="scale must be finite and > 0"):
         ops.dequantize(p, s, torch.tensor([0.0], device=device), "nvfp4", symmetric=True, group_size=16, k=64)
     bad = x.clone()

@@ -44,7 +44,6 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m, std::at
   const GroupLayout& l = a.layout;
   const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1);
   const uint8_t* w = a.packed.data_ptr<uint8_t>();
-  const float* scale = a.scale.data_ptr<float>();
   const float* zero = a.zero ? a.zero->data_ptr<float>() : nullptr;
   const float* bias = a.bias ? a.bias->data_ptr<float>() : nullptr;
   constexpr bool kInt = std::is_void_v<CODEC>;
@@ -68,7 +67,7 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m, std::at
       for (int64_t g = 0; g < l.groups; ++g) {
         const int64_t g0 = l.group_begin(g), g1 = l.group_end(g);
         const int64_t si = l.group_index(j, g);
-        const float s = scale[si], z = zero ? zero[si] : 0.0f;
+        const float s = a.scale_at(si), z = zero ? zero[si] : 0.0f;
         bad |= !valid_scale(s, z);
         const float offset = kInt ? qmin - z : 0.0f;
         for (int64_t r = 0; r < m; ++r) {
@@ -91,7 +90,10 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
   const GroupLayout& l = a.layout;
   const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1), per = BITS == 6 ? 8 : 64 / BITS;
   const uint8_t* w = a.packed.data_ptr<uint8_t>();
-  const float* scale = a.scale.data_ptr<float>();
+  // Scales as float32, or (nvfp4) as E4M3 bytes looked up in a 256-entry table.
+  const float* scale = a.scale_codes ? nullptr : a.scale.data_ptr<float>();
+  const uint8_t* scale_code = a.scale_codes ? a.scale_codes->data_ptr<uint8_t>() : nullptr;
+  const float* scale_table = a.scale_table.data();
   const float* zero = a.zero ? a.zero->data_ptr<float>() : nullptr;
   const float* bias = a.bias ? a.bias->data_ptr<float>() : nullptr;
   const float qmin = a.fmt.qmin();
@@ -108,7 +110,7 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
       for (int r = 0; r < M; ++r) out[r] = bias ? bias[j] : 0.0f, total[r] = _mm256_setzero_ps();
       for (int64_t g = 0; g < l.groups; ++g) {
         const int64_t si = l.group_index(j, g);
-        const float s = scale[si], z = zero ? zero[si] : 0.0f;
+        const float s = scale_code ? scale_table[scale_code[si]] : scale[si], z = zero ? zero[si] : 0.0f;
         bad |= !valid_scale(s, z);
         __m256 acc[M];
         for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <vector>
@@ -90,11 +91,17 @@ struct DequantizeArgs {
   std::optional<at::Tensor> zero;  // float32 contiguous (asymmetric integers only)
   std::vector<int64_t> out_shape;
   bool validate;                   // check every scale and zero point read (kErrBadScale)
+  // nvfp4 read as bytes (keep_scale_bytes): `scale` stays undefined; a kernel reads the E4M3
+  // bytes and looks each up in scale_table (byte / global scale), a quarter of the float32 reads.
+  std::optional<at::Tensor> scale_codes;  // uint8, scale's shape, contiguous
+  at::Tensor global_scale;                // float32 [1]
+  std::array<float, 256> scale_table{};
 };
 
 DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, const at::Tensor& scale,
                                   const std::optional<at::Tensor>& zero_point, const std::string& fmt,
-                                  bool symmetric, int64_t group_size, int64_t k, bool validate);
+                                  bool symmetric, int64_t group_size, int64_t k, bool validate,
+                                  bool keep_scale_bytes = false);
 
 // ---------------------------------------------------------------- quantization_error
 
@@ -116,13 +123,21 @@ struct LinearArgs {
   at::Tensor packed;   // [n, packed_row_bytes(k, bits)] contiguous
   FormatSpec fmt;
   GroupLayout layout;  // of the weight [n, k]
-  at::Tensor scale;    // float32 [n, groups] or [1, 1]
+  at::Tensor scale;    // float32 [n, groups] or [1, 1]; undefined when scale_codes holds them
   std::optional<at::Tensor> zero;
   std::optional<at::Tensor> bias;  // float32 [n]
   std::vector<int64_t> out_shape;  // x.shape[:-1] + [n]
   std::string fmt_name;            // as given, to call other ops with
   int64_t group_size_arg;
   bool validate;
+  std::optional<at::Tensor> scale_codes;  // nvfp4 on the CPU: E4M3 bytes (DequantizeArgs)
+  at::Tensor global_scale;
+  std::array<float, 256> scale_table{};
+
+  // The float32 scale of group index si.
+  float scale_at(int64_t si) const {
+    return scale_codes ? scale_table[scale_codes->data_ptr<uint8_t>()[si]] : scale.data_ptr<float>()[si];
+  }
 };
 
 LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
