@@ -206,9 +206,10 @@ def test_quantize_writes_a_compressed_tensors_folder_directly(tmp_path, capsys):
     assert os.path.isfile(os.path.join(src, "config.json"))
 
 
-@pytest.mark.parametrize("wq, layout", [("nvfp4", "nvfp4-pack-quantized"), ("mxfp4", "mxfp4-pack-quantized")])
-def test_fp4_block_formats_export_as_their_bytes(tmp_path, wq, layout):
-    """nvfp4 and mxfp4 weights: the library's own compressor for that format decompresses our folder's
+@pytest.mark.parametrize("wq, layout", [("nvfp4", "nvfp4-pack-quantized"), ("mxfp4", "mxfp4-pack-quantized"),
+                                        ("mxfp6_e2m3", "mxfp6-pack-quantized"), ("mxfp8", "mxfp8-quantized")])
+def test_block_scaled_formats_export_as_their_bytes(tmp_path, wq, layout):
+    """nvfp4 and MX weights: the library's own compressor for that format decompresses our folder's
     tensors to our dequantized weights exactly (in its bf16 output), and transformers loads the
     folder (decompressing it) with our logits."""
     from compressed_tensors.compressors import BaseCompressor
@@ -228,7 +229,7 @@ def test_fp4_block_formats_export_as_their_bytes(tmp_path, wq, layout):
     tensors = load_file(os.path.join(out, "model.safetensors"))
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         layer = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.rpartition(".")[0] == name}
-        assert layer["weight_packed"].dtype == torch.uint8 and "weight" not in layer
+        assert ("weight_packed" in layer) != ("weight" in layer) and layer["weight_scale"].dtype != torch.float32
         theirs = compressor.decompress(layer, scheme)["weight"]
         mine = model.get_submodule(name).dequantized_weight(theirs.dtype)
         assert torch.equal(theirs, mine), name

@@ -14,11 +14,14 @@ symmetric codes (q - qmin) and our asymmetric codes and integer zero points are 
 so the packed bytes are copied, not re-quantized. Float zero points have no such form and are
 refused (quantize with ``zero_point="integer"``).
 
-Block-scaled fp4 weights copy their bytes too: nvfp4 becomes ``nvfp4-pack-quantized``
+Block-scaled weights copy their bytes too: nvfp4 becomes ``nvfp4-pack-quantized``
 (``weight_packed`` uint8 [out, in/2], two E2M1 codes per byte with element 0 in the low nibble
 as ours; ``weight_scale`` float8_e4m3fn [out, in/16], our scale bytes; ``weight_global_scale``
-float32 [1], which compressed-tensors divides the block scales by, as we do) and mxfp4_e2m1
-``mxfp4-pack-quantized`` (the same codes, ``weight_scale`` uint8 E8M0 exponents [out, in/32]).
+float32 [1], which compressed-tensors divides the block scales by, as we do). The MX formats the
+library has take ``weight_scale`` uint8 E8M0 exponents [out, in/32], our scale bytes:
+mxfp4_e2m1 ``mxfp4-pack-quantized`` (the nvfp4 code layout), mxfp6_e2m3 ``mxfp6-pack-quantized``
+(four 6-bit codes in three little-endian bytes, our bit stream) and mxfp8_e4m3 ``mxfp8-quantized``
+(``weight`` float8_e4m3fn, our codes are its bits).
 """
 from __future__ import annotations
 
@@ -36,12 +39,14 @@ from ..nn.quant_linear import QuantLinear
 FORMAT = "pack-quantized"
 EXPORTABLE = ("int2..int8 weights, symmetric or asymmetric with integer zero points, per group (dividing "
               "in_features) or per channel (pack-quantized); fp8_e4m3 weights (float-quantized); int8 per-channel "
-              "weights with int8 activations (int-quantized); nvfp4 weights (nvfp4-pack-quantized) and mxfp4_e2m1 "
-              "weights (mxfp4-pack-quantized) with in_features a multiple of their block; activations float or "
-              "int8/fp8 dynamic per token")
-# Block-scaled fp4 formats -> (compressed-tensors format, strategy, scale dtype name as the library writes it)
-FP4_BLOCK_LAYOUTS = {"nvfp4": ("nvfp4-pack-quantized", "tensor_group", "torch.float8_e4m3fn"),
-                     "mxfp4_e2m1": ("mxfp4-pack-quantized", "group", "torch.uint8")}
+              "weights with int8 activations (int-quantized); weight-only nvfp4 (nvfp4-pack-quantized), mxfp4_e2m1 "
+              "(mxfp4-pack-quantized), mxfp6_e2m3 (mxfp6-pack-quantized) and mxfp8_e4m3 (mxfp8-quantized) with "
+              "in_features a multiple of their block; activations float or int8/fp8 dynamic per token")
+# Block-scaled formats -> (compressed-tensors format, strategy, scale dtype name as the library writes it)
+BLOCK_LAYOUTS = {"nvfp4": ("nvfp4-pack-quantized", "tensor_group", "torch.float8_e4m3fn"),
+                 "mxfp4_e2m1": ("mxfp4-pack-quantized", "group", "torch.uint8"),
+                 "mxfp6_e2m3": ("mxfp6-pack-quantized", "group", "torch.uint8"),
+                 "mxfp8_e4m3": ("mxfp8-quantized", "group", "torch.uint8")}
 
 
 class ExportError(ValueError):
@@ -84,8 +89,8 @@ def _activation_args(name: str, m: QuantLinear) -> Optional[dict]:
 def _layer_scheme(name: str, m: QuantLinear) -> tuple:
     """(format, weights args, input activation args or None) of one layer, or ExportError."""
     fmt = m.fmt
-    if fmt in FP4_BLOCK_LAYOUTS:
-        return _fp4_block_scheme(name, m)
+    if fmt in BLOCK_LAYOUTS:
+        return _block_scheme(name, m)
     exportable = fmt.startswith("int") or fmt == "fp8_e4m3"
     if not exportable or m.weight_codebook is not None:
         raise ExportError(f"layer {name}: {fmt} weights have no compressed-tensors form; exportable: {EXPORTABLE}")
@@ -124,8 +129,8 @@ def _layer_scheme(name: str, m: QuantLinear) -> tuple:
     return layout, weights, acts
 
 
-def _fp4_block_scheme(name: str, m: QuantLinear) -> tuple:
-    layout, strategy, scale_dtype = FP4_BLOCK_LAYOUTS[m.fmt]
+def _block_scheme(name: str, m: QuantLinear) -> tuple:
+    layout, strategy, scale_dtype = BLOCK_LAYOUTS[m.fmt]
     if m.in_features % m.group_size:
         raise ExportError(f"layer {name}: in_features {m.in_features} is not a multiple of {m.fmt}'s block of "
                           f"{m.group_size} (a short last block); {layout} needs whole blocks")
@@ -135,16 +140,17 @@ def _fp4_block_scheme(name: str, m: QuantLinear) -> tuple:
     if m.act_quantizer is not None:
         raise ExportError(f"layer {name}: {m.fmt} weights export with float activations ({layout}, weight-only); "
                           f"this layer quantizes its activations ({m.act_quantizer.fmt})")
-    weights = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": strategy, "group_size": m.group_size,
-               "dynamic": False, "scale_dtype": scale_dtype}
+    weights = {"num_bits": format_bits(m.fmt), "type": "float", "symmetric": True, "strategy": strategy,
+               "group_size": m.group_size, "dynamic": False, "scale_dtype": scale_dtype}
     return layout, weights, None
 
 
 def layer_tensors(m: QuantLinear, dtype: torch.dtype, layout: str) -> dict:
     """The compressed-tensors tensors of one layer in ``layout`` (its format, from _layer_scheme),
     without the module prefix."""
-    if m.fmt in FP4_BLOCK_LAYOUTS:  # our packed bytes and scale bytes are the library's
-        out = {"weight_packed": m.weight_packed.detach().cpu().clone()}
+    if m.fmt in BLOCK_LAYOUTS:  # our packed bytes and scale bytes are the library's
+        codes = m.weight_packed.detach().cpu().clone()
+        out = {"weight": codes.view(torch.float8_e4m3fn)} if m.fmt == "mxfp8_e4m3" else {"weight_packed": codes}
         if m.fmt == "nvfp4":
             out["weight_scale"] = m.weight_scale.detach().cpu().view(torch.float8_e4m3fn).clone()
             out["weight_global_scale"] = m.weight_zero_point.detach().cpu().float().clone()
