@@ -59,7 +59,7 @@ from .layout import GRANULARITIES
 from .formats import MX_BLOCK, NVFP4_BLOCK
 from .quantizers.base import MAX_GROUP_SIZE
 from .quantizers.mx import MXConfig
-from .quantizers.nvfp4 import NVFP4Config
+from .quantizers.nvfp4 import NVFP4Config, fused_global_scales
 from .quantizers.registry import FLOAT_NAMES, lookup
 from .algorithms.rotation import ATTR as ROTATION_ATTR, ROTATIONS, RotationError, restore, rotate_model
 from .algorithms.finetune import FinetuneOptions, check_options as finetune_options, finetune_scales
@@ -465,6 +465,9 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
     undo = []  # (tensor, original values) changed in place by folded scaling
     rotation_undo = []
     entries = {}
+    fused_scales = fused_global_scales(
+        [n for n, s in layers.items() if s["wq"] == "nvfp4"] if quantize_weights else [],
+        lambda n: float(model.get_submodule(n).weight.detach().abs().amax()))
 
     def build_layer(name, linear, scheme, hessian=None):
         wq, aq = build_quantizers(scheme)
@@ -475,6 +478,8 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
                 options = GPTQOptions(damp=scheme["damp"], block_size=scheme["block_size"],
                                       act_order=scheme["act_order"], refit=scheme["refit"])
                 packed = gptq_quantize(linear.weight, hessian, wq, options)
+            elif name in fused_scales:  # nvfp4 siblings an engine fuses: one global scale
+                packed = wq.quantize_weight(linear.weight, global_scale=fused_scales[name])
             else:
                 packed = wq.quantize_weight(linear.weight)
             q = QuantLinear.from_packed(linear, packed, aq, scheme=scheme)  # keeps an input rotation

@@ -11,6 +11,7 @@ when it exceeds one shard), written atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from .checkpoint_file import FORMAT_TAG, _SAFETENSORS_DTYPE, _aliases, _layer_me
 from .formats import LEARNED_FORMATS, NVFP4
 from .nn.packed_weight import PackedWeightModule
 from .plans import PlanError, apply_plan, build_quantizers, load_plan
+from .quantizers.nvfp4 import fused_global_scales
 
 MAX_SHARD_BYTES = 2 << 30
 _FP8 = ("fp8", "fp8_e4m3", "fp8_e5m2")
@@ -182,6 +184,14 @@ def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional
             return owner, (key if key in source.tensors else tied_source.get(key, key))  # a head stored as its tied embedding
         return None, k
 
+    # nvfp4 siblings that engines fuse share one global scale: their max|w| first (one extra read of them)
+    def source_amax(name: str) -> float:
+        key = source_key(f"{name}.weight_packed")[1]
+        with (source.mapped(key) if hasattr(source, "mapped") else contextlib.nullcontext(source.get(key))) as w:
+            return float(w.abs().amax()) if w.numel() else 0.0
+
+    fused_scales = fused_global_scales([n for n, m in quantized.items() if m.fmt == NVFP4], source_amax)
+
     def produce():
         bar = progress(total_in) if progress else None
         current, buffers = None, {}
@@ -197,7 +207,8 @@ def stream_quantize(model_dir: str, plan, out_dir: str, *, float_dtype: Optional
                 if owner is not None:
                     if owner != current:
                         with ahead.next(key) as w:
-                            current, buffers = owner, _quantize_one(owner, quantized[owner], key, w, by_name)
+                            current, buffers = owner, _quantize_one(owner, quantized[owner], key, w, by_name,
+                                                                    fused_scales.get(owner))
                             del w  # the source's pages leave memory with the map
                     t = buffers[k.rpartition(".")[2]]
                 else:
@@ -264,11 +275,12 @@ def _takes_source_dtype(wq) -> bool:
             and not (c.clip_search or c.zero_opt or c.integer_zero_point or c.byte_zero_point))
 
 
-def quantize_by_rows(wq, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES, on_chunk: Optional[Callable] = None):
-    """``wq.quantize_weight(w.float())``, computed a block of rows at a time where that gives the same
-    codes, so that a large weight (an LM head) never has a full float32 copy and its temporaries.
-    ``on_chunk(rows, packed)`` sees each block of ``w`` with its quantized rows (e.g. to measure
-    the error while the block is in cache)."""
+def quantize_by_rows(wq, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES, on_chunk: Optional[Callable] = None,
+                     **weight_options):
+    """``wq.quantize_weight(w.float(), **weight_options)``, computed a block of rows at a time where
+    that gives the same codes, so that a large weight (an LM head) never has a full float32 copy and
+    its temporaries. ``on_chunk(rows, packed)`` sees each block of ``w`` with its quantized rows
+    (e.g. to measure the error while the block is in cache)."""
     from .packed import concat_rows
 
     direct = _takes_source_dtype(wq) and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -279,7 +291,7 @@ def quantize_by_rows(wq, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES, on_chu
     parts = []
     for i in range(0, w.shape[0], n):
         x = w[i:i + n]
-        parts.append(wq.quantize_weight(x if direct else x.to(torch.float32)))  # float32 as the in-memory path
+        parts.append(wq.quantize_weight(x if direct else x.to(torch.float32), **weight_options))  # float32 as in memory
         if on_chunk is not None:
             on_chunk(x, parts[-1])
     return concat_rows(parts)
@@ -353,8 +365,10 @@ def _finite(w: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
-def _quantize_one(name: str, module: PackedWeightModule, key: str, w: torch.Tensor, by_name: dict) -> dict:
-    """Quantize ``w`` (the source tensor ``key``) with the module's scheme, return its buffers."""
+def _quantize_one(name: str, module: PackedWeightModule, key: str, w: torch.Tensor, by_name: dict,
+                  global_scale: Optional[torch.Tensor] = None) -> dict:
+    """Quantize ``w`` (the source tensor ``key``) with the module's scheme (nvfp4: under
+    ``global_scale`` when given), return its buffers."""
     wq, _ = build_quantizers(module.scheme)
     non_finite = StreamingError(f"{key} holds NaN or Inf, which {wq.fmt} cannot represent (only fp8 formats hold "
                                 f"them); fix the model or skip the layer")
@@ -364,7 +378,8 @@ def _quantize_one(name: str, module: PackedWeightModule, key: str, w: torch.Tens
     r = by_name.get(name)
     meter = _ErrorMeter() if r is not None else None
     try:
-        packed = quantize_by_rows(wq, w, on_chunk=meter)
+        options = {} if global_scale is None else {"global_scale": global_scale}
+        packed = quantize_by_rows(wq, w, on_chunk=meter, **options)
     except ValueError as e:
         if kernel_checks and "NaN or Inf" in str(e):
             raise non_finite from None

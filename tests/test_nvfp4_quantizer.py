@@ -134,3 +134,41 @@ def test_cli_preset(tiny_model_dir, tmp_path):
     with torch.no_grad():
         logits = model(tok("the", return_tensors="pt")["input_ids"]).logits
     assert torch.isfinite(logits).all()
+
+
+def test_fused_siblings_share_one_global_scale_in_memory_and_streaming(tiny_model_dir, tmp_path):
+    """q/k/v and gate/up (one matrix each in vLLM, with one global scale) get the global scale of
+    their largest weight; o_proj and down_proj keep their own. Streaming gives the same bytes."""
+    from safetensors.torch import load_file
+
+    from alphaquant.cli.presets import resolve_plan
+    from alphaquant.quantizers.nvfp4 import global_scale_for
+    from alphaquant.streaming import stream_quantize
+
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    float_weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    plan = resolve_plan("nvfp4")[1]
+    apply_plan(model, plan)
+    layer = "model.layers.1"
+    attn = [f"{layer}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    mlp = [f"{layer}.mlp.{p}" for p in ("gate_proj", "up_proj")]
+    for group in (attn, mlp):
+        want = global_scale_for(max(float(float_weights[n].abs().amax()) for n in group))
+        for n in group:
+            m = model.get_submodule(n)
+            assert torch.equal(m.weight_zero_point, want), n
+            p, s, _ = ops.quantize(float_weights[n], "nvfp4", group_size=16, zero_point=want)
+            assert torch.equal(m.weight_packed, p) and torch.equal(m.weight_scale, s)
+    own = model.get_submodule(f"{layer}.self_attn.o_proj").weight_zero_point
+    assert torch.equal(own, global_scale_for(float(float_weights[f"{layer}.self_attn.o_proj"].abs().amax())))
+    out = str(tmp_path / "streamed")
+    stream_quantize(tiny_model_dir, plan, out)
+    streamed = {}
+    for f in os.listdir(out):
+        if f.endswith(".safetensors"):
+            streamed.update(load_file(os.path.join(out, f)))
+    state = model.state_dict()
+    for n in attn + mlp:
+        for part in ("weight_packed", "weight_scale", "weight_zero_point"):
+            assert torch.equal(streamed[f"{n}.{part}"], state[f"{n}.{part}"]), (n, part)

@@ -5,13 +5,15 @@ scale rule: csrc/include/alphaquant/formats.h, "NVFP4").
     NVFP4Quantizer(NVFP4Config())          4.5 bits per value
 
 The global scale is 448 * 6 / max|w| unless given (``global_scale``: one value shared by several
-weights, e.g. q/k/v projections that a serving engine fuses into one matrix with one global
-scale). It is stored beside the scale bytes; the ops take it as their zero_point argument.
+weights). It is stored beside the scale bytes; the ops take it as their zero_point argument.
+Serving engines fuse q/k/v and gate/up projections into one matrix that keeps one global scale
+(vLLM takes the largest of the parts'), so plans give such siblings one shared global scale
+(:func:`fused_global_scales`), as llm-compressor does.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -97,3 +99,33 @@ def _as_global(g: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.
     if g.numel() != 1 or not bool(torch.isfinite(g).all() and (g > 0).all()):
         raise ValueError(f"NVFP4Quantizer: global_scale must be one finite value > 0; got {g.tolist()}")
     return g
+
+
+# Sibling linears that serving engines fuse into one matrix with one global scale.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def global_scale_for(amax: float) -> torch.Tensor:
+    """float32 [1]: 448 * 6 / amax (amax at least the smallest normal float32), 1 where that is
+    not finite: the rule the quantize op applies to one tensor's max|w|."""
+    g = torch.tensor([448.0 * 6.0]) / torch.tensor([amax], dtype=torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(torch.isfinite(g), g, torch.ones_like(g))
+
+
+def fused_global_scales(names: Iterable[str], amax: Callable[[str], float]) -> dict:
+    """{layer name: shared global scale} for the nvfp4 layers ``names`` that have fused siblings
+    among them (same parent, names in one FUSED_SIBLINGS set): the rule applied to the largest
+    max|w| of the group, i.e. the smallest of the parts' own global scales. ``amax(name)`` gives a
+    layer's max|w|; layers without siblings are left out (they keep their own)."""
+    groups: dict = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        for i, siblings in enumerate(FUSED_SIBLINGS):
+            if leaf in siblings:
+                groups.setdefault((parent, i), []).append(name)
+    shared = {}
+    for members in groups.values():
+        if len(members) > 1:
+            g = global_scale_for(max(amax(n) for n in members))
+            shared.update({n: g for n in members})
+    return shared
