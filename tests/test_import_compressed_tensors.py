@@ -180,3 +180,67 @@ def test_damaged_folders_are_refused_with_the_reason(tmp_path):
     save_file(t, f, metadata={"format": "pt"})
     with pytest.raises(ExportError, match="weight_scale is missing"):
         load_compressed_tensors(path)
+
+
+@pytest.mark.parametrize("preset", ["nvfp4", "mxfp4", "mxfp8_weights"])
+def test_block_scaled_exports_import_to_the_same_bytes(tmp_path, preset):
+    """Our nvfp4 / MX exports read back into layers holding the same bytes and computing the same logits."""
+    from alphaquant.cli.presets import resolve_plan
+    from alphaquant.export import to_compressed_tensors
+    from alphaquant.plans import apply_plan
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    plan = resolve_plan(preset)[1]
+    plan = {**plan, "overrides": [{"pattern": "lm_head", "skip": True}]}
+    apply_plan(model, plan)
+    to_compressed_tensors(model, str(tmp_path / "ct"))
+    ours, _ = load_compressed_tensors(str(tmp_path / "ct"))
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            got = ours.get_submodule(name)
+            assert got.fmt == m.fmt and torch.equal(got.weight_packed, m.weight_packed), name
+            assert torch.equal(got.weight_scale, m.weight_scale), name
+            assert (m.weight_zero_point is None) == (got.weight_zero_point is None), name
+            if m.weight_zero_point is not None:
+                assert torch.equal(got.weight_zero_point, m.weight_zero_point), name
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, model(ids).logits)
+
+
+def test_an_nvfp4_folder_compressed_tensors_wrote_imports_from_its_bytes(tmp_path):
+    """NVFP4A16 as compressed-tensors quantizes and compresses it (its global scales, its E4M3
+    scales, its packer): our layers decode exactly what its decompressor decodes."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    qc = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme("NVFP4A16", ["Linear"])},
+                            ignore=["lm_head"], quantization_status="frozen")
+    apply_quantization_config(model, qc)
+    for _, m in model.named_modules():
+        if getattr(m, "quantization_scheme", None) is not None:
+            w = m.weight.data
+            gs = generate_gparam(w.min(), w.max())
+            wg = w.unflatten(-1, (-1, 16))
+            s, _ = calculate_qparams(wg.amin(-1), wg.amax(-1), m.quantization_scheme.weights, global_scale=gs)
+            m.weight_global_scale.data = gs.to(m.weight_global_scale.dtype)
+            m.weight_scale.data = s.to(m.weight_scale.dtype).reshape(m.weight_scale.shape)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="nvfp4-pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(tmp_path / "ct")
+    compressor.update_config(str(tmp_path / "ct"))
+    ours, _ = load_compressed_tensors(str(tmp_path / "ct"))
+    theirs = reference(str(tmp_path / "ct"))
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        q = ours.get_submodule(name)
+        assert isinstance(q, QuantLinear) and q.fmt == "nvfp4"
+        torch.testing.assert_close(q.dequantized_weight(torch.bfloat16).float(),
+                                   theirs.get_submodule(name).weight.detach().float(), atol=0, rtol=0)

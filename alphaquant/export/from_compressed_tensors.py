@@ -4,7 +4,9 @@ quantized again. The layouts are the ones compressed_tensors.py describes (its i
 ``pack-quantized`` int32 words read back as our little-endian bit stream, zero points unpacked
 down each column; one value per byte (``naive-``, ``float-``, ``int-quantized``): e4m3 weights are
 our fp8 codes as they are, int8-held values q become our codes q + 2^(bits-1). Dynamic per-token int8 / fp8 input
-activations become our activation quantizers.
+activations become our activation quantizers. Block-scaled weights (``nvfp4-pack-quantized``,
+``mxfp4-pack-quantized``, ``mxfp6-pack-quantized``, ``mxfp8-quantized``) are our nvfp4 / MX bytes
+as they are, with their E4M3 or E8M0 scale bytes and (nvfp4) the global scale.
 """
 from __future__ import annotations
 
@@ -36,7 +38,10 @@ def _unpack_columns(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     return ops.unpack(cols[:, :need].contiguous(), bits, rows).t().float()
 
 
-IMPORTED = (FORMAT, "naive-quantized", "float-quantized", "int-quantized")
+# Block-scaled layouts -> (our format, its element's compressed-tensors num_bits, block size)
+BLOCK_IMPORTS = {"nvfp4-pack-quantized": ("nvfp4", 4, 16), "mxfp4-pack-quantized": ("mxfp4_e2m1", 4, 32),
+                 "mxfp6-pack-quantized": ("mxfp6_e2m3", 6, 32), "mxfp8-quantized": ("mxfp8_e4m3", 8, 32)}
+IMPORTED = (FORMAT, "naive-quantized", "float-quantized", "int-quantized") + tuple(BLOCK_IMPORTS)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -96,6 +101,45 @@ def _unpacked_codes(name: str, args: dict, tensors: dict, out_f: int, in_f: int,
     return f"int{bits}", codes if bits == 8 else ops.pack(codes, bits)
 
 
+def _block_layer(name: str, linear: nn.Linear, layout: str, group: dict, tensors: dict, where: str) -> QuantLinear:
+    """A weight-only nvfp4 / MX layer from its stored bytes (the inverse of compressed_tensors.py)."""
+    from ..formats import packed_row_bytes
+
+    fmt, bits, block = BLOCK_IMPORTS[layout]
+    args = group["weights"]
+    if (args.get("type") != "float" or int(args.get("num_bits") or 0) != bits or int(args.get("group_size") or 0)
+            != block or not args.get("symmetric", True)):
+        raise ExportError(f"{where}: {layout} with weights {args.get('type')} {args.get('num_bits')}-bit, group_size "
+                          f"{args.get('group_size')}; imported: float {bits}-bit symmetric, group_size {block}")
+    if group.get("input_activations"):
+        raise ExportError(f"{where}: {layout} with quantized input activations is not imported (weight-only is)")
+    out_f, in_f = linear.out_features, linear.in_features
+    if layout == "mxfp8-quantized":
+        data = _tensor(tensors, name, "weight", where)
+        if data.dtype != torch.float8_e4m3fn:
+            raise ExportError(f"{where}: weight is {data.dtype}; expected float8_e4m3fn")
+        data = data.view(torch.uint8)
+    else:
+        data = _tensor(tensors, name, "weight_packed", where)
+    row_bytes = packed_row_bytes(in_f, bits)
+    if data.dtype != torch.uint8 or tuple(data.shape) != (out_f, row_bytes):
+        raise ExportError(f"{where}: the packed weight is {data.dtype} {list(data.shape)}; expected uint8 "
+                          f"[{out_f}, {row_bytes}]")
+    scale = _tensor(tensors, name, "weight_scale", where)
+    scale_dtypes = (torch.uint8, torch.float8_e4m3fn) if fmt == "nvfp4" else (torch.uint8,)
+    if scale.dtype not in scale_dtypes or tuple(scale.shape) != (out_f, -(-in_f // block)):
+        raise ExportError(f"{where}: weight_scale is {scale.dtype} {list(scale.shape)}; expected "
+                          f"{' or '.join(str(d) for d in scale_dtypes)} [{out_f}, {-(-in_f // block)}]")
+    zero = None
+    if fmt == "nvfp4":
+        zero = _tensor(tensors, name, "weight_global_scale", where).float().reshape(-1)
+        if zero.numel() != 1:
+            raise ExportError(f"{where}: weight_global_scale holds {zero.numel()} values; expected one")
+    packed = PackedTensor(data.contiguous().clone(), scale.view(torch.uint8).contiguous().clone(), zero, fmt, True,
+                          block, (out_f, in_f))
+    return QuantLinear.from_packed(linear, packed, None)
+
+
 def _tensor(tensors: dict, name: str, key: str, where: str) -> torch.Tensor:
     try:
         return tensors[f"{name}.{key}"]
@@ -127,6 +171,8 @@ def _layer(name: str, linear: nn.Linear, layout: str, group: dict, tensors: dict
     args = group.get("weights")
     if not args:
         raise ExportError(f"{where}: its config group quantizes no weights; only weight-quantized layers are imported")
+    if layout in BLOCK_IMPORTS:
+        return _block_layer(name, linear, layout, group, tensors, where)
     symmetric = bool(args.get("symmetric", True))
     out_f, in_f = linear.out_features, linear.in_features
     group_size = _group_size(args, where)
