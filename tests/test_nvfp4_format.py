@@ -162,6 +162,16 @@ def test_bad_nvfp4_arguments_are_refused_with_what_is_allowed(device):
                 ops.linear(torch.randn(m, 64, device=device), p, bad_scale, g, None, "nvfp4", group_size=16, k=64)
     with pytest.raises(ValueError, match="scale must be finite and > 0"):
         ops.dequantize(p, s, torch.tensor([0.0], device=device), "nvfp4", symmetric=True, group_size=16, k=64)
+    # rows of 20 groups: the CPU gemv checks eight groups' scales as one vector, then a tail
+    wide = torch.randn(3, 320, device=device)
+    for fmt, g_wide in (("nvfp4", None), ("fp4_e2m1", None)):
+        pw, sw, gw = ops.quantize(wide, fmt, group_size=16)
+        gw = gw if fmt == "nvfp4" else None
+        for col in (5, 17):  # in a vector of eight, in the tail
+            bad_w = sw.clone()
+            bad_w[1, col] = 0x7F if fmt == "nvfp4" else float("nan")
+            with pytest.raises(ValueError, match="scale must be finite and > 0"):
+                ops.linear(torch.randn(2, 320, device=device), pw, bad_w, gw, None, fmt, group_size=16, k=320)
     bad = x.clone()
     bad[1, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf, which nvfp4 cannot represent"):

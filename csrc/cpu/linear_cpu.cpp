@@ -83,6 +83,48 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m, std::at
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+// One output feature j of gemv_rows_avx2 for a float-format weight whose groups are one chunk of
+// 8 bytes each: the scales of eight groups are loaded (or, for nvfp4's bytes, gathered from their
+// table) and checked as one vector, then broadcast lane by lane.
+template <int BITS, int M>
+void gemv_row_one_chunk_groups(const LinearArgs& a, const uint8_t* wrow, const float* xp, const float* table,
+                               int64_t j, float* yj, int64_t n, bool& bad) {
+  const GroupLayout& l = a.layout;
+  const int64_t groups = l.groups, k = l.k;
+  const float* scale = a.scale_codes ? nullptr : a.scale.data_ptr<float>() + j * groups;
+  const uint8_t* code = a.scale_codes ? a.scale_codes->data_ptr<uint8_t>() + j * groups : nullptr;
+  const float* bias = a.bias ? a.bias->data_ptr<float>() : nullptr;
+  const __m256 zero = _mm256_setzero_ps(), largest = _mm256_set1_ps(kFloatMax);
+  __m256 total[M];
+  for (int r = 0; r < M; ++r) total[r] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 s8 =
+        code ? _mm256_i32gather_ps(a.scale_table.data(),
+                                   _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(code + g))), 4)
+             : _mm256_loadu_ps(scale + g);
+    const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(s8, zero, _CMP_GT_OQ), _mm256_cmp_ps(s8, largest, _CMP_LE_OQ));
+    bad |= _mm256_movemask_ps(ok) != 0xFF;
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      __m256 acc[M];
+      for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+      dot_chunks<BITS, M, true>(wrow, xp, k, g + i, g + i + 1, acc, table);
+      const __m256 si = _mm256_permutevar8x32_ps(s8, _mm256_set1_epi32(i));
+      for (int r = 0; r < M; ++r) total[r] = _mm256_fmadd_ps(acc[r], si, total[r]);
+    }
+  }
+  for (; g < groups; ++g) {
+    const float s = code ? a.scale_table[code[g]] : scale[g];
+    bad |= !valid_scale(s, 0.0f);
+    __m256 acc[M];
+    for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+    dot_chunks<BITS, M, true>(wrow, xp, k, g, g + 1, acc, table);
+    for (int r = 0; r < M; ++r) total[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(s), total[r]);
+  }
+  for (int r = 0; r < M; ++r) yj[r * n] = hsum(total[r]) + (bias ? bias[j] : 0.0f);
+}
+
 // Weights of 1/2/4/6/8 bits (integers; fp4/fp6/fp8/nf4 through their value table) whose rows and
 // groups fill whole chunks (8 bytes; 6 bytes for 6-bit codes).
 template <int BITS, int M, bool TABLE>
@@ -100,9 +142,17 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
   const float* table = TABLE ? decode_table(a.fmt) : nullptr;
   const std::vector<float> xp = BITS == 6 ? std::vector<float>(x, x + M * k) : permute_x(x, M, k, BITS);
   const std::vector<float> xsum = group_sums(l, x, M);
+  // Float formats whose groups are one chunk each (nvfp4: 16 four-bit codes) take eight groups'
+  // scales as one vector: the per-group scalar work (scale load, check, broadcast) is what costs
+  // there, not the codes.
+  const bool one_chunk_groups = TABLE && BITS != 6 && !l.per_tensor && l.group_size == per;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     bool bad = false;
     for (int64_t j = begin; j < end; ++j) {
+      if (one_chunk_groups) {
+        gemv_row_one_chunk_groups<BITS, M>(a, w + j * row_bytes, xp.data(), table, j, y + j, n, bad);
+        continue;
+      }
       // Each group's lanes are scaled and summed into `total` (one horizontal sum per row at the
       // end, not per group: small groups such as nvfp4's 16 values are one chunk each).
       float out[M];
