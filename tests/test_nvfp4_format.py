@@ -164,7 +164,7 @@ def test_bad_nvfp4_arguments_are_refused_with_what_is_allowed(device):
         ops.dequantize(p, s, torch.tensor([0.0], device=device), "nvfp4", symmetric=True, group_size=16, k=64)
     # rows of 20 groups: the CPU gemv checks eight groups' scales as one vector, then a tail
     wide = torch.randn(3, 320, device=device)
-    for fmt, g_wide in (("nvfp4", None), ("fp4_e2m1", None)):
+    for fmt in ("nvfp4", "fp4_e2m1"):
         pw, sw, gw = ops.quantize(wide, fmt, group_size=16)
         gw = gw if fmt == "nvfp4" else None
         for col in (5, 17):  # in a vector of eight, in the tail
