@@ -193,7 +193,7 @@ static at::Tensor nvfp4_scale_codes(const char* op, const FormatSpec& f, const a
   if (!at::isfinite(amax).all().item<bool>()) raise_kernel_error(op, kErrNonFinite, f);
   const at::Tensor s = ((amax / 6.0f) * g).clamp_max(448.0f);
   at::Tensor codes = s.to(at::kFloat8_e4m3fn).view(at::kByte);
-  codes = at::where(codes == 0, at::full_like(codes, 0x20), codes);  // 0x20 is E4M3 0.125
+  codes = at::where(codes == 0, at::full_like(codes, kNvfp4ScaleOf0), codes);
   return codes.reshape(scale_shape).contiguous();
 }
 

@@ -225,6 +225,12 @@ constexpr int kMxBlock = 32;       // values per MX scale
 constexpr int kE8M0Bias = 127;     // X = 2^(e - 127)
 constexpr int kMxIntShift = 6;     // an mxint8 element q is q * 2^-6
 constexpr int kNvfp4Block = 16;    // values per NVFP4 scale byte
+constexpr int kNvfp4ScaleOf0 = 0x20;  // E4M3 0.125: the byte of a block whose scale rounds to 0
+
+// Bits of one block with its scale byte: MX 32 * b + 8 (4.25 / 6.25 / 8.25 per value), nvfp4
+// 16 * 4 + 8 = 72 (4.5 per value; plus 32 bits per tensor for the global scale).
+static_assert(kMxBlock * 4 + 8 == 136 && kNvfp4Block * 4 + 8 == 72, "MX fp4: 4.25 bits per value, nvfp4: 4.5");
+static_assert(FP8E4M3::kMaxMag == 0x7E && kNvfp4ScaleOf0 == 0x20, "E4M3: 0x7E is 448, 0x20 is 2^-3 = 0.125");
 
 // Pack eight codes of BITS bits into one integer of 8*BITS bits, which is exactly BITS bytes
 // (the unit of the row bit stream; byte lengths: layout.h).
