@@ -148,6 +148,18 @@ static at::Tensor checked_global_scale(const char* op, const at::Tensor& ref, co
   return g->to(at::kFloat).contiguous();
 }
 
+// bytes -> table[byte] in one pass (CPU).
+static at::Tensor look_up(const at::Tensor& codes, const std::array<float, 256>& table) {
+  const at::Tensor c = codes.contiguous();
+  at::Tensor out = at::empty(c.sizes(), c.options().dtype(at::kFloat));
+  const uint8_t* src = c.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) dst[i] = table[src[i]];
+  });
+  return out;
+}
+
 // S = float(e4m3 byte) / g for every byte (g: a float32 [1] CPU tensor). Bytes that are not
 // positive finite E4M3 values give S <= 0 or NaN, which the kernels' scale check refuses.
 static std::array<float, 256> nvfp4_scale_table(const at::Tensor& global_scale) {
@@ -160,17 +172,7 @@ static std::array<float, 256> nvfp4_scale_table(const at::Tensor& global_scale) 
 }
 
 at::Tensor nvfp4_scale_values(const at::Tensor& codes, const at::Tensor& global_scale) {
-  if (codes.device().is_cpu()) {  // one pass through a 256-entry table
-    const std::array<float, 256> table = nvfp4_scale_table(global_scale);
-    const at::Tensor c = codes.contiguous();
-    at::Tensor out = at::empty(c.sizes(), c.options().dtype(at::kFloat));
-    const uint8_t* src = c.data_ptr<uint8_t>();
-    float* dst = out.data_ptr<float>();
-    at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) dst[i] = table[src[i]];
-    });
-    return out;
-  }
+  if (codes.device().is_cpu()) return look_up(codes, nvfp4_scale_table(global_scale));
   return (codes.contiguous().view(at::kFloat8_e4m3fn).to(at::kFloat) / global_scale).contiguous();
 }
 
@@ -197,20 +199,18 @@ static at::Tensor nvfp4_scale_codes(const char* op, const FormatSpec& f, const a
   return codes.reshape(scale_shape).contiguous();
 }
 
-at::Tensor mx_scale_values(const at::Tensor& codes, const FormatSpec& f) {
-  // The kernel's scale 2^e, built from float32 bits so that it is exact on every device
-  // (2^-133 for mxint8's smallest is a subnormal); code 255 is NaN, which the kernels refuse.
+// The scale 2^e of every E8M0 byte, built from float32 bits so that it is exact (2^-133 for
+// mxint8's smallest is a subnormal); byte 255 is NaN, which the kernels refuse.
+static std::array<float, 256> mx_scale_table(const FormatSpec& f) {
   const int shift = kE8M0Bias + (f.id == FormatId::kInt ? kMxIntShift : 0);
-  if (codes.device().is_cpu()) {  // one pass, no temporaries: this runs on every linear call
-    const at::Tensor c = codes.contiguous();
-    at::Tensor out = at::empty(c.sizes(), c.options().dtype(at::kFloat));
-    const uint8_t* src = c.data_ptr<uint8_t>();
-    float* dst = out.data_ptr<float>();
-    at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) dst[i] = src[i] == 255 ? bits_float(0x7fc00000u) : pow2_wide(src[i] - shift);
-    });
-    return out;
-  }
+  std::array<float, 256> table;
+  for (int i = 0; i < 256; ++i) table[i] = i == 255 ? bits_float(0x7fc00000u) : pow2_wide(i - shift);
+  return table;
+}
+
+at::Tensor mx_scale_values(const at::Tensor& codes, const FormatSpec& f) {
+  if (codes.device().is_cpu()) return look_up(codes, mx_scale_table(f));
+  const int shift = kE8M0Bias + (f.id == FormatId::kInt ? kMxIntShift : 0);
   const at::Tensor e = codes.to(at::kInt) - shift;
   const at::Tensor normal = at::bitwise_left_shift((e + 127).clamp_min(0), 23);
   const at::Tensor subnormal = at::bitwise_left_shift(at::ones_like(e), (e + 149).clamp(0, 22));
@@ -230,23 +230,32 @@ at::Tensor returned_scale(const QuantizeArgs& a, const at::Tensor& scale) {
   return a.fmt.mx ? mx_scale_codes(scale, a.fmt) : scale;
 }
 
-// A scale argument: float (checked_params), or for MX formats E8M0 bytes and for nvfp4 E4M3 bytes
-// (with the global scale g) decoded to float32.
-static at::Tensor checked_scales(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
-                                 const std::vector<int64_t>& expected, const std::string& context,
-                                 const FormatSpec& f, const at::Tensor* global_scale = nullptr) {
-  if (!f.is_block_scaled()) return checked_params(op, ref, ref_name, t, "scale", expected, context);
+// The scale bytes of a block-scaled format: on ref's device, of the expected shape, E8M0 (MX: uint8) or
+// E4M3 (nvfp4: uint8 or float8_e4m3fn) bytes; as uint8.
+static at::Tensor checked_scale_bytes(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                                      const std::vector<int64_t>& expected, const std::string& context,
+                                      const FormatSpec& f) {
   check_same_device(op, ref, ref_name, t, "scale");
   TORCH_CHECK_VALUE(t.sizes().vec() == expected, "alphaquant.", op, ": scale has shape ", t.sizes(), "; expected ",
                     at::IntArrayRef(expected), " for ", context);
   if (f.nvfp4) {
     TORCH_CHECK_TYPE(t.scalar_type() == at::kByte || t.scalar_type() == at::kFloat8_e4m3fn, "alphaquant.", op,
                      ": nvfp4 scales are E4M3 bytes (uint8 or float8_e4m3fn); got ", t.scalar_type());
-    return nvfp4_scale_values(t.view(at::kByte), *global_scale);
+  } else {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kByte, "alphaquant.", op, ": ", format_name(f),
+                     " scales are E8M0 bytes (uint8: X = 2^(e - 127)); got ", t.scalar_type());
   }
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kByte, "alphaquant.", op, ": ", format_name(f),
-                   " scales are E8M0 bytes (uint8: X = 2^(e - 127)); got ", t.scalar_type());
-  return mx_scale_values(t, f);
+  return t.view(at::kByte).contiguous();
+}
+
+// A scale argument: float (checked_params), or for MX formats E8M0 bytes and for nvfp4 E4M3 bytes
+// (with the global scale g) decoded to float32.
+static at::Tensor checked_scales(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                                 const std::vector<int64_t>& expected, const std::string& context,
+                                 const FormatSpec& f, const at::Tensor* global_scale = nullptr) {
+  if (!f.is_block_scaled()) return checked_params(op, ref, ref_name, t, "scale", expected, context);
+  const at::Tensor bytes = checked_scale_bytes(op, ref, ref_name, t, expected, context, f);
+  return f.nvfp4 ? nvfp4_scale_values(bytes, *global_scale) : mx_scale_values(bytes, f);
 }
 
 QuantizeArgs prepare_quantize(const char* op, const at::Tensor& x, const std::string& fmt, bool symmetric,
@@ -335,22 +344,14 @@ DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, cons
   a.packed = packed.contiguous();
   const auto expected = scale_shape(a.out_shape, a.layout);
   const std::string ctx = layout_context(a.out_shape, group_size);
-  if (a.fmt.nvfp4) {
-    a.global_scale = checked_global_scale(op, packed, "packed", zero_point);
-    if (keep_scale_bytes && packed.device().is_cpu()) {
-      check_same_device(op, packed, "packed", scale, "scale");
-      TORCH_CHECK_VALUE(scale.sizes().vec() == expected, "alphaquant.", op, ": scale has shape ", scale.sizes(),
-                        "; expected ", at::IntArrayRef(expected), " for ", ctx);
-      TORCH_CHECK_TYPE(scale.scalar_type() == at::kByte || scale.scalar_type() == at::kFloat8_e4m3fn, "alphaquant.",
-                       op, ": nvfp4 scales are E4M3 bytes (uint8 or float8_e4m3fn); got ", scale.scalar_type());
-      a.scale_codes = scale.view(at::kByte).contiguous();
-      a.scale_table = nvfp4_scale_table(a.global_scale);
-    } else {
-      a.scale = checked_scales(op, packed, "packed", scale, expected, ctx, a.fmt, &a.global_scale);
-    }
-    return a;
+  if (a.fmt.nvfp4) a.global_scale = checked_global_scale(op, packed, "packed", zero_point);
+  if (keep_scale_bytes && a.fmt.is_block_scaled() && packed.device().is_cpu()) {
+    a.scale_codes = checked_scale_bytes(op, packed, "packed", scale, expected, ctx, a.fmt);
+    a.scale_table = a.fmt.nvfp4 ? nvfp4_scale_table(a.global_scale) : mx_scale_table(a.fmt);
+  } else {
+    a.scale = checked_scales(op, packed, "packed", scale, expected, ctx, a.fmt, &a.global_scale);
   }
-  a.scale = checked_scales(op, packed, "packed", scale, expected, ctx, a.fmt);
+  if (a.fmt.nvfp4) return a;
   if (a.fmt.is_asymmetric_int()) {
     TORCH_CHECK_VALUE(zero_point.has_value(), "alphaquant.", op, ": asymmetric ", fmt, " needs zero_point");
     a.zero = checked_zero_points(op, packed, "packed", *zero_point, expected, ctx, a.fmt.bits);
@@ -394,7 +395,7 @@ LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const a
                     "; got shape ", x.sizes());
   TORCH_CHECK_VALUE(packed.dim() == 2, "alphaquant.linear: the packed weight must be 2-D [n, bytes per row]; got shape ",
                     packed.sizes());
-  // nvfp4 on the CPU: the kernel reads the scale bytes (LinearArgs::scale_at).
+  // Block-scaled formats on the CPU: the kernel reads the scale bytes (LinearArgs::scale_at).
   DequantizeArgs d = prepare_dequantize("linear", packed, scale, zero_point, fmt, symmetric, group_size, k, validate,
                                         /*keep_scale_bytes=*/true);
   TORCH_CHECK_VALUE(x.numel() > 0, "alphaquant.linear: x is empty (shape ", x.sizes(), ")");
@@ -431,9 +432,10 @@ at::Tensor dequantize_weight(const LinearArgs& a, at::ScalarType dtype, int64_t 
                                          const std::string&, bool, int64_t, int64_t, at::ScalarType, bool)>();
   if (rows < 0) rows = a.layout.rows - n0;
   auto slice = [&](const at::Tensor& t) { return a.layout.per_tensor ? t : t.narrow(0, n0, rows); };
-  if (a.scale_codes) {  // nvfp4 scale bytes with their global scale, as the op takes them
-    return op.call(a.packed.narrow(0, n0, rows), slice(*a.scale_codes), a.global_scale, format_name(a.fmt),
-                   true, a.group_size_arg, a.layout.k, dtype, a.validate);
+  if (a.scale_codes) {  // scale bytes (and nvfp4's global scale), as the op takes them
+    const std::optional<at::Tensor> g = a.fmt.nvfp4 ? std::optional<at::Tensor>(a.global_scale) : std::nullopt;
+    return op.call(a.packed.narrow(0, n0, rows), slice(*a.scale_codes), g, format_name(a.fmt), true,
+                   a.group_size_arg, a.layout.k, dtype, a.validate);
   }
   std::optional<at::Tensor> zero;
   if (a.zero) zero = slice(*a.zero);

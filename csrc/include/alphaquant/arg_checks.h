@@ -91,8 +91,9 @@ struct DequantizeArgs {
   std::optional<at::Tensor> zero;  // float32 contiguous (asymmetric integers only)
   std::vector<int64_t> out_shape;
   bool validate;                   // check every scale and zero point read (kErrBadScale)
-  // nvfp4 read as bytes (keep_scale_bytes): `scale` stays undefined; a kernel reads the E4M3
-  // bytes and looks each up in scale_table (byte / global scale), a quarter of the float32 reads.
+  // Block-scaled formats read as bytes (keep_scale_bytes, CPU): `scale` stays undefined; a kernel
+  // reads the E8M0 / E4M3 bytes and looks each up in scale_table (its float32 scale; nvfp4: byte /
+  // global scale): a quarter of the float32 reads and no decoded copy per call.
   std::optional<at::Tensor> scale_codes;  // uint8, scale's shape, contiguous
   at::Tensor global_scale;                // float32 [1]
   std::array<float, 256> scale_table{};
@@ -130,7 +131,7 @@ struct LinearArgs {
   std::string fmt_name;            // as given, to call other ops with
   int64_t group_size_arg;
   bool validate;
-  std::optional<at::Tensor> scale_codes;  // nvfp4 on the CPU: E4M3 bytes (DequantizeArgs)
+  std::optional<at::Tensor> scale_codes;  // block-scaled formats on the CPU: scale bytes (DequantizeArgs)
   at::Tensor global_scale;
   std::array<float, 256> scale_table{};
 
