@@ -80,7 +80,8 @@ def quantize(
     (group_size 16), whose float32 global scale [1] comes back as zero_point and may be given
     as zero_point (with or without the scale bytes) to quantize under a chosen global scale.
     ``stochastic`` rounds up with probability equal to the discarded fraction, reproducibly for
-    a given ``seed``. NaN/Inf raise ValueError except for fp8 formats, which encode them.
+    a given ``seed``. NaN/Inf raise ValueError except for fp8 formats, which encode them, and MX
+    formats, which give their blocks the NaN scale (byte 255: the block decodes to NaN).
     """
     return _ops.quantize(x, fmt, symmetric, group_size, scale, zero_point, stochastic, seed)
 

@@ -245,9 +245,9 @@ def quantize_codes(
     seed: int = 0,
 ):
     """(codes uint8 [..., k] unpacked, scale, zero) exactly as the kernels compute them."""
-    _check_finite(x, fmt)
     if is_mx_format(fmt):
         return mx_quantize_codes(x, fmt, scale, stochastic, seed)
+    _check_finite(x, fmt)
     if fmt == "nvfp4":
         return nvfp4_quantize_codes(x, scale, zero_point, stochastic, seed)
     if scale is None:
@@ -312,7 +312,14 @@ def mx_scale_values(codes: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def mx_quantize_codes(x, fmt, scale=None, stochastic=False, seed=0):
     """(codes, E8M0 scale bytes, empty zero) of an MX format: element = x / X rounded to nearest
-    even (or stochastically) and saturated to the element's largest finite value."""
+    even (or stochastically) and saturated to the element's largest finite value. A block holding
+    NaN or Inf gets scale byte 255 (NaN), its elements coded as if those values were 0."""
+    finite = torch.isfinite(x)
+    if not finite.all():
+        codes, scale_bytes, zero = mx_quantize_codes(torch.where(finite, x, torch.zeros_like(x)), fmt, scale,
+                                                     stochastic, seed)
+        nonfinite_block = _blocks((~finite).to(torch.uint8), 0).any(-1)
+        return codes, torch.where(nonfinite_block, torch.full_like(scale_bytes, 255), scale_bytes), zero
     element = MX_ELEMENTS[fmt][0]
     codes_e8m0 = mx_scale_codes(x, fmt) if scale is None else scale
     k = x.shape[-1]

@@ -35,10 +35,9 @@ void check_row_length(const char* op, int64_t k, int64_t rows) {
 }
 
 void raise_kernel_error(const char* op, int flags, const FormatSpec& fmt) {
-  TORCH_CHECK_VALUE(!(flags & kErrNonFinite) || !fmt.mx, "alphaquant.", op, ": input contains NaN or Inf, which ",
-                    format_name(fmt), " does not take (the MX spec's NaN block scale is not implemented); clean the ",
-                    "input");
-  TORCH_CHECK_VALUE(!(flags & kErrNonFinite), "alphaquant.", op, ": input contains NaN or Inf, which ",
+  // MX formats take NaN/Inf (their blocks get the NaN scale, mx_nan_blocks.cpp): for them only a
+  // bad given scale reaches this.
+  TORCH_CHECK_VALUE(!(flags & kErrNonFinite) || fmt.mx, "alphaquant.", op, ": input contains NaN or Inf, which ",
                     format_name(fmt), " cannot represent (only fp8_e4m3 and fp8_e5m2 hold them); ",
                     "clean the input or pick an fp8 format");
   TORCH_CHECK_VALUE(!(flags & kErrBadScale), "alphaquant.", op,
@@ -336,7 +335,7 @@ DequantizeArgs prepare_dequantize(const char* op, const at::Tensor& packed, cons
   DequantizeArgs a;
   a.fmt = parse_format(fmt, symmetric);
   check_block_group(op, a.fmt, group_size);
-  a.validate = validate;
+  a.validate = validate && !a.fmt.mx;  // every E8M0 byte is a scale; 0xFF (NaN) makes its block NaN
   check_packed_rows(op, packed, a.fmt.bits, k, "values");
   a.out_shape = packed.sizes().vec();
   a.out_shape.back() = k;
@@ -409,7 +408,7 @@ LinearArgs prepare_linear(const at::Tensor& x, const at::Tensor& packed, const a
                .out_shape = x.sizes().vec(),
                .fmt_name = element_format_name(d.fmt, fmt),
                .group_size_arg = group_size,
-               .validate = validate,
+               .validate = d.validate,
                .scale_codes = d.scale_codes,
                .global_scale = d.global_scale,
                .scale_table = d.scale_table};

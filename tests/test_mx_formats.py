@@ -118,15 +118,52 @@ def test_bad_mx_arguments_are_refused_with_what_is_allowed(device):
         ops.dequantize(p, s.float(), None, "mxfp8_e4m3", symmetric=True, group_size=32, k=64)
     with pytest.raises(TypeError, match="E8M0 bytes"):
         ops.quantize(x, "mxfp8_e4m3", symmetric=True, group_size=32, scale=torch.ones(4, 2, device=device))
-    nan_scale = s.clone()
-    nan_scale[0, 0] = 255  # E8M0's NaN
-    with pytest.raises(ValueError, match="scale must be finite"):
-        ops.dequantize(p, nan_scale, None, "mxfp8_e4m3", symmetric=True, group_size=32, k=64)
-    bad = x.clone()
-    bad[1, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf, which mxfp8_e4m3 does not take"):
-        ops.quantize(bad, "mxfp8_e4m3", symmetric=True, group_size=32)
+    with pytest.raises(ValueError, match="scale must be finite"):  # a given scale that is E8M0's NaN
+        ops.quantize(x, "mxfp8_e4m3", symmetric=True, group_size=32,
+                     scale=torch.full((4, 2), 255, dtype=torch.uint8, device=device))
     with pytest.raises(ValueError, match="unknown format 'mxfp3'.*mxfp4_e2m1"):
         ops.quantize(x, "mxfp3", symmetric=True, group_size=32)
     with pytest.raises(ValueError, match="block-scaled format"):
         ops.encode_float(x, "mxfp4_e2m1")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", MX_FORMATS)
+def test_blocks_holding_nan_or_inf_get_the_nan_scale(fmt, device):
+    """OCP MX: a block whose values include NaN (here also Inf, which no MX element format keeps
+    through its block's scale) gets the NaN scale, E8M0 byte 0xFF, and every element of it decodes
+    to NaN; the other blocks are as without those values (same bytes as the reference)."""
+    x = data(3, 100, 7, 6)  # blocks [0, 32), [32, 64), [64, 96), [96, 100)
+    x[0, 40] = float("nan")
+    x[2, 97] = float("inf")
+    x[1, 5] = -float("inf")
+    packed, scale, _ = ops.quantize(x.to(device), fmt, symmetric=True, group_size=32)
+    rp, rs, _ = reference.quantize(x, fmt, True, 32)
+    assert torch.equal(scale.cpu(), rs) and torch.equal(packed.cpu(), rp)
+    nan_blocks = {(0, 1), (2, 3), (1, 0)}
+    assert {(r, g) for r in range(3) for g in range(4) if scale[r, g] == 255} == nan_blocks
+    deq = ops.dequantize(packed, scale, None, fmt, symmetric=True, group_size=32, k=100).cpu()
+    fake = ops.fake_quantize(x.to(device), fmt, symmetric=True, group_size=32).cpu()
+    for r, g in nan_blocks:
+        assert torch.isnan(deq[r, g * 32:(g + 1) * 32]).all() and torch.isnan(fake[r, g * 32:(g + 1) * 32]).all()
+    clean = ~torch.isnan(deq)
+    assert clean.sum() == 300 - 32 - 32 - 4 and torch.equal(fake[clean], deq[clean])
+    assert torch.equal(deq[clean], reference.dequantize(rp, rs, None, fmt, True, 32, 100)[clean])
+    y = ops.linear(torch.ones(2, 100, device=device), packed, scale, None, None, fmt, symmetric=True, group_size=32,
+                   k=100).cpu()
+    assert torch.isnan(y[:, [0, 1, 2]]).all()  # every row has a NaN block: NaN propagates, nothing raises
+    with pytest.raises(ValueError, match="holds NaN or Inf"):
+        from alphaquant.quantizers.registry import lookup
+        q_cls, cfg = lookup({"mxfp4_e2m1": "mxfp4"}.get(fmt, fmt))
+        q_cls(cfg()).quantize_weight(x)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp4_e2m1"])
+def test_torchao_gives_nan_blocks_the_same_scale_byte(fmt):
+    mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+    elem = {"mxfp8_e4m3": torch.float8_e4m3fn, "mxfp4_e2m1": torch.float4_e2m1fn_x2}[fmt]
+    x = data(4, 64, 2, 4)
+    x[1, 33] = float("nan")
+    scale_e8m0, _ = mx.to_mx(x, elem, 32)
+    _, scale, _ = ops.quantize(x, fmt, symmetric=True, group_size=32)
+    assert torch.equal(scale, scale_e8m0.view(torch.uint8).reshape(4, 2)) and scale[1, 1] == 255

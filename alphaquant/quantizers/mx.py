@@ -107,6 +107,9 @@ class MXQuantizer(BaseQuantizer):
         if self.static_scale is not None:
             raise ValueError(f"{type(self).__name__}: static scales are not supported for MX formats (the scale of "
                              f"each block follows from its values)")
+        if not bool(torch.isfinite(weight).all()):  # the op would store such blocks as NaN: a broken weight
+            raise ValueError(f"{type(self).__name__}: the weight holds NaN or Inf; its blocks would decode to NaN "
+                             f"(MX's NaN scale). Fix the weight or keep the layer float")
         return self.pack_with_scales(weight, None)
 
     def attach_observer(self, observer) -> None:

@@ -240,7 +240,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
       gemv_rows<CODEC, BITS>(a, xf.data_ptr<float>(), y.data_ptr<float>(), m, bad_scale);
     });
   }
-  if (validate && bad_scale) raise_kernel_error("linear", kErrBadScale, a.fmt);
+  if (a.validate && bad_scale) raise_kernel_error("linear", kErrBadScale, a.fmt);
   return y.to(x.scalar_type()).reshape(a.out_shape);
 }
 

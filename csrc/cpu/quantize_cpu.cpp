@@ -186,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
           });
     });
   });
+  if (err && is_mx_nan_block_case(a, err)) return mx_quantize_nan_blocks(a, fmt, group_size, scale, stochastic, seed);
   if (err) raise_kernel_error("quantize", err, a.fmt);
   return {o.packed, returned_scale(a, o.scale), o.zero};
 }
@@ -219,6 +220,9 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const std::string& fmt, bool s
           [](int64_t, int64_t, int64_t, const uint8_t*) {});
     });
   });
+  if (err && is_mx_nan_block_case(a, err)) {
+    return mx_fake_quantize_nan_blocks(a, fmt, group_size, scale, stochastic, seed);
+  }
   if (err) raise_kernel_error("fake_quantize", err, a.fmt);
   return out;
 }
@@ -300,7 +304,7 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, con
       });
     });
   });
-  if (validate && bad_scale) raise_kernel_error("dequantize", kErrBadScale, a.fmt);
+  if (a.validate && bad_scale) raise_kernel_error("dequantize", kErrBadScale, a.fmt);
   return out;
 }
 

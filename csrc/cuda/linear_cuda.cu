@@ -97,7 +97,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor y = at::empty({m, n}, a.x2d.options());
   const GroupLayout& l = a.layout;
   // The error flag costs an allocation and, below, a device sync: only when validating.
-  at::Tensor err = validate ? at::zeros({1}, x.options().dtype(at::kInt)) : at::Tensor();
+  at::Tensor err = a.validate ? at::zeros({1}, x.options().dtype(at::kInt)) : at::Tensor();
   GemvParams p{.fmt = a.fmt,
                .l = l,
                .m = m,
@@ -107,7 +107,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::
                .bias = a.bias ? a.bias->data_ptr<float>() : nullptr,
                .aligned = false,
                .block_one_scale = l.per_tensor || l.group_size >= l.k || l.group_size % 8 == 0,
-               .err = validate ? err.data_ptr<int>() : nullptr};
+               .err = a.validate ? err.data_ptr<int>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_cuda", [&] {
     const scalar_t* xp = a.x2d.data_ptr<scalar_t>();
     p.aligned = k % 8 == 0 && (reinterpret_cast<uintptr_t>(xp) & 15) == 0 &&
@@ -118,7 +118,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  if (validate) {
+  if (a.validate) {
     const int flags = err.item<int>();
     if (flags) raise_kernel_error("linear", flags, a.fmt);
   }

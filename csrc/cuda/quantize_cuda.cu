@@ -211,8 +211,9 @@ int team_size(int64_t group_size) {
 }
 
 // Shared driver of quantize (FAKE=false: writes packed) and fake_quantize (FAKE=true: writes out).
+// Returns the kernels' error flags (the callers raise them).
 template <bool FAKE>
-void run_quantize(const char* op, QuantizeArgs& a, uint8_t* packed, at::Tensor& out, float* scale_out, float* zero_out,
+int run_quantize(QuantizeArgs& a, uint8_t* packed, at::Tensor& out, float* scale_out, float* zero_out,
                   bool stochastic, int64_t seed) {
   const GroupLayout& l = a.layout;
   at::Tensor err = at::zeros({1}, a.x.options().dtype(at::kInt));
@@ -270,8 +271,7 @@ void run_quantize(const char* op, QuantizeArgs& a, uint8_t* packed, at::Tensor& 
     if (scale_out) at::from_blob(scale_out, {l.rows * l.groups}, stats_scale.options()).copy_(stats_scale);
     if (zero_out) at::from_blob(zero_out, {l.rows * l.groups}, stats_zero.options()).copy_(stats_zero);
   }
-  const int flags = err.item<int>();  // one sync: errors must surface as exceptions
-  if (flags) raise_kernel_error(op, flags, a.fmt);
+  return err.item<int>();  // one sync: errors must surface as exceptions
 }
 
 // Min, max and non-finite flag of a whole tensor (per-tensor dynamic scales) with one device
@@ -302,7 +302,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x
   QuantizeArgs a = prepare_quantize("quantize", x, fmt, symmetric, group_size, scale, zero_point, &tensor_stats_cuda);
   QuantizeOutputs o = allocate_quantize_outputs(a);
   at::Tensor none;
-  run_quantize<false>("quantize", a, o.packed.data_ptr<uint8_t>(), none, o.scale_dst, o.zero_dst, stochastic, seed);
+  const int err =
+      run_quantize<false>(a, o.packed.data_ptr<uint8_t>(), none, o.scale_dst, o.zero_dst, stochastic, seed);
+  if (err && is_mx_nan_block_case(a, err)) return mx_quantize_nan_blocks(a, fmt, group_size, scale, stochastic, seed);
+  if (err) raise_kernel_error("quantize", err, a.fmt);
   return {o.packed, returned_scale(a, o.scale), o.zero};
 }
 
@@ -313,7 +316,11 @@ at::Tensor fake_quantize_cuda(const at::Tensor& x, const std::string& fmt, bool 
   QuantizeArgs a =
       prepare_quantize("fake_quantize", x, fmt, symmetric, group_size, scale, zero_point, &tensor_stats_cuda);
   at::Tensor out = at::empty(x.sizes(), x.options());
-  run_quantize<true>("fake_quantize", a, nullptr, out, nullptr, nullptr, stochastic, seed);
+  const int err = run_quantize<true>(a, nullptr, out, nullptr, nullptr, stochastic, seed);
+  if (err && is_mx_nan_block_case(a, err)) {
+    return mx_fake_quantize_nan_blocks(a, fmt, group_size, scale, stochastic, seed);
+  }
+  if (err) raise_kernel_error("fake_quantize", err, a.fmt);
   return out;
 }
 
@@ -326,19 +333,19 @@ at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& scale, co
       prepare_dequantize("dequantize", packed, scale, zero_point, fmt, symmetric, group_size, k, validate);
   at::Tensor out = at::empty(a.out_shape, packed.options().dtype(dtype));
   // The error flag costs an allocation and, below, a device sync: only when validating.
-  at::Tensor err = validate ? at::zeros({1}, packed.options().dtype(at::kInt)) : at::Tensor();
+  at::Tensor err = a.validate ? at::zeros({1}, packed.options().dtype(at::kInt)) : at::Tensor();
   QuantParams p{.fmt = a.fmt,
                 .l = a.layout,
                 .scale_in = a.scale.data_ptr<float>(),
                 .zero_in = a.zero ? a.zero->data_ptr<float>() : nullptr,
-                .check_scale = validate,
+                .check_scale = a.validate,
                 .scale_out = nullptr,
                 .zero_out = nullptr,
                 .stochastic = false,
                 .seed = 0,
                 .aligned = false,
                 .row_bytes = a.packed.size(-1),
-                .err = validate ? err.data_ptr<int>() : nullptr};
+                .err = a.validate ? err.data_ptr<int>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_cuda", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     p.aligned = all_aligned(a.layout.k, {a.packed.data_ptr(), o});
@@ -349,7 +356,7 @@ at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& scale, co
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  if (validate) {
+  if (a.validate) {
     const int flags = err.item<int>();
     if (flags) raise_kernel_error("dequantize", flags, a.fmt);
   }

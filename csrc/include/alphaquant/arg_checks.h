@@ -81,6 +81,15 @@ at::Tensor nvfp4_scale_values(const at::Tensor& codes, const at::Tensor& global_
 // The scale a quantize op returns: float32, E8M0 bytes for MX formats, E4M3 bytes for nvfp4.
 at::Tensor returned_scale(const QuantizeArgs& a, const at::Tensor& scale);
 
+// MX blocks holding NaN or Inf get the NaN scale (csrc/mx_nan_blocks.cpp): when a quantize or
+// fake_quantize kernel flags only non-finite input for an MX format, its launcher returns these.
+bool is_mx_nan_block_case(const QuantizeArgs& a, int flags);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mx_quantize_nan_blocks(
+    const QuantizeArgs& a, const std::string& fmt, int64_t group_size, const std::optional<at::Tensor>& scale,
+    bool stochastic, int64_t seed);
+at::Tensor mx_fake_quantize_nan_blocks(const QuantizeArgs& a, const std::string& fmt, int64_t group_size,
+                                       const std::optional<at::Tensor>& scale, bool stochastic, int64_t seed);
+
 // ---------------------------------------------------------------- dequantize
 
 struct DequantizeArgs {

@@ -35,7 +35,8 @@ struct FormatSpec {
   // The only formats with a zero point: integers on [0, 2^bits - 1].
   AQ_HD bool is_asymmetric_int() const { return !is_float_or_codebook() && !symmetric; }
   // Float formats hold NaN (and e5m2 Inf) themselves; the others reject non-finite input.
-  // MX formats refuse them too (the spec's NaN scale for a block holding NaN is not implemented).
+  // MX formats do not hold them in their elements: a block holding NaN/Inf gets the NaN scale
+  // (csrc/mx_nan_blocks.cpp), which the kernels see as a non-finite input flag first.
   AQ_HD bool holds_nonfinite() const { return !mx && (id == FormatId::kFP8E4M3 || id == FormatId::kFP8E5M2); }
   // MX and NVFP4 share a narrow scale per block; `element()` is their element format alone.
   AQ_HD bool is_block_scaled() const { return mx || nvfp4; }

@@ -33,6 +33,8 @@
 //   value   = element * X
 // floor(log2) is read from the float32 exponent field (a subnormal max counts as 2^-127), as
 // torchao's FLOOR mode does. Values are 4.25 / 6.25 / 8.25 bits each with their scale byte.
+// A block holding NaN or Inf gets the NaN scale 0xFF: every element of it decodes to NaN (the
+// spec's rule for NaN; Inf too, which no element format carries through a finite block scale).
 //
 // NVFP4 (nvfp4): fp4_e2m1 elements, one E4M3 scale byte per block of 16 values along a row (the
 // last block may be shorter) and one float32 global scale g per tensor, compressed-tensors' recipe
