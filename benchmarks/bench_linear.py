@@ -37,12 +37,14 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="KxN list (default: Llama shapes on GPU, 4096x4096 on CPU)")
     parser.add_argument("--m", default=None, help="batch sizes (default 1,4,16,64,128 on GPU, 1,4,16 on CPU)")
     parser.add_argument("--formats", default=None, help="comma list among " + ",".join(f for f, _, _ in FORMATS))
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="activations (default: bfloat16 on GPU, float32 on CPU)")
     args = parser.parse_args()
     dev = args.device
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or (GPU_SHAPES if dev == "cuda" else "4096x4096")).split(",")]
     ms = [int(m) for m in (args.m or ("1,4,16,64,128" if dev == "cuda" else "1,4,16")).split(",")]
     formats = [f for f in FORMATS if args.formats is None or f[0] in args.formats.split(",")]
-    act = torch.bfloat16 if dev == "cuda" else torch.float32
+    act = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev == "cuda" else torch.float32)
     reps = 50 if dev == "cuda" else 10
     print(f"# bench_linear on {machine(dev)}, activations {act}, torch {torch.__version__}")
     rows = []

@@ -30,9 +30,10 @@ def test_linear_half_activations(dtype, m, device):
     k, n = 512, 96
     packed, s, _ = ops.quantize(torch.randn(n, k, device=device), "int4", group_size=128)
     x = torch.randn(2, m, k).to(dtype)
-    y = ops.linear(x.to(device), packed, s, None, None, "int4", group_size=128, k=k)
+    bias = torch.randn(n)  # m = 40: the GEMM path, in bf16 for bf16 activations on CPUs with AVX-512 BF16
+    y = ops.linear(x.to(device), packed, s, None, bias.to(device), "int4", group_size=128, k=k)
     assert y.shape == (2, m, n) and y.dtype == dtype
-    want = ref.linear(x.reshape(-1, k), packed, s, None, None, "int4", True, 128, k).reshape(2, m, n)
+    want = ref.linear(x.reshape(-1, k), packed, s, None, bias, "int4", True, 128, k).reshape(2, m, n)
     assert ((y.cpu().float() - want).norm() / want.norm()).item() < 1e-2  # bf16 output rounding
 
 

@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 
@@ -25,6 +27,21 @@ namespace alphaquant {
 namespace {
 
 constexpr int64_t kMaxGemvRows = 16;
+
+// The dtype of the dequantized-tile GEMM: bf16 for bf16 activations when the CPU has AVX-512 BF16
+// (checked at run time; ALPHAQUANT_NO_BF16_GEMM=1 turns it off), float32 otherwise.
+at::ScalarType gemm_dtype(at::ScalarType activations) {
+  static const bool bf16_gemm = [] {
+    const char* off = std::getenv("ALPHAQUANT_NO_BF16_GEMM");
+    if (off != nullptr && std::string(off) == "1") return false;
+#if defined(__x86_64__) && defined(__GNUC__)
+    return __builtin_cpu_supports("avx512bf16") != 0;
+#else
+    return false;
+#endif
+  }();
+  return activations == at::kBFloat16 && bf16_gemm ? at::kBFloat16 : at::kFloat;
+}
 
 // Sums of x [m, k] over each group of the weight's layout: [m, groups].
 std::vector<float> group_sums(const GroupLayout& l, const float* x, int64_t m) {
@@ -224,11 +241,15 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
   LinearArgs a = prepare_linear(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k, validate);
   const int64_t m = a.x2d.size(0);
   if (m > kMaxGemvRows) {
-    // Dequantize a tile of output features at a time (it stays in cache) and hand it to GEMM.
-    const at::Tensor xf = a.x2d.to(at::kFloat);
-    at::Tensor y = at::empty({m, a.layout.rows}, xf.options());
-    gemm_by_dequantized_tiles(xf, a.bias, y, [&](int64_t n0, int64_t rows) {
-      return dequantize_weight(a, at::kFloat, n0, rows);
+    // Dequantize a tile of output features at a time (it stays in cache) and hand it to GEMM:
+    // in bf16 for bf16 activations where the CPU multiplies bf16 natively (what F.linear in bf16
+    // does with a bf16 weight), else in float32.
+    const at::ScalarType compute = gemm_dtype(x.scalar_type());
+    const at::Tensor xc = a.x2d.to(compute);
+    at::Tensor y = at::empty({m, a.layout.rows}, xc.options());
+    const std::optional<at::Tensor> bias_c = a.bias ? std::optional<at::Tensor>(a.bias->to(compute)) : std::nullopt;
+    gemm_by_dequantized_tiles(xc, bias_c, y, [&](int64_t n0, int64_t rows) {
+      return dequantize_weight(a, compute, n0, rows);
     });
     return y.to(x.scalar_type()).reshape(a.out_shape);
   }

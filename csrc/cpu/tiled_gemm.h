@@ -1,6 +1,6 @@
 // Large batches: dequantize a tile of output features at a time (it stays in cache) and hand it
-// to GEMM. Shared by the linear ops of every format; `dequantize_rows(n0, rows)` returns the float32
-// weight rows [rows, k] starting at output feature n0.
+// to GEMM. Shared by the linear ops of every format; `dequantize_rows(n0, rows)` returns the weight
+// rows [rows, k] starting at output feature n0, in x's dtype.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,7 +10,7 @@
 
 namespace alphaquant {
 
-// xf: [m, k] float32; y: [m, n] float32 (written); bias: [n] or none.
+// xf: [m, k] float32 or bf16; y: [m, n] of its dtype (written); bias: [n] of its dtype, or none.
 template <class DequantizeRows>
 void gemm_by_dequantized_tiles(const at::Tensor& xf, const std::optional<at::Tensor>& bias, at::Tensor& y,
                                DequantizeRows dequantize_rows) {
