@@ -258,3 +258,22 @@ def test_vectorized_integer_path_matches_reference(fmt, sym, dtype, groups, grou
     x = x.to(dtype)
     for gs in (group_size, 0):
         assert_same(ops.quantize(x, fmt, symmetric=sym, group_size=gs), ref.quantize(x, fmt, sym, gs))
+
+
+@pytest.mark.parametrize("fmt,sym,group", [("int4", True, 128), ("int4", False, 64), ("int2", False, 16),
+                                           ("int8", True, 0), ("fp4_e2m1", True, 32), ("nf4", True, 64),
+                                           ("mxfp4_e2m1", True, 32), ("nvfp4", True, 16)])
+def test_dequantize_to_bf16_is_float32_rounded_to_nearest_even(fmt, sym, group):
+    """The CPU kernels convert blocks of eight to bf16 in registers: the same bits as torch's cast of
+    the float32 result (round to nearest even), and NaN where it is NaN (an MX block holding NaN)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 256, generator=g) * torch.exp2(torch.randint(-8, 8, (37, 1), generator=g).float())
+    if fmt.startswith("mx"):
+        x[3, 40] = float("nan")
+    packed, s, z = ops.quantize(x, fmt, symmetric=sym, group_size=group)
+    zp = z if z.numel() else None
+    full = ops.dequantize(packed, s, zp, fmt, symmetric=sym, group_size=group, k=256)
+    got = ops.dequantize(packed, s, zp, fmt, symmetric=sym, group_size=group, k=256, dtype=torch.bfloat16)
+    nan = torch.isnan(full)
+    assert torch.equal(torch.isnan(got), nan)  # NaN bits are not compared: torch's casts differ there
+    assert torch.equal(got[~nan].view(torch.int16), full[~nan].bfloat16().view(torch.int16))

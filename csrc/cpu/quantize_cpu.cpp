@@ -19,6 +19,7 @@
 #include "cpu/int_block_values.h"
 #include "cpu/quantize_avx2.h"
 #include "cpu/segments.h"
+#include "cpu/store_block.h"
 
 namespace alphaquant {
 namespace {
@@ -268,7 +269,7 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, con
                 load_block<BITS>(prow + b / 8 * BITS, c, 8);
                 for (int i = 0; i < 8; ++i) v[i] = table[c[i]] * s;
               }
-              for (int i = 0; i < 8; ++i) orow[b + i] = static_cast<scalar_t>(v[i]);
+              store_block8(orow + b, v);
             }
           }
         }
@@ -288,7 +289,7 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, con
             } else {
               for (int i = 0; i < 8; ++i) v[i] = table[c[i]] * s;
             }
-            for (int i = 0; i < 8; ++i) orow[kb + i] = static_cast<scalar_t>(v[i]);
+            store_block8(orow + kb, v);
             continue;
           }
           for (int i = 0; i < n; ++i) {
