@@ -199,7 +199,7 @@ static at::Tensor nvfp4_scale_codes(const char* op, const FormatSpec& f, const a
 }
 
 // The scale 2^e of every E8M0 byte, built from float32 bits so that it is exact (2^-133 for
-// mxint8's smallest is a subnormal); byte 255 is NaN, which the kernels refuse.
+// mxint8's smallest is a subnormal); byte 255 is NaN, which makes its block decode to NaN.
 static std::array<float, 256> mx_scale_table(const FormatSpec& f) {
   const int shift = kE8M0Bias + (f.id == FormatId::kInt ? kMxIntShift : 0);
   std::array<float, 256> table;
