@@ -58,8 +58,8 @@ from .quantizers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver
 from .layout import GRANULARITIES
 from .formats import MX_BLOCK, NVFP4_BLOCK
 from .quantizers.base import MAX_GROUP_SIZE
-from .quantizers.mx import MXConfig
-from .quantizers.nvfp4 import NVFP4Config, fused_global_scales
+from .quantizers.base import BlockScaledConfig
+from .quantizers.nvfp4 import fused_global_scales
 from .quantizers.registry import FLOAT_NAMES, lookup
 from .algorithms.rotation import ATTR as ROTATION_ATTR, ROTATIONS, RotationError, restore, rotate_model
 from .algorithms.finetune import FinetuneOptions, check_options as finetune_options, finetune_scales
@@ -239,8 +239,8 @@ def build_quantizers(scheme: dict):
             return None
         q_cls, cfg = found
         kwargs = dict(group_size=scheme["group_size"], dtype=scheme["dtype"], granularity=granularity)
-        if issubclass(cfg, (MXConfig, NVFP4Config)):  # the block is the format's: 32 (MX) or 16 values per scale
-            block = MX_BLOCK if issubclass(cfg, MXConfig) else NVFP4_BLOCK
+        if issubclass(cfg, BlockScaledConfig):  # the block is the format's: 32 (MX) or 16 (nvfp4) values per scale
+            block = cfg.block
             if scheme["group_size"] not in (block, DEFAULTS["group_size"]) or granularity != "per_group":
                 raise PlanError(f"{scheme[side]} shares one scale per block of {block} values: group_size must be "
                                 f"{block} (or left out) and the granularity per_group; got group_size="

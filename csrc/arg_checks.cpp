@@ -164,9 +164,7 @@ static at::Tensor look_up(const at::Tensor& codes, const std::array<float, 256>&
 static std::array<float, 256> nvfp4_scale_table(const at::Tensor& global_scale) {
   std::array<float, 256> table;
   const float g = global_scale.item<float>();
-  const at::Tensor values = at::arange(256, at::TensorOptions().dtype(at::kInt)).to(at::kByte)
-                                .view(at::kFloat8_e4m3fn).to(at::kFloat);
-  for (int i = 0; i < 256; ++i) table[i] = values.data_ptr<float>()[i] / g;
+  for (int i = 0; i < 256; ++i) table[i] = FP8E4M3::decode(static_cast<uint32_t>(i)) / g;
   return table;
 }
 
@@ -276,13 +274,10 @@ QuantizeArgs prepare_quantize(const char* op, const at::Tensor& x, const std::st
     // or chosen here; the kernels then quantize with the decoded float32 scales as static ones.
     a.global_scale = zero_point.has_value() ? checked_global_scale(op, x, "x", zero_point)
                                             : nvfp4_default_global_scale(op, a.x, a.fmt);
-    if (scale.has_value()) {
-      a.scale = checked_scales(op, x, "x", *scale, a.scale_shape, ctx, a.fmt, &*a.global_scale);
-      a.scale_codes = scale->view(at::kByte).contiguous();
-    } else {
-      a.scale_codes = nvfp4_scale_codes(op, a.fmt, a.x, a.layout, *a.global_scale, a.scale_shape);
-      a.scale = nvfp4_scale_values(*a.scale_codes, *a.global_scale);
-    }
+    a.scale_codes = scale.has_value()
+                        ? checked_scale_bytes(op, x, "x", *scale, a.scale_shape, ctx, a.fmt)
+                        : nvfp4_scale_codes(op, a.fmt, a.x, a.layout, *a.global_scale, a.scale_shape);
+    a.scale = nvfp4_scale_values(*a.scale_codes, *a.global_scale);
     return a;
   }
   if (scale.has_value()) {

@@ -109,6 +109,33 @@ class QuantizerConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@dataclass
+class BlockScaledConfig(QuantizerConfig):
+    """Fields of a format whose block and scale rule are its own (MX, nvfp4): group_size must be the
+    block, the granularity per group; scales are chosen by the rule and stored as bytes."""
+
+    block = 0  # values per scale byte (a class constant, not a field)
+    scale_bytes = ""  # what the stored scale bytes are, for messages
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if self.group_size != self.block or self.granularity != "per_group":
+            raise ValueError(f"{name}: the format shares one scale per block of {self.block} values: group_size must "
+                             f"be {self.block} and granularity per_group; got group_size={self.group_size!r}, "
+                             f"granularity={self.granularity!r}")
+        if self.clip_search or self.zero_opt:
+            raise ValueError(f"{name}: the block scale is fixed by the format's rule; clip_search and zero_opt do "
+                             f"not apply")
+        if self.scale_dtype != "float32":
+            raise ValueError(f"{name}: scales are stored as {self.scale_bytes}; scale_dtype does not apply (leave it "
+                             f"float32); got {self.scale_dtype!r}")
+
+    @property
+    def scale_storage_dtype(self) -> torch.dtype:
+        return torch.uint8
+
+
 class BaseQuantizer:
     """Quantizes weights to packed storage and activations to fake-quantized tensors.
 

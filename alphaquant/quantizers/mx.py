@@ -19,37 +19,24 @@ import torch
 from .. import ops
 from ..formats import MX_BLOCK
 from ..packed import PackedTensor
-from .base import BaseQuantizer, QuantizerConfig
+from .base import BaseQuantizer, BlockScaledConfig
 
 
 @dataclass
-class MXConfig(QuantizerConfig):
+class MXConfig(BlockScaledConfig):
     """Config of an MX quantizer: ``format`` names the element format."""
 
     group_size: int = MX_BLOCK
     format: str = ""
 
     formats = ()  # the element formats a subclass takes
+    block = MX_BLOCK
+    scale_bytes = "E8M0 bytes (powers of two)"
 
     def __post_init__(self):
-        super().__post_init__()
-        name = type(self).__name__
         if self.format not in self.formats:
-            raise ValueError(f"{name}.format must be one of {self.formats}; got {self.format!r}")
-        if self.group_size != MX_BLOCK or self.granularity != "per_group":
-            raise ValueError(f"{name}: MX formats share one scale per block of {MX_BLOCK} values: group_size must be "
-                             f"{MX_BLOCK} and granularity per_group; got group_size={self.group_size!r}, "
-                             f"granularity={self.granularity!r}")
-        if self.clip_search or self.zero_opt:
-            raise ValueError(f"{name}: the MX scale is fixed by the format's rule (a power of two from the block's "
-                             f"maximum); clip_search and zero_opt do not apply")
-        if self.scale_dtype != "float32":
-            raise ValueError(f"{name}: MX scales are stored as E8M0 bytes; scale_dtype does not apply "
-                             f"(leave it float32); got {self.scale_dtype!r}")
-
-    @property
-    def scale_storage_dtype(self) -> torch.dtype:
-        return torch.uint8
+            raise ValueError(f"{type(self).__name__}.format must be one of {self.formats}; got {self.format!r}")
+        super().__post_init__()
 
 
 @dataclass

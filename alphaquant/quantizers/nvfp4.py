@@ -20,31 +20,17 @@ import torch
 from .. import ops
 from ..formats import NVFP4, NVFP4_BLOCK
 from ..packed import PackedTensor
-from .base import BaseQuantizer, QuantizerConfig
+from .base import BaseQuantizer, BlockScaledConfig
 
 
 @dataclass
-class NVFP4Config(QuantizerConfig):
+class NVFP4Config(BlockScaledConfig):
     """Config of :class:`NVFP4Quantizer`: the block (16) and the scale rule are the format's."""
 
     group_size: int = NVFP4_BLOCK
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.group_size != NVFP4_BLOCK or self.granularity != "per_group":
-            raise ValueError(f"NVFP4Config: nvfp4 shares one E4M3 scale per block of {NVFP4_BLOCK} values: group_size "
-                             f"must be {NVFP4_BLOCK} and granularity per_group; got group_size={self.group_size!r}, "
-                             f"granularity={self.granularity!r}")
-        if self.clip_search or self.zero_opt:
-            raise ValueError("NVFP4Config: the block scale is fixed by the format's rule (E4M3 of the block's maximum "
-                             "/ 6 times the global scale); clip_search and zero_opt do not apply")
-        if self.scale_dtype != "float32":
-            raise ValueError(f"NVFP4Config: nvfp4 scales are stored as E4M3 bytes (and one float32 global scale); "
-                             f"scale_dtype does not apply (leave it float32); got {self.scale_dtype!r}")
-
-    @property
-    def scale_storage_dtype(self) -> torch.dtype:
-        return torch.uint8
+    block = NVFP4_BLOCK
+    scale_bytes = "E4M3 bytes (and one float32 global scale)"
 
     @property
     def zero_point_dtype(self) -> torch.dtype:
