@@ -445,6 +445,21 @@ def linear(x, packed, scale, zero_point, bias, fmt, symmetric=True, group_size=1
     return torch.nn.functional.linear(x.cpu().to(torch.float32), w, b)
 
 
+
+def quantize_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8-activation path sees it: symmetric int8 per block of 32 values along the last
+    dimension (the quantize op's "int8", group_size 32), dequantized to float32."""
+    return fake_quantize(x.to(torch.float32), "int8", True, 32)
+
+
+def linear_int8_act(x, packed, scale, zero_point, bias, fmt, symmetric=True, group_size=128, k=None):
+    """Oracle of torch.ops.alphaquant.linear_int8_act, from the plain packed weight: the dequantized
+    weight times the int8-quantized activations, in float64 (the kernel sums in float32)."""
+    w = dequantize(packed.cpu(), scale.cpu(), None if zero_point is None else zero_point.cpu(), fmt,
+                   symmetric, group_size, k, torch.float32).double()
+    y = quantize_activations_int8(x.cpu()).double() @ w.T
+    return y if bias is None else y + bias.cpu().double()
+
 # ---------------------------------------------------------------- learned code books (lut4)
 
 def dequantize_codebook(packed, scale, codebook, group_size=64, k=None, dtype=torch.float32):

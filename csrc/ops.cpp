@@ -4,10 +4,28 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_isa.h"
+
+namespace {
+// alphaquant._C.cpu_isa(): the instruction set the CPU kernels that dispatch at run time use
+// (csrc/cpu/cpu_isa.h). A module function, not an op: it takes no tensors.
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(alphaquant::cpu_isa_name(alphaquant::chosen_cpu_isa()).c_str());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef module_methods[] = {{"cpu_isa", cpu_isa, METH_NOARGS, "instruction set of the CPU kernels"},
+                                {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 // Importing alphaquant._C only has to load this library; the ops register themselves below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   PyObject* module = PyModule_Create(&module_def);
 #ifdef ALPHAQUANT_WITH_CUDA
   const long with_cuda = 1;
@@ -90,4 +108,18 @@ TORCH_LIBRARY(alphaquant, m) {
   m.def(
       "embedding_codebook(Tensor indices, Tensor packed, Tensor scale, Tensor codebook, int group_size, int k, "
       "ScalarType dtype, bool validate=True) -> Tensor");
+
+  // The int8-activation path of the CPU linear op (csrc/cpu/int8_act_layout.h; CPU only). A packed
+  // integer weight [n, k] (as for dequantize; int1..int8, group_size a multiple of 32, 0 or -1)
+  // -> (codes uint8 [ceil(n/16), ceil(k/32), 16*32*sbits/8], params float32 [ceil(n/16), groups,
+  // 2, 16]): its CPU layout, sbits = 2, 4 or 8 for codes of 1-2, 3-4 and 5-8 bits.
+  m.def(
+      "int8_act_layout(Tensor packed, Tensor scale, Tensor? zero_point, str fmt, bool symmetric, int group_size, "
+      "int k) -> (Tensor, Tensor)");
+  // y = x @ W.T + bias with x [..., k] quantized to int8 per block of 32 values (the quantize op's
+  // symmetric "int8", group 32) and integer dot products; W given by int8_act_layout (bits: the
+  // weight format's). Returns [..., n] in x's dtype. No gradient (QuantLinear trains through linear).
+  m.def(
+      "linear_int8_act(Tensor x, Tensor codes, Tensor params, Tensor? bias, int bits, int group_size, int n, "
+      "int k) -> Tensor");
 }

@@ -98,6 +98,14 @@ def samples(device):
     yield "linear", (torch.randn(3, 40, device=device, requires_grad=True), pv, sv, gv, None, "nvfp4", True, 16, 40)
     yield "embedding", (idx, pv, sv, gv, "nvfp4", True, 16, 40, torch.float32)
     yield "quantization_error", (xw, pv, sv, gv, "nvfp4", True, 16)
+    # the int8-activation path (CPU only): its layout op and linear (k = 40: a short last block)
+    if device == "cpu":
+        p32, s32, z32 = torch.ops.alphaquant.quantize(xw, "int4", False, 32, None, None, False, 0)
+        yield "int8_act_layout", (p32, s32, z32, "int4", False, 32, 40)
+        yield "int8_act_layout", (p8[:, :40], s8.new_ones(24, 1), None, "int8", True, 0, 40)
+        codes, params = torch.ops.alphaquant.int8_act_layout(p32, s32, z32, "int4", False, 32, 40)
+        yield "linear_int8_act", (torch.randn(3, 40), codes, params, torch.randn(24), 4, 32, 24, 40)
+        yield "linear_int8_act", (torch.randn(2, 9, 40).bfloat16(), codes, params, None, 4, 32, 24, 40)
     # with gradients (x and bias) and without the scale check
     yield "linear", (torch.randn(4, 40, device=device, requires_grad=True), packed, s, z,
                      torch.randn(24, device=device, requires_grad=True), "int4", False, 16, 40, False)

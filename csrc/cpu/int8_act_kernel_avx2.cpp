@@ -1,0 +1,111 @@
+// The int8-activation linear kernel with AVX2 (int8_act_layout.h), for x86-64 CPUs without
+// AVX-512 VNNI: vpmaddubsw (unsigned code x signed activation, pairs summed in int16) and
+// vpmaddwd (pairs of those in int32) in place of vpdpbusd, a 64-byte word as two halves of 8
+// rows. Codes stored in bytes (5-8 bits) are split into nibbles so that the int16 pair sums of
+// vpmaddubsw cannot saturate (255 * 127 * 2 would). Compiled for AVX2 whatever the build flags.
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma")
+#include <immintrin.h>
+
+#include "cpu/int8_act_layout.h"
+
+namespace alphaquant {
+namespace int8_act {
+namespace {
+
+// sum of c * x over groups of four bytes, in 8 int32 lanes; c unsigned below 16, x signed.
+inline __m256i dot4(__m256i c, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), _mm256_set1_epi16(1));
+}
+
+template <int SBITS, int R>
+void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
+  constexpr int kFields = SBITS == 8 ? 1 : 8 / SBITS;
+  constexpr int64_t kBB = tile_block_bytes(SBITS);
+  const int64_t kpad = p.kblocks * kBlock;
+  const uint8_t* wt = p.codes + t * p.kblocks * kBB + half * 32;
+  const float* pt = p.params + t * p.groups * 2 * kTileRows + half * 8;
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>(SBITS == 8 ? 15 : (1 << SBITS) - 1));
+  const int32_t* xw[R];
+  for (int r = 0; r < R; ++r) xw[r] = reinterpret_cast<const int32_t*>(p.xq + (r0 + r) * kpad);
+  __m256 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t b0 = g * p.blocks_per_group;
+    const int64_t b1 = b0 + p.blocks_per_group < p.kblocks ? b0 + p.blocks_per_group : p.kblocks;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* wb = wt + b * kBB;
+      __m256i dot[R];
+      for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int w = 0; w < SBITS; ++w) {
+        const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + w * kWordBytes));
+        if constexpr (SBITS == 8) {
+          const __m256i lo = _mm256_and_si256(word, mask), hi = _mm256_and_si256(_mm256_srli_epi16(word, 4), mask);
+          const int64_t quad = b * 8 + w;
+          for (int r = 0; r < R; ++r) {
+            const __m256i x = _mm256_set1_epi32(xw[r][quad]);
+            dot[r] = _mm256_add_epi32(dot[r], _mm256_add_epi32(dot4(lo, x), _mm256_slli_epi32(dot4(hi, x), 4)));
+          }
+        } else {
+#pragma GCC unroll 4
+          for (int s = 0; s < kFields; ++s) {
+            const __m256i c = _mm256_and_si256(_mm256_srli_epi16(word, SBITS * s), mask);
+            const int64_t quad = b * 8 + kFields * w + s;
+            for (int r = 0; r < R; ++r) dot[r] = _mm256_add_epi32(dot[r], dot4(c, _mm256_set1_epi32(xw[r][quad])));
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(p.xscale[(r0 + r) * p.kblocks + b]),
+                                 acc[r]);
+    }
+    const __m256 s = _mm256_loadu_ps(pt + g * 2 * kTileRows), o = _mm256_loadu_ps(pt + g * 2 * kTileRows + kTileRows);
+    for (int r = 0; r < R; ++r) {
+      total[r] = _mm256_fmadd_ps(acc[r], s, total[r]);
+      total[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(p.xoffset[(r0 + r) * p.groups + g]), total[r]);
+    }
+  }
+  const int64_t first = t * kTileRows + half * 8;
+  const int64_t lanes = p.n - first < 8 ? p.n - first : 8;
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[8];
+    _mm256_store_ps(out, total[r]);
+    float* yr = p.y + (r0 + r) * p.n + first;
+    for (int64_t lane = 0; lane < lanes; ++lane) yr[lane] = out[lane] + (p.bias ? p.bias[first + lane] : 0.0f);
+  }
+}
+
+template <int SBITS>
+void run(const Problem& p, int64_t tile0, int64_t tile1) {
+  constexpr int kRows = 4;  // x rows per pass: 3 x 4 accumulators of 16 registers
+  for (int64_t t = tile0; t < tile1; ++t) {
+    for (int half = 0; half < 2; ++half) {
+      if (t * kTileRows + half * 8 >= p.n) break;
+      int64_t r0 = 0;
+      for (; r0 + kRows <= p.m; r0 += kRows) half_tile_rows<SBITS, kRows>(p, t, half, r0);
+      switch (p.m - r0) {
+        case 1: half_tile_rows<SBITS, 1>(p, t, half, r0); break;
+        case 2: half_tile_rows<SBITS, 2>(p, t, half, r0); break;
+        case 3: half_tile_rows<SBITS, 3>(p, t, half, r0); break;
+        default: break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void run_tiles_avx2(const Problem& p, int64_t tile0, int64_t tile1) {
+  switch (p.sbits) {
+    case 2: return run<2>(p, tile0, tile1);
+    case 4: return run<4>(p, tile0, tile1);
+    default: return run<8>(p, tile0, tile1);
+  }
+}
+
+}  // namespace int8_act
+}  // namespace alphaquant
+#endif

@@ -1,0 +1,94 @@
+// The int8-activation linear kernel with AVX-512 VNNI (int8_act_layout.h): one vpdpbusd per
+// 64-byte field of a tile's block and activation row gives 16 rows x 4 products, summed in the
+// 16 int32 lanes. Rows of x are taken R at a time so that each unpacked weight word is used R
+// times. Compiled for AVX-512 whatever the build flags; called only on CPUs that have it.
+#if defined(__x86_64__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+#include <immintrin.h>
+
+#include "cpu/int8_act_layout.h"
+
+namespace alphaquant {
+namespace int8_act {
+namespace {
+
+template <int SBITS, int R>
+void tile_rows(const Problem& p, int64_t t, int64_t r0) {
+  constexpr int kFields = 8 / SBITS;
+  constexpr int64_t kBB = tile_block_bytes(SBITS);
+  const int64_t kpad = p.kblocks * kBlock;
+  const uint8_t* wt = p.codes + t * p.kblocks * kBB;
+  const float* pt = p.params + t * p.groups * 2 * kTileRows;
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << SBITS) - 1));
+  const int32_t* xw[R];
+  for (int r = 0; r < R; ++r) xw[r] = reinterpret_cast<const int32_t*>(p.xq + (r0 + r) * kpad);
+  __m512 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t b0 = g * p.blocks_per_group;
+    const int64_t b1 = b0 + p.blocks_per_group < p.kblocks ? b0 + p.blocks_per_group : p.kblocks;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* wb = wt + b * kBB;
+      __m512i dot[R];
+      for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int w = 0; w < SBITS; ++w) {
+        const __m512i word = _mm512_loadu_si512(wb + w * kWordBytes);
+#pragma GCC unroll 4
+        for (int s = 0; s < kFields; ++s) {
+          const __m512i c = SBITS == 8 ? word : _mm512_and_si512(_mm512_srli_epi16(word, SBITS * s), mask);
+          const int64_t quad = b * 8 + kFields * w + s;
+          for (int r = 0; r < R; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], c, _mm512_set1_epi32(xw[r][quad]));
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(p.xscale[(r0 + r) * p.kblocks + b]),
+                                 acc[r]);
+    }
+    const __m512 s = _mm512_loadu_ps(pt + g * 2 * kTileRows), o = _mm512_loadu_ps(pt + g * 2 * kTileRows + kTileRows);
+    for (int r = 0; r < R; ++r) {
+      total[r] = _mm512_fmadd_ps(acc[r], s, total[r]);
+      total[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(p.xoffset[(r0 + r) * p.groups + g]), total[r]);
+    }
+  }
+  const int64_t lanes = p.n - t * kTileRows < kTileRows ? p.n - t * kTileRows : kTileRows;
+  const __mmask16 keep = static_cast<__mmask16>((1u << lanes) - 1u);
+  const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(keep, p.bias + t * kTileRows) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r)
+    _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + t * kTileRows, keep, _mm512_add_ps(total[r], bias));
+}
+
+template <int SBITS>
+void run(const Problem& p, int64_t tile0, int64_t tile1) {
+  constexpr int kRows = 8;  // x rows per pass: 3 x 8 accumulators of 32 registers
+  for (int64_t t = tile0; t < tile1; ++t) {
+    int64_t r0 = 0;
+    for (; r0 + kRows <= p.m; r0 += kRows) tile_rows<SBITS, kRows>(p, t, r0);
+    switch (p.m - r0) {
+      case 1: tile_rows<SBITS, 1>(p, t, r0); break;
+      case 2: tile_rows<SBITS, 2>(p, t, r0); break;
+      case 3: tile_rows<SBITS, 3>(p, t, r0); break;
+      case 4: tile_rows<SBITS, 4>(p, t, r0); break;
+      case 5: tile_rows<SBITS, 5>(p, t, r0); break;
+      case 6: tile_rows<SBITS, 6>(p, t, r0); break;
+      case 7: tile_rows<SBITS, 7>(p, t, r0); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace
+
+void run_tiles_avx512_vnni(const Problem& p, int64_t tile0, int64_t tile1) {
+  switch (p.sbits) {
+    case 2: return run<2>(p, tile0, tile1);
+    case 4: return run<4>(p, tile0, tile1);
+    default: return run<8>(p, tile0, tile1);
+  }
+}
+
+}  // namespace int8_act
+}  // namespace alphaquant
+#endif

@@ -1,0 +1,60 @@
+// The int8-activation linear kernel in plain C++ (int8_act_layout.h): what non-x86 machines run,
+// and what ALPHAQUANT_CPU_ISA=portable selects so that tests keep it correct.
+#include <cstring>
+
+#include "cpu/int8_act_layout.h"
+
+namespace alphaquant {
+namespace int8_act {
+
+namespace {
+
+// Integer dot products of one tile's block with one activation row's block: dot[lane] for the
+// tile's 16 rows.
+void block_dots(const uint8_t* words, const int8_t* q, int sbits, int32_t (&dot)[kTileRows]) {
+  const int fields = 8 / sbits;
+  const int mask = (1 << sbits) - 1;
+  for (int lane = 0; lane < kTileRows; ++lane) dot[lane] = 0;
+  for (int p = 0; p < sbits; ++p) {
+    const uint8_t* word = words + p * kWordBytes;
+    for (int s = 0; s < fields; ++s) {
+      const int8_t* q4 = q + 4 * (fields * p + s);
+      for (int lane = 0; lane < kTileRows; ++lane)
+        for (int i = 0; i < 4; ++i) dot[lane] += ((word[4 * lane + i] >> (sbits * s)) & mask) * q4[i];
+    }
+  }
+}
+
+}  // namespace
+
+void run_tiles_portable(const Problem& p, int64_t tile0, int64_t tile1) {
+  const int64_t bb = tile_block_bytes(p.sbits), kpad = p.kblocks * kBlock;
+  for (int64_t t = tile0; t < tile1; ++t) {
+    const uint8_t* wt = p.codes + t * p.kblocks * bb;
+    const float* pt = p.params + t * p.groups * 2 * kTileRows;
+    const int64_t lanes = p.n - t * kTileRows < kTileRows ? p.n - t * kTileRows : kTileRows;
+    for (int64_t r = 0; r < p.m; ++r) {
+      float total[kTileRows] = {};
+      for (int64_t g = 0; g < p.groups; ++g) {
+        const int64_t b0 = g * p.blocks_per_group;
+        const int64_t b1 = b0 + p.blocks_per_group < p.kblocks ? b0 + p.blocks_per_group : p.kblocks;
+        float acc[kTileRows] = {};
+        for (int64_t b = b0; b < b1; ++b) {
+          int32_t dot[kTileRows];
+          block_dots(wt + b * bb, p.xq + r * kpad + b * kBlock, p.sbits, dot);
+          const float d = p.xscale[r * p.kblocks + b];
+          for (int lane = 0; lane < kTileRows; ++lane) acc[lane] += static_cast<float>(dot[lane]) * d;
+        }
+        const float* s = pt + g * 2 * kTileRows;
+        const float xo = p.xoffset[r * p.groups + g];
+        for (int lane = 0; lane < kTileRows; ++lane) total[lane] += acc[lane] * s[lane] + s[kTileRows + lane] * xo;
+      }
+      float* yr = p.y + r * p.n + t * kTileRows;
+      for (int64_t lane = 0; lane < lanes; ++lane)
+        yr[lane] = total[lane] + (p.bias ? p.bias[t * kTileRows + lane] : 0.0f);
+    }
+  }
+}
+
+}  // namespace int8_act
+}  // namespace alphaquant

@@ -1,0 +1,59 @@
+// The int8-activation path of the CPU linear op (llama.cpp's approach): activations quantized to
+// int8 per block of 32 values, integer dot products of weight codes and activation codes, one
+// float multiply-add per block. This header defines the weight's "CPU layout" that the path reads
+// (written by the int8_act_layout op, int8_act_layout_cpu.cpp) and the kernels' interface; the
+// kernels per instruction set are int8_act_kernel_{avx512,avx2,portable}.cpp.
+//
+// Layout. Output features are taken 16 at a time (a tile: one 512-bit register of int32 lanes)
+// and k 32 at a time (a block). A tile's block is stored as `sbits` 64-byte words; byte 4*row + i
+// of word p holds, in its bit field s (sbits bits each, P = 8 / sbits fields), the code of
+// (row, 32*block + 4*(P*p + s) + i). So one word gives, per field, four consecutive codes of each
+// of the 16 rows: what vpdpbusd multiplies with four broadcast activation bytes, accumulating the
+// 16 rows' dot products in 16 lanes with no horizontal sums. Codes of 1-2 bits are stored in 2-bit
+// fields, 3-4 bits in 4-bit fields, 5-8 bits in bytes; rows past n and columns past k hold code 0.
+//
+// Math. For weight group g of row j (scale s, zero point z, codes c) and activation block b of
+// row r (scale d, int8 codes q), sum_i w_i x_i ~= sum_b d_b s_g (sum_i c_i q_i + (qmin - z) sum_i q_i).
+// Per tile and group the layout keeps s and o = s * (qmin - z) for the 16 rows (`params`), so
+// the second term is o times sum_b d_b * (sum of q over b), a number per activation row and group.
+#pragma once
+
+#include <cstdint>
+
+namespace alphaquant {
+namespace int8_act {
+
+constexpr int kTileRows = 16;  // output features per tile
+constexpr int kBlock = 32;     // activation values per int8 block (one float scale each)
+constexpr int kWordBytes = 64;
+
+// Bits of each code's field in the layout for a format of `bits` bits.
+constexpr int storage_bits(int bits) { return bits <= 2 ? 2 : bits <= 4 ? 4 : 8; }
+// Bytes of one tile's block: 16 rows x 32 codes of sbits bits.
+constexpr int64_t tile_block_bytes(int sbits) { return int64_t{kTileRows} * kBlock * sbits / 8; }
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One call of the integer kernel: y [m, n] = x [m, k] @ W.T (+ bias), tiles [tile0, tile1).
+struct Problem {
+  const uint8_t* codes;   // [tiles, kblocks, tile_block_bytes(sbits)]
+  const float* params;    // [tiles, groups, 2, 16]: s and s * (qmin - z) of each row
+  const int8_t* xq;       // [m, kblocks * 32] activation codes (0 past k)
+  const float* xscale;    // [m, kblocks] activation block scales d
+  const float* xoffset;   // [m, groups]: sum over the group's blocks of d * (sum of q)
+  const float* bias;      // [n] or nullptr
+  float* y;               // [m, n]
+  int64_t m, n, kblocks, groups, blocks_per_group;
+  int sbits;
+};
+
+// Kernels, one per instruction set. The SIMD ones exist only on x86-64 (they are compiled for
+// their instruction set whatever the build flags; the caller checks the CPU has it).
+void run_tiles_portable(const Problem& p, int64_t tile0, int64_t tile1);
+#if defined(__x86_64__)
+void run_tiles_avx2(const Problem& p, int64_t tile0, int64_t tile1);
+void run_tiles_avx512_vnni(const Problem& p, int64_t tile0, int64_t tile1);
+#endif
+
+}  // namespace int8_act
+}  // namespace alphaquant

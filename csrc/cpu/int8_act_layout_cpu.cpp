@@ -1,0 +1,87 @@
+// int8_act_layout: a packed integer weight [n, k] -> the CPU layout of the int8-activation path
+// (int8_act_layout.h): codes regrouped into 16-row tiles, and per tile and group the 16 rows'
+// scales s and offsets s * (qmin - z). The plain packed format stays what checkpoints hold; this
+// one is built when a layer is loaded for CPU inference.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "alphaquant/arg_checks.h"
+#include "alphaquant/bitstream.h"
+#include "cpu/int8_act_layout.h"
+
+namespace alphaquant {
+namespace {
+
+using namespace int8_act;
+
+// Codes of one tile (rows [16t, 16t + 16) of n, zero-padded) into its blocks.
+template <int BITS>
+void write_tile_codes(const DequantizeArgs& a, int64_t t, int sbits, int64_t kblocks, uint8_t* out) {
+  const int64_t n = a.layout.rows, k = a.layout.k, row_bytes = a.packed.size(-1), bb = tile_block_bytes(sbits);
+  const int fields = 8 / sbits;
+  std::vector<uint8_t> codes(kblocks * kBlock);
+  for (int lane = 0; lane < kTileRows; ++lane) {
+    const int64_t j = t * kTileRows + lane;
+    if (j >= n) break;
+    unpack_run<BITS>(a.packed.data_ptr<uint8_t>() + j * row_bytes, codes.data(), k);
+    for (int64_t b = 0; b < kblocks; ++b)
+      for (int p = 0; p < sbits; ++p)
+        for (int s = 0; s < fields; ++s)
+          for (int i = 0; i < 4; ++i) {
+            const int64_t col = b * kBlock + 4 * (fields * p + s) + i;
+            const uint8_t c = col < k ? codes[col] : 0;
+            out[b * bb + p * kWordBytes + 4 * lane + i] |= static_cast<uint8_t>(c << (sbits * s));
+          }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> int8_act_layout_cpu(const at::Tensor& packed, const at::Tensor& scale,
+                                                       const std::optional<at::Tensor>& zero_point,
+                                                       const std::string& fmt, bool symmetric, int64_t group_size,
+                                                       int64_t k) {
+  const char* op = "int8_act_layout";
+  DequantizeArgs a = prepare_dequantize(op, packed, scale, zero_point, fmt, symmetric, group_size, k, true);
+  TORCH_CHECK_VALUE(a.fmt.id == FormatId::kInt && !a.fmt.mx, "alphaquant.", op,
+                    ": the int8-activation path takes integer weights (int1..int8, symmetric or not); got ", fmt);
+  TORCH_CHECK_VALUE(packed.dim() == 2, "alphaquant.", op, ": packed must be a weight [n, row bytes]; got ",
+                    packed.dim(), " dimensions");
+  const GroupLayout& l = a.layout;
+  TORCH_CHECK_VALUE(l.groups == 1 || l.group_size % kBlock == 0, "alphaquant.", op,
+                    ": group_size must be a multiple of ", kBlock, " (the activation block), or 0 / -1; got ",
+                    group_size);
+  const int sbits = storage_bits(a.fmt.bits);
+  const int64_t n = l.rows, kblocks = ceil_div(k, kBlock), tiles = ceil_div(n, kTileRows);
+  at::Tensor codes = at::zeros({tiles, kblocks, tile_block_bytes(sbits)}, packed.options());
+  at::Tensor params = at::zeros({tiles, l.groups, 2, kTileRows}, packed.options().dtype(at::kFloat));
+  const float* sc = a.scale.data_ptr<float>();
+  const float* zp = a.zero ? a.zero->data_ptr<float>() : nullptr;
+  const float qmin = a.fmt.qmin();
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      dispatch_bits(a.fmt.bits, [&]<int BITS>() {
+        write_tile_codes<BITS>(a, t, sbits, kblocks, codes.data_ptr<uint8_t>() + t * kblocks * codes.size(2));
+      });
+      float* pt = params.data_ptr<float>() + t * l.groups * 2 * kTileRows;
+      for (int lane = 0; lane < kTileRows && t * kTileRows + lane < n; ++lane)
+        for (int64_t g = 0; g < l.groups; ++g) {
+          const int64_t si = l.group_index(t * kTileRows + lane, g);
+          const float s = sc[si], z = zp ? zp[si] : 0.0f;
+          if (!valid_scale(s, z)) bad = true;
+          pt[g * 2 * kTileRows + lane] = s;
+          pt[g * 2 * kTileRows + kTileRows + lane] = s * (qmin - z);
+        }
+    }
+  });
+  if (bad) raise_kernel_error(op, kErrBadScale, a.fmt);
+  return {codes, params};
+}
+
+}  // namespace
+}  // namespace alphaquant
+
+TORCH_LIBRARY_IMPL(alphaquant, CPU, m) { m.impl("int8_act_layout", &alphaquant::int8_act_layout_cpu); }

@@ -1,0 +1,128 @@
+// linear_int8_act: y = x @ W.T + bias with x quantized to int8 per block of 32 values (symmetric,
+// scale max|x| / 127, the arithmetic of the quantize op for "int8") and W in the CPU layout of
+// int8_act_layout. The dot products run in integers (int8_act_layout.h); the kernel is chosen at
+// run time by the CPU's instruction set (cpu_isa.h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "alphaquant/arg_checks.h"
+#include "alphaquant/quant_math.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/int8_act_layout.h"
+
+namespace alphaquant {
+namespace {
+
+using namespace int8_act;
+
+// Activation codes, block scales and group offsets (Problem's xq, xscale, xoffset) of x [m, k].
+// Returns false if x holds NaN or Inf.
+bool quantize_activations(const float* x, int64_t m, int64_t k, int64_t kblocks, int64_t groups,
+                          int64_t blocks_per_group, int8_t* xq, float* xscale, float* xoffset) {
+  std::atomic<bool> nonfinite{false};
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    bool bad = false;
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t g = 0; g < groups; ++g) xoffset[r * groups + g] = 0.0f;
+      for (int64_t b = 0; b < kblocks; ++b) {
+        const float* xb = x + r * k + b * kBlock;
+        const int64_t len = k - b * kBlock < kBlock ? k - b * kBlock : kBlock;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < len; ++i) {
+          bad |= !finite(xb[i]);
+          amax = max_of(amax, fabsf(xb[i]));
+        }
+        float scale = amax / 127.0f;  // group_scale of symmetric int8
+        if (!(scale > 0.0f) || !finite(scale)) scale = 1.0f;
+        int8_t* qb = xq + r * kblocks * kBlock + b * kBlock;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < len; ++i) {
+          const int q = static_cast<int>(quantize_int_code(xb[i], scale, 0.0f, -128.0f, 127.0f, 0, false)) - 128;
+          qb[i] = static_cast<int8_t>(q);
+          sum += q;
+        }
+        for (int64_t i = len; i < kBlock; ++i) qb[i] = 0;
+        xscale[r * kblocks + b] = scale;
+        xoffset[r * groups + b / blocks_per_group] += scale * static_cast<float>(sum);
+      }
+    }
+    if (bad) nonfinite = true;
+  });
+  return !nonfinite;
+}
+
+at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& params,
+                               const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t n,
+                               int64_t k) {
+  const char* op = "linear_int8_act";
+  check_floating(op, x);
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, "alphaquant.", op, ": bits must be 1..8; got ", bits);
+  TORCH_CHECK_VALUE(n > 0 && k > 0, "alphaquant.", op, ": n and k must be > 0; got n=", n, ", k=", k);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "alphaquant.", op, ": x must be [..., k=", k, "]; got ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(group_size >= -1, "alphaquant.", op, ": group_size must be > 0, 0 or -1; got ", group_size);
+  const bool one_group = group_size <= 0 || group_size >= k;
+  TORCH_CHECK_VALUE(one_group || group_size % kBlock == 0, "alphaquant.", op, ": group_size must be a multiple of ",
+                    kBlock, ", or 0 / -1; got ", group_size);
+  const int sbits = storage_bits(static_cast<int>(bits));
+  const int64_t kblocks = ceil_div(k, kBlock), tiles = ceil_div(n, kTileRows);
+  const int64_t groups = one_group ? 1 : ceil_div(k, group_size);
+  const int64_t blocks_per_group = one_group ? kblocks : group_size / kBlock;
+  TORCH_CHECK_VALUE(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.size(0) == tiles &&
+                        codes.size(1) == kblocks && codes.size(2) == tile_block_bytes(sbits),
+                    "alphaquant.", op, ": codes must be uint8 [", tiles, ", ", kblocks, ", ", tile_block_bytes(sbits),
+                    "] (int8_act_layout of an int", bits, " weight [", n, ", ", k, "]); got ", codes.scalar_type(),
+                    " ", codes.sizes());
+  TORCH_CHECK_VALUE(params.scalar_type() == at::kFloat && params.dim() == 4 && params.size(0) == tiles &&
+                        params.size(1) == groups && params.size(2) == 2 && params.size(3) == kTileRows,
+                    "alphaquant.", op, ": params must be float32 [", tiles, ", ", groups, ", 2, ", kTileRows,
+                    "] (from int8_act_layout); got ", params.scalar_type(), " ", params.sizes());
+  check_same_device(op, x, "x", codes, "codes");
+  check_same_device(op, x, "x", params, "params");
+  std::optional<at::Tensor> bias_f;
+  if (bias) {
+    check_same_device(op, x, "x", *bias, "bias");
+    check_floating(op, *bias);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, "alphaquant.", op, ": bias must be [", n, "]; got ",
+                      bias->sizes());
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t m = xf.size(0);
+  at::Tensor y = at::empty({m, n}, xf.options());
+  if (m == 0) return y.to(x.scalar_type()).reshape(out_shape);
+
+  at::Tensor xq = at::empty({m, kblocks * kBlock}, xf.options().dtype(at::kChar));
+  at::Tensor xscale = at::empty({m, kblocks}, xf.options());
+  at::Tensor xoffset = at::empty({m, groups}, xf.options());
+  const bool finite_x = quantize_activations(xf.data_ptr<float>(), m, k, kblocks, groups, blocks_per_group,
+                                             xq.data_ptr<int8_t>(), xscale.data_ptr<float>(),
+                                             xoffset.data_ptr<float>());
+  TORCH_CHECK_VALUE(finite_x, "alphaquant.", op, ": x holds NaN or Inf, which int8 activations cannot hold "
+                    "(the float-activation linear op passes them through)");
+
+  const at::Tensor codes_c = codes.contiguous(), params_c = params.contiguous();
+  Problem p{codes_c.data_ptr<uint8_t>(), params_c.data_ptr<float>(), xq.data_ptr<int8_t>(),
+            xscale.data_ptr<float>(), xoffset.data_ptr<float>(), bias_f ? bias_f->data_ptr<float>() : nullptr,
+            y.data_ptr<float>(), m, n, kblocks, groups, blocks_per_group, sbits};
+  auto kernel = &run_tiles_portable;
+#if defined(__x86_64__)
+  switch (chosen_cpu_isa()) {
+    case CpuIsa::kAvx512Vnni: kernel = &run_tiles_avx512_vnni; break;
+    case CpuIsa::kAvx2: kernel = &run_tiles_avx2; break;
+    default: break;
+  }
+#endif
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { kernel(p, t0, t1); });
+  return y.to(x.scalar_type()).reshape(out_shape);
+}
+
+}  // namespace
+}  // namespace alphaquant
+
+TORCH_LIBRARY_IMPL(alphaquant, CPU, m) { m.impl("linear_int8_act", &alphaquant::linear_int8_act_cpu); }
