@@ -26,6 +26,11 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
   zero_point        asymmetric int weights: float (default), integer (rounded into the code
                     range, as GPTQ / compressed-tensors checkpoints store it) or byte (one
                     byte each, on a grid of 2^(bits-7) codes; alphaquant.formats.zero_grid)
+  act_int8          true: on the CPU, compute the layer with its activations quantized to int8 per
+                    block of 32 and integer dot products (llama.cpp's scheme; much faster, a small
+                    accuracy cost, RESULTS.md); integer weights with group_size a multiple of 32
+                    (or per channel/tensor), no "aq". Stored weights are unchanged; GPUs and
+                    training use the float-activation path.
   smoothquant       true: SmoothQuant-style migration of activation outliers into the weights
                     (for int8/fp8 activations); smooth_alpha fixes its exponent (else searched)
 Schemes with gptq, awq or smoothquant are quantized block by block on calibration data
@@ -66,7 +71,8 @@ from .algorithms.finetune import FinetuneOptions, check_options as finetune_opti
 
 SCHEME_KEYS = {"wq", "aq", "group_size", "granularity", "act_granularity", "symmetric", "dtype", "act_static",
                "observer", "skip", "clip_search", "zero_opt", "scale_dtype", "algorithm", "damp", "block_size",
-               "act_order", "refit", "awq", "smoothquant", "smooth_alpha", "codebook_granularity", "zero_point"}
+               "act_order", "refit", "awq", "smoothquant", "smooth_alpha", "codebook_granularity", "zero_point",
+               "act_int8"}
 ALGORITHMS = ("rtn", "gptq")
 OBSERVERS = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver,
              "percentile": PercentileObserver, "mse": MSEObserver}
@@ -74,7 +80,7 @@ DEFAULTS = {"wq": "int8", "aq": None, "group_size": 128, "granularity": "per_gro
             "symmetric": True, "dtype": "bfloat16", "act_static": False, "observer": "minmax", "skip": False,
             "clip_search": False, "zero_opt": False, "scale_dtype": "float32", "algorithm": "rtn", "damp": 0.01,
             "block_size": 128, "act_order": False, "refit": False, "awq": False, "smoothquant": False, "smooth_alpha": None,
-            "codebook_granularity": "per_tensor", "zero_point": "float"}
+            "codebook_granularity": "per_tensor", "zero_point": "float", "act_int8": False}
 
 
 class PlanError(ValueError):
@@ -180,7 +186,8 @@ def _check_scheme(s: dict, where: str) -> None:
     for key in ("granularity", "act_granularity"):
         if key in s and not (isinstance(s[key], str) and s[key] in GRANULARITIES):
             raise PlanError(f"{where}.{key} must be one of {GRANULARITIES}; got {_short(s[key])}")
-    for key in ("symmetric", "act_static", "skip", "clip_search", "zero_opt", "act_order", "refit", "awq", "smoothquant"):
+    for key in ("symmetric", "act_static", "skip", "clip_search", "zero_opt", "act_order", "refit", "awq", "smoothquant",
+                "act_int8"):
         if key in s and not isinstance(s[key], bool):
             raise PlanError(f"{where}.{key} must be true or false; got {_short(s[key])}")
     for key in ("dtype", "scale_dtype"):
@@ -263,7 +270,23 @@ def build_quantizers(scheme: dict):
 
     if scheme["skip"]:
         return None, None
-    return make("wq", scheme["granularity"]), make("aq", scheme["act_granularity"])
+    wq, aq = make("wq", scheme["granularity"]), make("aq", scheme["act_granularity"])
+    if scheme["act_int8"] and wq is not None:
+        _check_act_int8(scheme, wq, aq)
+    return wq, aq
+
+
+def _check_act_int8(scheme: dict, wq, aq) -> None:
+    """act_int8 layers: integer weights whose groups hold whole activation blocks of 32, no "aq"."""
+    if not wq.fmt.startswith("int"):
+        raise PlanError(f"act_int8 computes with integer weights (int1..int8); got wq {scheme['wq']}")
+    group = wq.config.op_group_size
+    if 0 < group and group % 32:
+        raise PlanError(f"act_int8 quantizes activations per block of 32 values: the weight's group_size must be a "
+                        f"multiple of 32 (or the granularity per_channel/per_tensor); got {group}")
+    if aq is not None:
+        raise PlanError(f"act_int8 quantizes the activations itself (int8 per block of 32); leave 'aq' unset, got "
+                        f"{scheme['aq']}")
 
 
 @dataclass

@@ -34,6 +34,12 @@ class QuantLinear(PackedWeightModule):
     the layer was built directly. ``input_rotation="hadamard"`` makes the layer compute with
     x H (an orthogonal Hadamard matrix, applied before the activations are quantized), for layers
     of a rotated model (alphaquant.algorithms.rotation) whose weight was rotated to match.
+
+    ``act_int8`` (plan key, or set the attribute): on the CPU, integer weights compute with the
+    activations quantized to int8 per block of 32 values and integer dot products
+    (torch.ops.alphaquant.linear_int8_act); the weight's CPU layout is built on the first such
+    call and kept beside the packed buffers (as many bytes again; not in the state_dict).
+    Calls that need a gradient, other devices and other formats take the float-activation path.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str, symmetric: bool, group_size: int,
@@ -48,6 +54,8 @@ class QuantLinear(PackedWeightModule):
         self.in_features, self.out_features = in_features, out_features
         self.act_quantizer = act_quantizer
         self.scheme = scheme
+        self.act_int8 = bool(scheme and scheme.get("act_int8"))
+        self._int8_act_weight = None  # (key, codes, params): the CPU layout, built when first used
         self._init_packed_weight(out_features, in_features, fmt, symmetric, group_size, device, scale_dtype,
                                  codebook_shape, codebook_dtype, zero_dtype)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
@@ -84,7 +92,29 @@ class QuantLinear(PackedWeightModule):
     def _describe(self) -> str:
         return f"QuantLinear({self.in_features} -> {self.out_features})"
 
+    def _int8_act_applies(self, x: torch.Tensor) -> bool:
+        if not self.act_int8 or x.device.type != "cpu" or self.act_quantizer is not None:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return False  # linear_int8_act has no gradient: train through the float-activation path
+        return self.fmt.startswith("int") and (self.group_size <= 0 or self.group_size % 32 == 0)
+
+    def _int8_act_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight's CPU layout for linear_int8_act, rebuilt when a weight buffer changed."""
+        buffers = (self.weight_packed, self.weight_scale, self.weight_zero_point)
+        key = tuple((b.data_ptr(), b._version, b.dtype) for b in buffers if b is not None)
+        if self._int8_act_weight is None or self._int8_act_weight[0] != key:
+            codes, params = ops.int8_act_layout(self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                                self.fmt, symmetric=self.symmetric, group_size=self.group_size,
+                                                k=self.in_features)
+            self._int8_act_weight = (key, codes, params)
+        return self._int8_act_weight[1], self._int8_act_weight[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._int8_act_applies(x):
+            codes, params = self._int8_act_layout()
+            return ops.linear_int8_act(x, codes, params, self.bias, bits=int(self.fmt[3:]), group_size=self.group_size,
+                                       n=self.out_features, k=self.in_features)
         xq = self.act_quantizer.quantize_activation(x) if self.act_quantizer is not None else x
         if self.weight_codebook is not None:
             y = ops.linear_codebook(xq, self.weight_packed, self.weight_scale, self.weight_codebook, self.bias,
@@ -100,5 +130,5 @@ class QuantLinear(PackedWeightModule):
         rot = f", input_rotation={self.input_rotation}" if self.input_rotation else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight={self.fmt}"
                 f"{'' if self.symmetric else ' asym'}, group_size={self.group_size}, activations={act}, "
-                f"bias={self.bias is not None}{rot}")
+                f"bias={self.bias is not None}{rot}{', act_int8=True' if self.act_int8 else ''}")
 
