@@ -1,0 +1,132 @@
+"""End-to-end CPU decode and prompt speed of a quantized SmolLM2 in AlphaQuant beside llama.cpp on
+the same bits, in one run.
+
+Ours: the model with the plan's QuantLinear layers, run by transformers (eager), greedy decode with
+its KV cache; the time inside the quantized linear layers is measured too (forward hooks), so the
+rest of a token's time (attention, norms, Python and framework overhead) shows. llama.cpp:
+llama-cpp-python on our GGUF export of the same weights (gguf_q4_0 -> Q4_0, gguf_q8_0 -> Q8_0),
+same thread count.
+Usage: python benchmarks/bench_decode.py [--presets cpu_q4_0,gguf_q4_0,cpu_q8_0] [--prompt 128]
+       [--new 64] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+warnings.simplefilter("ignore")
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import machine, print_table  # noqa: E402
+
+from alphaquant import ops  # noqa: E402
+from alphaquant.cli import evaluation  # noqa: E402
+from alphaquant.cli.models import load_model  # noqa: E402
+from alphaquant.cli.presets import resolve_plan  # noqa: E402
+from alphaquant.export import to_gguf  # noqa: E402
+from alphaquant.nn import QuantLinear  # noqa: E402
+from alphaquant.plans import apply_plan  # noqa: E402
+
+# the GGUF block type each preset's bits export to (cpu_* presets hold the gguf_* bits)
+GGUF_OF = {"cpu_q4_0": "gguf_q4_0", "gguf_q4_0": "gguf_q4_0", "cpu_q8_0": "gguf_q8_0", "gguf_q8_0": "gguf_q8_0"}
+
+
+class LinearTimer:
+    """Seconds spent inside QuantLinear forwards (pre/post hooks)."""
+
+    def __init__(self, model):
+        self.total, self._t = 0.0, 0.0
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.register_forward_pre_hook(self._start)
+                m.register_forward_hook(self._stop)
+
+    def _start(self, *_):
+        self._t = time.perf_counter()
+
+    def _stop(self, *_):
+        self.total += time.perf_counter() - self._t
+
+
+@torch.inference_mode()
+def ours(model, ids: torch.Tensor, new: int) -> dict:
+    timer = LinearTimer(model)
+    model(ids[:, :8])  # warm up (layouts built, allocator primed)
+    t = time.perf_counter()
+    timer.total = 0.0
+    out = model(ids, use_cache=True)
+    prompt_s, prompt_lin = time.perf_counter() - t, timer.total
+    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    timer.total = 0.0
+    t = time.perf_counter()
+    for _ in range(new):
+        out = model(tok, past_key_values=past, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    decode_s = time.perf_counter() - t
+    return {"prompt": ids.shape[1] / prompt_s, "decode": new / decode_s, "prompt_lin": prompt_lin / prompt_s,
+            "decode_lin": timer.total / decode_s}
+
+
+def llama_cpp(path: str, ids: list[int], new: int, threads: int) -> dict:
+    import llama_cpp
+
+    n = len(ids) + new + 8  # scores keep n_batch rows without logits_all: room for every position
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n, n_batch=n, verbose=False,
+                          n_threads=threads, n_threads_batch=threads)
+    llm.eval(ids[:8])
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prompt_s = time.perf_counter() - t
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t = time.perf_counter()
+    for _ in range(new):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode_s = time.perf_counter() - t
+    return {"prompt": len(ids) / prompt_s, "decode": new / decode_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="cpu_q4_0,gguf_q4_0,cpu_q8_0")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    base = load_model()
+    ids = base.tokenizer(evaluation.corpus_text()[:20000], return_tensors="pt").input_ids[:, : args.prompt]
+    print(f"# bench_decode on {machine('cpu')}, torch {torch.__version__}, int8 activations on {ops.cpu_isa()}, "
+          f"SmolLM2-135M, prompt {ids.shape[1]} tokens, {args.new} new tokens")
+    rows, exported = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets.split(","):
+            model = copy.deepcopy(base.model)
+            apply_plan(model, resolve_plan(preset)[1])
+            r = ours(model, ids, args.new)
+            rows.append([f"alphaquant {preset}", f"{r['prompt']:.0f}", f"{r['decode']:.1f}",
+                         f"{100 * r['prompt_lin']:.0f}% / {100 * r['decode_lin']:.0f}%"])
+            print(rows[-1], flush=True)
+            gguf = GGUF_OF.get(preset)
+            if gguf and gguf not in exported:
+                path = os.path.join(tmp, f"{gguf}.gguf")
+                to_gguf(model, base.tokenizer, path)
+                exported[gguf] = path
+                r = llama_cpp(path, ids[0].tolist(), args.new, args.threads)
+                rows.append([f"llama.cpp {gguf} (our export)", f"{r['prompt']:.0f}", f"{r['decode']:.1f}", "-"])
+                print(rows[-1], flush=True)
+    print()
+    print_table(["engine / preset", "prompt tokens/s", "decode tokens/s", "time in quantized linears (prompt / decode)"],
+                rows)
+
+
+if __name__ == "__main__":
+    main()
