@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from . import _native  # noqa: F401  (registers the ops)
-from .formats import (CODEBOOK_FORMATS, FLOAT_FORMATS, INT_FORMATS, LEARNED_CODEBOOK_SIZE, LEARNED_FORMATS, MX_BLOCK,
-                      MX_FORMATS, NVFP4, NVFP4_BLOCK, format_bits, packed_row_bytes)
+from .formats import (CODEBOOK_FORMATS, FLOAT_FORMATS, INT8_ACT_BLOCK, INT8_ACT_FORMATS, LEARNED_CODEBOOK_SIZE,
+                      LEARNED_FORMATS, MX_BLOCK, MX_FORMATS, NVFP4, NVFP4_BLOCK, format_bits, packed_row_bytes)
 from .layout import check_op_group_size, scale_shape  # scale_shape also re-exported: ops.scale_shape
 
 _ops = torch.ops.alphaquant
@@ -170,23 +170,25 @@ def linear(
 
 def int8_act_layout(packed: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], fmt: str, *,
                     symmetric: bool = True, group_size: int = 128, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU layout of an integer weight for :func:`linear_int8_act`: (codes, params).
+    """The CPU layout of a weight for :func:`linear_int8_act`: (codes, params).
 
-    packed/scale/zero_point as for :func:`linear` (int1..int8, symmetric or not; group_size a
-    multiple of 32, 0 or -1). codes: uint8 [ceil(n/16), ceil(k/32), 16*32*sbits/8] (sbits 2, 4 or
-    8 bits per code), params: float32 [ceil(n/16), groups, 2, 16] (scales and s * (qmin - z)).
-    CPU only; the plain packed weight stays the stored form (csrc/cpu/int8_act_layout.h).
+    packed/scale/zero_point as for :func:`linear`, of a format in
+    ``alphaquant.formats.INT8_ACT_FORMATS`` (int1..int8 symmetric or not, mxint8, fp4/fp6 E2M1/E2M3
+    with or without MX scales: values on an integer grid); group_size a multiple of 32, 0 or -1.
+    codes: uint8 [ceil(n/16), ceil(k/32), 16*32*sbits/8] (sbits 2, 4 or 8 bits per code), params:
+    float32 [ceil(n/16), groups, 2, 16] (per row and group: the factor of the code's grid value and
+    the offset). CPU only; the plain packed weight stays the stored form (csrc/cpu/int8_act_layout.h).
     """
     return _ops.int8_act_layout(packed, scale, zero_point, fmt, symmetric, group_size, k)
 
 
 def linear_int8_act(x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, bias: Optional[torch.Tensor], *,
-                    bits: int, group_size: int, n: int, k: int) -> torch.Tensor:
+                    fmt: str, group_size: int, n: int, k: int) -> torch.Tensor:
     """``x @ W.T + bias`` with x quantized to int8 per block of 32 values and integer dot products
-    (llama.cpp's CPU scheme): W from :func:`int8_act_layout`. x: [..., k] float32/16/bf16 without
-    NaN/Inf; returns [..., n] in x's dtype. CPU only; no gradient. The instruction set is chosen
-    at run time (:func:`cpu_isa`)."""
-    return _ops.linear_int8_act(x, codes, params, bias, bits, group_size, n, k)
+    (llama.cpp's CPU scheme): W [n, k] of format ``fmt`` from :func:`int8_act_layout`. x: [..., k]
+    float32/16/bf16 without NaN/Inf; returns [..., n] in x's dtype. CPU only; no gradient. The
+    instruction set is chosen at run time (:func:`cpu_isa`)."""
+    return _ops.linear_int8_act(x, codes, params, bias, fmt, group_size, n, k)
 
 
 def cpu_isa() -> str:
@@ -590,37 +592,39 @@ def _linear_fake(x, packed, scale, zero_point, bias, fmt, symmetric, group_size,
 
 
 
-_INT8_ACT_TILE, _INT8_ACT_BLOCK = 16, 32
+_INT8_ACT_TILE = 16
 
 
-def _int8_act_shapes(op: str, bits: int, group_size: int, n: int, k: int):
-    """(codes, params) shapes of int8_act_layout for a weight [n, k] of `bits` bits."""
-    if group_size > 0 and group_size < k and group_size % _INT8_ACT_BLOCK:
-        raise _value_error(op, f"group_size must be a multiple of {_INT8_ACT_BLOCK}, or 0 / -1; got {group_size}")
+def _int8_act_shapes(op: str, fmt: str, group_size: int, n: int, k: int):
+    """(codes, params) shapes of int8_act_layout for a weight [n, k] of format ``fmt``."""
+    if fmt not in INT8_ACT_FORMATS:
+        raise _value_error(op, f"the int8-activation path takes weights whose values are an integer grid "
+                           f"({', '.join(INT8_ACT_FORMATS)}); got {fmt}")
+    if group_size > 0 and group_size < k and group_size % INT8_ACT_BLOCK:
+        raise _value_error(op, f"group_size must be a multiple of {INT8_ACT_BLOCK}, or 0 / -1; got {group_size}")
+    bits = format_bits(fmt)
     sbits = 2 if bits <= 2 else 4 if bits <= 4 else 8
-    tiles, kblocks = -(-n // _INT8_ACT_TILE), -(-k // _INT8_ACT_BLOCK)
+    tiles, kblocks = -(-n // _INT8_ACT_TILE), -(-k // INT8_ACT_BLOCK)
     groups = -(-k // group_size) if 0 < group_size < k else 1
-    return (tiles, kblocks, _INT8_ACT_TILE * _INT8_ACT_BLOCK * sbits // 8), (tiles, groups, 2, _INT8_ACT_TILE)
+    return (tiles, kblocks, _INT8_ACT_TILE * INT8_ACT_BLOCK * sbits // 8), (tiles, groups, 2, _INT8_ACT_TILE)
 
 
 @torch.library.register_fake("alphaquant::int8_act_layout")
 def _int8_act_layout_fake(packed, scale, zero_point, fmt, symmetric, group_size, k):
     _check_dequantize("int8_act_layout", packed, scale, zero_point, fmt, symmetric, group_size, k)
-    if fmt not in INT_FORMATS or packed.dim() != 2:
-        raise _value_error("int8_act_layout", f"the int8-activation path takes integer weights [n, row bytes] "
-                           f"(int1..int8); got {fmt} of {packed.dim()} dimensions")
-    codes, params = _int8_act_shapes("int8_act_layout", format_bits(fmt), group_size, packed.shape[0], k)
+    if packed.dim() != 2:
+        raise _value_error("int8_act_layout", f"packed must be a weight [n, row bytes]; got {packed.dim()} dimensions")
+    codes, params = _int8_act_shapes("int8_act_layout", fmt, group_size, packed.shape[0], k)
     return packed.new_empty(codes), packed.new_empty(params, dtype=torch.float32)
 
 
 @torch.library.register_fake("alphaquant::linear_int8_act")
-def _linear_int8_act_fake(x, codes, params, bias, bits, group_size, n, k):
+def _linear_int8_act_fake(x, codes, params, bias, fmt, group_size, n, k):
     op = "linear_int8_act"
     _check_floating(op, x)
-    if not 1 <= bits <= 8 or n <= 0 or k <= 0 or x.dim() < 1 or x.shape[-1] != k:
-        raise _value_error(op, f"needs bits 1..8, n and k > 0 and x [..., k={k}]; got bits={bits}, n={n}, "
-                           f"x {_shape(x)}")
-    want_codes, want_params = _int8_act_shapes(op, bits, group_size, n, k)
+    if n <= 0 or k <= 0 or x.dim() < 1 or x.shape[-1] != k:
+        raise _value_error(op, f"needs n and k > 0 and x [..., k={k}]; got n={n}, x {_shape(x)}")
+    want_codes, want_params = _int8_act_shapes(op, fmt, group_size, n, k)
     if codes.dtype != torch.uint8 or tuple(codes.shape) != want_codes:
         raise _value_error(op, f"codes must be uint8 {list(want_codes)}; got {codes.dtype} {_shape(codes)}")
     if params.dtype != torch.float32 or tuple(params.shape) != want_params:

@@ -28,9 +28,10 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
                     byte each, on a grid of 2^(bits-7) codes; alphaquant.formats.zero_grid)
   act_int8          true: on the CPU, compute the layer with its activations quantized to int8 per
                     block of 32 and integer dot products (llama.cpp's scheme; much faster, a small
-                    accuracy cost, RESULTS.md); integer weights with group_size a multiple of 32
-                    (or per channel/tensor), no "aq". Stored weights are unchanged; GPUs and
-                    training use the float-activation path.
+                    accuracy cost, RESULTS.md); weights int1..int8, mxint8, fp4/mxfp4 (E2M1),
+                    fp6_e2m3/mxfp6_e2m3 with group_size a multiple of 32 (or per channel/tensor),
+                    no "aq". Stored weights are unchanged; GPUs and training use the
+                    float-activation path.
   smoothquant       true: SmoothQuant-style migration of activation outliers into the weights
                     (for int8/fp8 activations); smooth_alpha fixes its exponent (else searched)
 Schemes with gptq, awq or smoothquant are quantized block by block on calibration data
@@ -61,7 +62,7 @@ from .nn.quant_embedding import QuantEmbedding, TiedQuantLinear
 from .nn.quant_linear import QuantLinear
 from .quantizers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
 from .layout import GRANULARITIES
-from .formats import MX_BLOCK, NVFP4_BLOCK
+from .formats import INT8_ACT_FORMATS, MX_BLOCK, NVFP4_BLOCK
 from .quantizers.base import MAX_GROUP_SIZE
 from .quantizers.base import BlockScaledConfig
 from .quantizers.nvfp4 import fused_global_scales
@@ -277,9 +278,10 @@ def build_quantizers(scheme: dict):
 
 
 def _check_act_int8(scheme: dict, wq, aq) -> None:
-    """act_int8 layers: integer weights whose groups hold whole activation blocks of 32, no "aq"."""
-    if not wq.fmt.startswith("int"):
-        raise PlanError(f"act_int8 computes with integer weights (int1..int8); got wq {scheme['wq']}")
+    """act_int8 layers: weights on an integer grid whose groups hold whole activation blocks of 32, no "aq"."""
+    if wq.fmt not in INT8_ACT_FORMATS:
+        raise PlanError(f"act_int8 computes with weights whose values are an integer grid "
+                        f"({', '.join(INT8_ACT_FORMATS)}); got wq {scheme['wq']} ({wq.fmt})")
     group = wq.config.op_group_size
     if 0 < group and group % 32:
         raise PlanError(f"act_int8 quantizes activations per block of 32 values: the weight's group_size must be a "

@@ -24,7 +24,8 @@ from alphaquant import ops  # noqa: E402
 
 CACHE_BYTES = 96 << 20  # more than this machine's 32 MiB L3, with margin
 # (format, symmetric, group_size) of our int8-activation columns; int4 g128 also in float activations
-INT8_ACT = [("int4", True, 128), ("int4", True, 32), ("int8", True, 32), ("int2", False, 64)]
+INT8_ACT = [("int4", True, 128), ("int4", True, 32), ("int8", True, 32), ("int2", False, 64), ("fp4_e2m1", True, 32),
+            ("mxfp6_e2m3", True, 32)]
 
 
 def read_bandwidth() -> float:
@@ -74,7 +75,7 @@ def main() -> None:
     print(f"# bench_cpu_linear on {machine('cpu')}, torch {torch.__version__}, int8 activations on "
           f"{ops.cpu_isa()}, read bandwidth {bw / 1e9:.1f} GB/s")
     headers = ["KxN", "dtype", "M", "F.linear us", "torch int4 g128", "ours int4 g128 float-act"]
-    headers += [f"ours {f}{'' if s else 'a'} g{g} int8-act" for f, s, g in INT8_ACT]
+    headers += [f"ours {f}{'' if s else ' asym'} g{g} int8-act" for f, s, g in INT8_ACT]
     headers += ["int4 g128 int8-act GB/s (% of read)"]
     rows = []
     for shape in args.shapes.split(","):
@@ -108,7 +109,7 @@ def main() -> None:
                 for fmt, sym, g in INT8_ACT:
                     _, tiled = ours[(fmt, sym, g)]
                     t, text = cell(Rotating(tiled, lambda c, pr, fmt=fmt, g=g: ops.linear_int8_act(
-                        x, c, pr, None, bits=int(fmt[3:]), group_size=g, n=n, k=k)))
+                        x, c, pr, None, fmt=fmt, group_size=g, n=n, k=k)))
                     t_first = t if t_first is None else t_first
                     row.append(text)
                 codes, params = ours[("int4", True, 128)][1][0]

@@ -110,16 +110,17 @@ TORCH_LIBRARY(alphaquant, m) {
       "ScalarType dtype, bool validate=True) -> Tensor");
 
   // The int8-activation path of the CPU linear op (csrc/cpu/int8_act_layout.h; CPU only). A packed
-  // integer weight [n, k] (as for dequantize; int1..int8, group_size a multiple of 32, 0 or -1)
-  // -> (codes uint8 [ceil(n/16), ceil(k/32), 16*32*sbits/8], params float32 [ceil(n/16), groups,
-  // 2, 16]): its CPU layout, sbits = 2, 4 or 8 for codes of 1-2, 3-4 and 5-8 bits.
+  // weight [n, k] (as for dequantize) whose values are an integer grid (int1..int8, mxint8,
+  // fp4_e2m1, mxfp4_e2m1, fp6_e2m3, mxfp6_e2m3: csrc/cpu/int8_act_grid.h), group_size a multiple
+  // of 32, 0 or -1 -> (codes uint8 [ceil(n/16), ceil(k/32), 16*32*sbits/8], params float32
+  // [ceil(n/16), groups, 2, 16]): its CPU layout, sbits = 2, 4 or 8 for codes of 1-2, 3-4, 5-8 bits.
   m.def(
       "int8_act_layout(Tensor packed, Tensor scale, Tensor? zero_point, str fmt, bool symmetric, int group_size, "
       "int k) -> (Tensor, Tensor)");
   // y = x @ W.T + bias with x [..., k] quantized to int8 per block of 32 values (the quantize op's
-  // symmetric "int8", group 32) and integer dot products; W given by int8_act_layout (bits: the
-  // weight format's). Returns [..., n] in x's dtype. No gradient (QuantLinear trains through linear).
+  // symmetric "int8", group 32) and integer dot products; W given by int8_act_layout of a `fmt`
+  // weight. Returns [..., n] in x's dtype. No gradient (QuantLinear trains through linear).
   m.def(
-      "linear_int8_act(Tensor x, Tensor codes, Tensor params, Tensor? bias, int bits, int group_size, int n, "
+      "linear_int8_act(Tensor x, Tensor codes, Tensor params, Tensor? bias, str fmt, int group_size, int n, "
       "int k) -> Tensor");
 }

@@ -66,7 +66,7 @@ def test_act_int8_survives_a_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("scheme,match", [
-    (dict(wq="fp4"), "integer weights"),
+    (dict(wq="nf4"), "integer grid"),
     (dict(wq="int4", group_size=16), "multiple of 32"),
     (dict(wq="int8", aq="int8"), "leave 'aq' unset"),
     (dict(act_int8="yes"), "must be true or false"),

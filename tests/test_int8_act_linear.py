@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from alphaquant import ops, reference as ref
+from alphaquant.formats import INT8_ACT_FORMATS
 
 ISAS = ["portable", "avx2", "avx512_vnni"]
 
@@ -23,7 +24,7 @@ def _weight(n, k, fmt, symmetric, group_size, byte_zero=False, seed=0):
 
 def _check(x, packed, scale, zero, bias, fmt, symmetric, group_size, n, k):
     codes, params = ops.int8_act_layout(packed, scale, zero, fmt, symmetric=symmetric, group_size=group_size, k=k)
-    y = ops.linear_int8_act(x, codes, params, bias, bits=int(fmt[3:]), group_size=group_size, n=n, k=k)
+    y = ops.linear_int8_act(x, codes, params, bias, fmt=fmt, group_size=group_size, n=n, k=k)
     assert y.shape == x.shape[:-1] + (n,) and y.dtype == x.dtype
     want = ref.linear_int8_act(x, packed, scale, zero, bias, fmt, symmetric, group_size, k)
     # float32 sums in the kernel: bound the error by the size of what was summed
@@ -48,6 +49,12 @@ def _check(x, packed, scale, zero, bias, fmt, symmetric, group_size, n, k):
     ("int5", False, 96, 19, 190),
     ("int6", False, 32, 17, 65),
     ("int7", True, 32, 31, 33),
+    ("fp4_e2m1", True, 32, 37, 100),   # float grids: 4-bit codes through the kernels' table
+    ("fp4_e2m1", True, 0, 16, 64),
+    ("mxfp4_e2m1", True, 32, 18, 96),
+    ("fp6_e2m3", True, 64, 17, 130),   # byte fields hold the grid values
+    ("mxfp6_e2m3", True, 32, 33, 64),
+    ("mxint8", True, 32, 20, 70),
 ])
 def test_matches_reference(isa, fmt, symmetric, group_size, n, k, monkeypatch):
     monkeypatch.setenv("ALPHAQUANT_CPU_ISA", isa)
@@ -69,13 +76,16 @@ def test_dtypes_byte_zero_points_noncontiguous(isa, monkeypatch):
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 70), k=st.integers(1, 300), m=st.integers(1, 20), bits=st.integers(1, 8),
+@given(n=st.integers(1, 70), k=st.integers(1, 300), m=st.integers(1, 20), fmt=st.sampled_from(INT8_ACT_FORMATS),
        symmetric=st.booleans(), group=st.sampled_from([32, 64, 0, -1]), isa=st.sampled_from(ISAS),
        seed=st.integers(0, 2 ** 16))
-def test_random_shapes(n, k, m, bits, symmetric, group, isa, seed):
+def test_random_shapes(n, k, m, fmt, symmetric, group, isa, seed):
     import os
-    fmt = f"int{bits}"
-    symmetric = symmetric and bits > 1  # int1 has no symmetric form
+    if not fmt.startswith("int"):
+        symmetric = True  # float and MX formats have no zero point
+    symmetric = symmetric and fmt != "int1"  # int1 has no symmetric form
+    if fmt.startswith("mx"):
+        group = 32  # one scale per block of 32
     packed, scale, zero = _weight(n, k, fmt, symmetric, group, seed=seed)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)) * 3
     old = os.environ.get("ALPHAQUANT_CPU_ISA")
@@ -98,7 +108,7 @@ def test_isas_agree_closely(monkeypatch):
     ys = {}
     for isa in ISAS:
         monkeypatch.setenv("ALPHAQUANT_CPU_ISA", isa)
-        ys[ops.cpu_isa()] = ops.linear_int8_act(x, codes, params, None, bits=4, group_size=128, n=n, k=k)
+        ys[ops.cpu_isa()] = ops.linear_int8_act(x, codes, params, None, fmt="int4", group_size=128, n=n, k=k)
     for y in ys.values():
         torch.testing.assert_close(y, ys["portable"], rtol=1e-5, atol=1e-4)
 
@@ -117,7 +127,7 @@ def test_cpu_isa_follows_the_environment(monkeypatch):
     packed, scale, _ = _weight(16, 32, "int4", True, 32)
     codes, params = ops.int8_act_layout(packed, scale, None, "int4", symmetric=True, group_size=32, k=32)
     with pytest.raises(ValueError, match="ALPHAQUANT_CPU_ISA"):
-        ops.linear_int8_act(torch.randn(1, 32), codes, params, None, bits=4, group_size=32, n=16, k=32)
+        ops.linear_int8_act(torch.randn(1, 32), codes, params, None, fmt="int4", group_size=32, n=16, k=32)
 
 
 def test_layout_is_the_documented_permutation():
@@ -142,7 +152,7 @@ def test_layout_is_the_documented_permutation():
 def test_empty_batch():
     packed, scale, _ = _weight(16, 64, "int4", True, 32)
     codes, params = ops.int8_act_layout(packed, scale, None, "int4", symmetric=True, group_size=32, k=64)
-    y = ops.linear_int8_act(torch.randn(0, 64), codes, params, None, bits=4, group_size=32, n=16, k=64)
+    y = ops.linear_int8_act(torch.randn(0, 64), codes, params, None, fmt="int4", group_size=32, n=16, k=64)
     assert y.shape == (0, 16)
 
 
@@ -152,22 +162,26 @@ def test_bad_input():
     codes, params = ops.int8_act_layout(packed, scale, None, "int4", symmetric=True, group_size=32, k=k)
     x = torch.randn(2, k)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        ops.linear_int8_act(torch.full((1, k), float("nan")), codes, params, None, bits=4, group_size=32, n=n, k=k)
+        ops.linear_int8_act(torch.full((1, k), float("nan")), codes, params, None, fmt="int4", group_size=32, n=n, k=k)
     with pytest.raises(ValueError, match="codes must be uint8"):
-        ops.linear_int8_act(x, codes[:, :1], params, None, bits=4, group_size=32, n=n, k=k)
+        ops.linear_int8_act(x, codes[:, :1], params, None, fmt="int4", group_size=32, n=n, k=k)
     with pytest.raises(ValueError, match="codes must be uint8"):
-        ops.linear_int8_act(x, codes, params, None, bits=8, group_size=32, n=n, k=k)  # another width's layout
+        ops.linear_int8_act(x, codes, params, None, fmt="int8", group_size=32, n=n, k=k)  # another width's layout
     with pytest.raises(ValueError, match="params must be float32"):
-        ops.linear_int8_act(x, codes, params.double(), None, bits=4, group_size=32, n=n, k=k)
+        ops.linear_int8_act(x, codes, params.double(), None, fmt="int4", group_size=32, n=n, k=k)
     with pytest.raises(ValueError, match=r"x must be \[..., k=64\]"):
-        ops.linear_int8_act(torch.randn(2, 63), codes, params, None, bits=4, group_size=32, n=n, k=k)
+        ops.linear_int8_act(torch.randn(2, 63), codes, params, None, fmt="int4", group_size=32, n=n, k=k)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        ops.linear_int8_act(x.int(), codes, params, None, bits=4, group_size=32, n=n, k=k)
+        ops.linear_int8_act(x.int(), codes, params, None, fmt="int4", group_size=32, n=n, k=k)
     with pytest.raises(ValueError, match="bias must be"):
-        ops.linear_int8_act(x, codes, params, torch.zeros(3), bits=4, group_size=32, n=n, k=k)
+        ops.linear_int8_act(x, codes, params, torch.zeros(3), fmt="int4", group_size=32, n=n, k=k)
     p8, s8, _ = ops.quantize(torch.randn(n, k), "fp8_e4m3", symmetric=True, group_size=32)
-    with pytest.raises(ValueError, match="takes integer weights"):
+    with pytest.raises(ValueError, match="integer grid"):
         ops.int8_act_layout(p8, s8, None, "fp8_e4m3", symmetric=True, group_size=32, k=k)
+    with pytest.raises(ValueError, match="fmt must be a format int8_act_layout takes"):
+        ops.linear_int8_act(x, codes, params, None, fmt="nf4", group_size=32, n=n, k=k)
+    with pytest.raises(ValueError, match="format"):
+        ops.linear_int8_act(x, codes, params, None, fmt="int9", group_size=32, n=n, k=k)
     p16, s16, _ = ops.quantize(torch.randn(n, k), "int4", symmetric=True, group_size=16)
     with pytest.raises(ValueError, match="multiple of 32"):
         ops.int8_act_layout(p16, s16, None, "int4", symmetric=True, group_size=16, k=k)

@@ -104,8 +104,11 @@ def samples(device):
         yield "int8_act_layout", (p32, s32, z32, "int4", False, 32, 40)
         yield "int8_act_layout", (p8[:, :40], s8.new_ones(24, 1), None, "int8", True, 0, 40)
         codes, params = torch.ops.alphaquant.int8_act_layout(p32, s32, z32, "int4", False, 32, 40)
-        yield "linear_int8_act", (torch.randn(3, 40), codes, params, torch.randn(24), 4, 32, 24, 40)
-        yield "linear_int8_act", (torch.randn(2, 9, 40).bfloat16(), codes, params, None, 4, 32, 24, 40)
+        yield "linear_int8_act", (torch.randn(3, 40), codes, params, torch.randn(24), "int4", 32, 24, 40)
+        yield "linear_int8_act", (torch.randn(2, 9, 40).bfloat16(), codes, params, None, "int4", 32, 24, 40)
+        cf, pf = torch.ops.alphaquant.int8_act_layout(pm, sm, None, "mxfp4_e2m1", True, 32, 40)
+        yield "int8_act_layout", (pm, sm, None, "mxfp4_e2m1", True, 32, 40)
+        yield "linear_int8_act", (torch.randn(2, 40), cf, pf, None, "mxfp4_e2m1", 32, 24, 40)
     # with gradients (x and bias) and without the scale check
     yield "linear", (torch.randn(4, 40, device=device, requires_grad=True), packed, s, z,
                      torch.randn(24, device=device, requires_grad=True), "int4", False, 16, 40, False)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import LEARNED_FORMATS
+from ..formats import INT8_ACT_BLOCK, INT8_ACT_FORMATS, LEARNED_FORMATS
 from ..packed import PackedTensor
 from .packed_weight import PackedWeightModule, _zero_dtype
 from ..quantizers.base import BaseQuantizer
@@ -35,8 +35,10 @@ class QuantLinear(PackedWeightModule):
     x H (an orthogonal Hadamard matrix, applied before the activations are quantized), for layers
     of a rotated model (alphaquant.algorithms.rotation) whose weight was rotated to match.
 
-    ``act_int8`` (plan key, or set the attribute): on the CPU, integer weights compute with the
-    activations quantized to int8 per block of 32 values and integer dot products
+    ``act_int8`` (plan key, or set the attribute): on the CPU, weights of a format in
+    ``alphaquant.formats.INT8_ACT_FORMATS`` (integers, and fp4/fp6 E2M1/E2M3 with or without MX
+    scales) compute with the activations quantized to int8 per block of 32 values and integer dot
+    products
     (torch.ops.alphaquant.linear_int8_act); the weight's CPU layout is built on the first such
     call and kept beside the packed buffers (as many bytes again; not in the state_dict).
     Calls that need a gradient, other devices and other formats take the float-activation path.
@@ -55,7 +57,7 @@ class QuantLinear(PackedWeightModule):
         self.act_quantizer = act_quantizer
         self.scheme = scheme
         self.act_int8 = bool(scheme and scheme.get("act_int8"))
-        self._int8_act_weight = None  # (key, codes, params): the CPU layout, built when first used
+        self._int8_act_weight = None  # the CPU layout (with the buffers it was built from), built when first used
         self._init_packed_weight(out_features, in_features, fmt, symmetric, group_size, device, scale_dtype,
                                  codebook_shape, codebook_dtype, zero_dtype)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
@@ -97,24 +99,29 @@ class QuantLinear(PackedWeightModule):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             return False  # linear_int8_act has no gradient: train through the float-activation path
-        return self.fmt.startswith("int") and (self.group_size <= 0 or self.group_size % 32 == 0)
+        return self.fmt in INT8_ACT_FORMATS and (self.group_size <= 0 or self.group_size % INT8_ACT_BLOCK == 0)
 
     def _int8_act_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight's CPU layout for linear_int8_act, rebuilt when a weight buffer changed."""
-        buffers = (self.weight_packed, self.weight_scale, self.weight_zero_point)
-        key = tuple((b.data_ptr(), b._version, b.dtype) for b in buffers if b is not None)
-        if self._int8_act_weight is None or self._int8_act_weight[0] != key:
-            codes, params = ops.int8_act_layout(self.weight_packed, self.weight_scale, self.weight_zero_point,
-                                                self.fmt, symmetric=self.symmetric, group_size=self.group_size,
-                                                k=self.in_features)
-            self._int8_act_weight = (key, codes, params)
-        return self._int8_act_weight[1], self._int8_act_weight[2]
+        """The weight's CPU layout for linear_int8_act, rebuilt when a weight buffer changed (in
+        place: its version; replaced, e.g. by a move: its address)."""
+        wp, ws, wz = self.weight_packed, self.weight_scale, self.weight_zero_point
+        versions = (wp._version, ws._version, -1 if wz is None else wz._version)
+        cached = self._int8_act_weight
+        if cached is None or cached[0] is not wp or cached[1] is not ws or cached[2] is not wz or cached[3] != versions:
+            codes, params = ops.int8_act_layout(wp, ws, wz, self.fmt, symmetric=self.symmetric,
+                                                group_size=self.group_size, k=self.in_features)
+            cached = self._int8_act_weight = (wp, ws, wz, versions, codes, params)
+        return cached[4], cached[5]
+
+    def _apply(self, fn, recurse=True):
+        self._int8_act_weight = None  # moved or converted buffers: the layout is rebuilt from them
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int8_act_applies(x):
             codes, params = self._int8_act_layout()
-            return ops.linear_int8_act(x, codes, params, self.bias, bits=int(self.fmt[3:]), group_size=self.group_size,
-                                       n=self.out_features, k=self.in_features)
+            return ops._ops.linear_int8_act(x, codes, params, self.bias, self.fmt, self.group_size, self.out_features,
+                                            self.in_features)
         xq = self.act_quantizer.quantize_activation(x) if self.act_quantizer is not None else x
         if self.weight_codebook is not None:
             y = ops.linear_codebook(xq, self.weight_packed, self.weight_scale, self.weight_codebook, self.bias,

@@ -18,7 +18,7 @@ inline __m256i dot4(__m256i c, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), _mm256_set1_epi16(1));
 }
 
-template <int SBITS, int R>
+template <int SBITS, int R, bool TABLE>
 void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
   constexpr int kFields = SBITS == 8 ? 1 : 8 / SBITS;
   constexpr int64_t kBB = tile_block_bytes(SBITS);
@@ -26,6 +26,9 @@ void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
   const uint8_t* wt = p.codes + t * p.kblocks * kBB + half * 32;
   const float* pt = p.params + t * p.groups * 2 * kTileRows + half * 8;
   const __m256i mask = _mm256_set1_epi8(static_cast<char>(SBITS == 8 ? 15 : (1 << SBITS) - 1));
+  // 4-bit codes of a float grid -> their grid values (below 128: vpmaddubsw's pairs cannot saturate)
+  const __m256i table =
+      TABLE ? _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.table16))) : mask;
   const int32_t* xw[R];
   for (int r = 0; r < R; ++r) xw[r] = reinterpret_cast<const int32_t*>(p.xq + (r0 + r) * kpad);
   __m256 total[R];
@@ -52,7 +55,8 @@ void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
         } else {
 #pragma GCC unroll 4
           for (int s = 0; s < kFields; ++s) {
-            const __m256i c = _mm256_and_si256(_mm256_srli_epi16(word, SBITS * s), mask);
+            __m256i c = _mm256_and_si256(_mm256_srli_epi16(word, SBITS * s), mask);
+            if constexpr (TABLE) c = _mm256_shuffle_epi8(table, c);
             const int64_t quad = b * 8 + kFields * w + s;
             for (int r = 0; r < R; ++r) dot[r] = _mm256_add_epi32(dot[r], dot4(c, _mm256_set1_epi32(xw[r][quad])));
           }
@@ -78,18 +82,18 @@ void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
   }
 }
 
-template <int SBITS>
+template <int SBITS, bool TABLE = false>
 void run(const Problem& p, int64_t tile0, int64_t tile1) {
   constexpr int kRows = 4;  // x rows per pass: 3 x 4 accumulators of 16 registers
   for (int64_t t = tile0; t < tile1; ++t) {
     for (int half = 0; half < 2; ++half) {
       if (t * kTileRows + half * 8 >= p.n) break;
       int64_t r0 = 0;
-      for (; r0 + kRows <= p.m; r0 += kRows) half_tile_rows<SBITS, kRows>(p, t, half, r0);
+      for (; r0 + kRows <= p.m; r0 += kRows) half_tile_rows<SBITS, kRows, TABLE>(p, t, half, r0);
       switch (p.m - r0) {
-        case 1: half_tile_rows<SBITS, 1>(p, t, half, r0); break;
-        case 2: half_tile_rows<SBITS, 2>(p, t, half, r0); break;
-        case 3: half_tile_rows<SBITS, 3>(p, t, half, r0); break;
+        case 1: half_tile_rows<SBITS, 1, TABLE>(p, t, half, r0); break;
+        case 2: half_tile_rows<SBITS, 2, TABLE>(p, t, half, r0); break;
+        case 3: half_tile_rows<SBITS, 3, TABLE>(p, t, half, r0); break;
         default: break;
       }
     }
@@ -101,7 +105,7 @@ void run(const Problem& p, int64_t tile0, int64_t tile1) {
 void run_tiles_avx2(const Problem& p, int64_t tile0, int64_t tile1) {
   switch (p.sbits) {
     case 2: return run<2>(p, tile0, tile1);
-    case 4: return run<4>(p, tile0, tile1);
+    case 4: return p.table16 ? run<4, true>(p, tile0, tile1) : run<4>(p, tile0, tile1);
     default: return run<8>(p, tile0, tile1);
   }
 }

@@ -12,7 +12,7 @@ namespace alphaquant {
 namespace int8_act {
 namespace {
 
-template <int SBITS, int R>
+template <int SBITS, int R, bool TABLE>
 void tile_rows(const Problem& p, int64_t t, int64_t r0) {
   constexpr int kFields = 8 / SBITS;
   constexpr int64_t kBB = tile_block_bytes(SBITS);
@@ -20,6 +20,9 @@ void tile_rows(const Problem& p, int64_t t, int64_t r0) {
   const uint8_t* wt = p.codes + t * p.kblocks * kBB;
   const float* pt = p.params + t * p.groups * 2 * kTileRows;
   const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << SBITS) - 1));
+  // 4-bit codes of a float grid -> their grid values, by a byte shuffle within each 128-bit lane
+  const __m512i table =
+      TABLE ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.table16))) : mask;
   const int32_t* xw[R];
   for (int r = 0; r < R; ++r) xw[r] = reinterpret_cast<const int32_t*>(p.xq + (r0 + r) * kpad);
   __m512 total[R];
@@ -38,7 +41,8 @@ void tile_rows(const Problem& p, int64_t t, int64_t r0) {
         const __m512i word = _mm512_loadu_si512(wb + w * kWordBytes);
 #pragma GCC unroll 4
         for (int s = 0; s < kFields; ++s) {
-          const __m512i c = SBITS == 8 ? word : _mm512_and_si512(_mm512_srli_epi16(word, SBITS * s), mask);
+          __m512i c = SBITS == 8 ? word : _mm512_and_si512(_mm512_srli_epi16(word, SBITS * s), mask);
+          if constexpr (TABLE) c = _mm512_shuffle_epi8(table, c);
           const int64_t quad = b * 8 + kFields * w + s;
           for (int r = 0; r < R; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], c, _mm512_set1_epi32(xw[r][quad]));
         }
@@ -60,20 +64,20 @@ void tile_rows(const Problem& p, int64_t t, int64_t r0) {
     _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + t * kTileRows, keep, _mm512_add_ps(total[r], bias));
 }
 
-template <int SBITS>
+template <int SBITS, bool TABLE = false>
 void run(const Problem& p, int64_t tile0, int64_t tile1) {
   constexpr int kRows = 8;  // x rows per pass: 3 x 8 accumulators of 32 registers
   for (int64_t t = tile0; t < tile1; ++t) {
     int64_t r0 = 0;
-    for (; r0 + kRows <= p.m; r0 += kRows) tile_rows<SBITS, kRows>(p, t, r0);
+    for (; r0 + kRows <= p.m; r0 += kRows) tile_rows<SBITS, kRows, TABLE>(p, t, r0);
     switch (p.m - r0) {
-      case 1: tile_rows<SBITS, 1>(p, t, r0); break;
-      case 2: tile_rows<SBITS, 2>(p, t, r0); break;
-      case 3: tile_rows<SBITS, 3>(p, t, r0); break;
-      case 4: tile_rows<SBITS, 4>(p, t, r0); break;
-      case 5: tile_rows<SBITS, 5>(p, t, r0); break;
-      case 6: tile_rows<SBITS, 6>(p, t, r0); break;
-      case 7: tile_rows<SBITS, 7>(p, t, r0); break;
+      case 1: tile_rows<SBITS, 1, TABLE>(p, t, r0); break;
+      case 2: tile_rows<SBITS, 2, TABLE>(p, t, r0); break;
+      case 3: tile_rows<SBITS, 3, TABLE>(p, t, r0); break;
+      case 4: tile_rows<SBITS, 4, TABLE>(p, t, r0); break;
+      case 5: tile_rows<SBITS, 5, TABLE>(p, t, r0); break;
+      case 6: tile_rows<SBITS, 6, TABLE>(p, t, r0); break;
+      case 7: tile_rows<SBITS, 7, TABLE>(p, t, r0); break;
       default: break;
     }
   }
@@ -84,7 +88,7 @@ void run(const Problem& p, int64_t tile0, int64_t tile1) {
 void run_tiles_avx512_vnni(const Problem& p, int64_t tile0, int64_t tile1) {
   switch (p.sbits) {
     case 2: return run<2>(p, tile0, tile1);
-    case 4: return run<4>(p, tile0, tile1);
+    case 4: return p.table16 ? run<4, true>(p, tile0, tile1) : run<4>(p, tile0, tile1);
     default: return run<8>(p, tile0, tile1);
   }
 }

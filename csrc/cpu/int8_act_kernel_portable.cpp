@@ -11,7 +11,7 @@ namespace {
 
 // Integer dot products of one tile's block with one activation row's block: dot[lane] for the
 // tile's 16 rows.
-void block_dots(const uint8_t* words, const int8_t* q, int sbits, int32_t (&dot)[kTileRows]) {
+void block_dots(const uint8_t* words, const int8_t* q, int sbits, const uint8_t* table16, int32_t (&dot)[kTileRows]) {
   const int fields = 8 / sbits;
   const int mask = (1 << sbits) - 1;
   for (int lane = 0; lane < kTileRows; ++lane) dot[lane] = 0;
@@ -20,7 +20,10 @@ void block_dots(const uint8_t* words, const int8_t* q, int sbits, int32_t (&dot)
     for (int s = 0; s < fields; ++s) {
       const int8_t* q4 = q + 4 * (fields * p + s);
       for (int lane = 0; lane < kTileRows; ++lane)
-        for (int i = 0; i < 4; ++i) dot[lane] += ((word[4 * lane + i] >> (sbits * s)) & mask) * q4[i];
+        for (int i = 0; i < 4; ++i) {
+          const int c = (word[4 * lane + i] >> (sbits * s)) & mask;
+          dot[lane] += (table16 ? table16[c] : c) * q4[i];
+        }
     }
   }
 }
@@ -41,7 +44,7 @@ void run_tiles_portable(const Problem& p, int64_t tile0, int64_t tile1) {
         float acc[kTileRows] = {};
         for (int64_t b = b0; b < b1; ++b) {
           int32_t dot[kTileRows];
-          block_dots(wt + b * bb, p.xq + r * kpad + b * kBlock, p.sbits, dot);
+          block_dots(wt + b * bb, p.xq + r * kpad + b * kBlock, p.sbits, p.table16, dot);
           const float d = p.xscale[r * p.kblocks + b];
           for (int lane = 0; lane < kTileRows; ++lane) acc[lane] += static_cast<float>(dot[lane]) * d;
         }

@@ -16,6 +16,9 @@
 // row r (scale d, int8 codes q), sum_i w_i x_i ~= sum_b d_b s_g (sum_i c_i q_i + (qmin - z) sum_i q_i).
 // Per tile and group the layout keeps s and o = s * (qmin - z) for the 16 rows (`params`), so
 // the second term is o times sum_b d_b * (sum of q over b), a number per activation row and group.
+// Float formats whose values are an integer grid (int8_act_grid.h: fp4/fp6 E2M1/E2M3, MX or not)
+// compute the same way with c replaced by the code's grid value u, s by s / mult and qmin - z by
+// -bias: byte fields hold u itself, 4-bit fields the code, looked up in a 16-entry table (vpshufb).
 #pragma once
 
 #include <cstdint>
@@ -27,12 +30,14 @@ constexpr int kTileRows = 16;  // output features per tile
 constexpr int kBlock = 32;     // activation values per int8 block (one float scale each)
 constexpr int kWordBytes = 64;
 
+// (The helpers are static: this header is also compiled for AVX-512 and AVX2 in the kernels' files,
+// and an inline function shared with the rest of the build could be linked in that form.)
 // Bits of each code's field in the layout for a format of `bits` bits.
-constexpr int storage_bits(int bits) { return bits <= 2 ? 2 : bits <= 4 ? 4 : 8; }
+static constexpr int storage_bits(int bits) { return bits <= 2 ? 2 : bits <= 4 ? 4 : 8; }
 // Bytes of one tile's block: 16 rows x 32 codes of sbits bits.
-constexpr int64_t tile_block_bytes(int sbits) { return int64_t{kTileRows} * kBlock * sbits / 8; }
+static constexpr int64_t tile_block_bytes(int sbits) { return int64_t{kTileRows} * kBlock * sbits / 8; }
 
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // One call of the integer kernel: y [m, n] = x [m, k] @ W.T (+ bias), tiles [tile0, tile1).
 struct Problem {
@@ -42,6 +47,7 @@ struct Problem {
   const float* xscale;    // [m, kblocks] activation block scales d
   const float* xoffset;   // [m, groups]: sum over the group's blocks of d * (sum of q)
   const float* bias;      // [n] or nullptr
+  const uint8_t* table16; // 4-bit fields of a float grid: the grid value of each code; else nullptr
   float* y;               // [m, n]
   int64_t m, n, kblocks, groups, blocks_per_group;
   int sbits;

@@ -11,6 +11,7 @@
 
 #include "alphaquant/arg_checks.h"
 #include "alphaquant/bitstream.h"
+#include "cpu/int8_act_grid.h"
 #include "cpu/int8_act_layout.h"
 
 namespace alphaquant {
@@ -18,9 +19,11 @@ namespace {
 
 using namespace int8_act;
 
-// Codes of one tile (rows [16t, 16t + 16) of n, zero-padded) into its blocks.
+// Codes of one tile (rows [16t, 16t + 16) of n, zero-padded) into its blocks; in byte fields the
+// grid values u (the kernels then need no table), in 2- and 4-bit fields the codes themselves.
 template <int BITS>
-void write_tile_codes(const DequantizeArgs& a, int64_t t, int sbits, int64_t kblocks, uint8_t* out) {
+void write_tile_codes(const DequantizeArgs& a, const Grid& grid, int64_t t, int sbits, int64_t kblocks,
+                      uint8_t* out) {
   const int64_t n = a.layout.rows, k = a.layout.k, row_bytes = a.packed.size(-1), bb = tile_block_bytes(sbits);
   const int fields = 8 / sbits;
   std::vector<uint8_t> codes(kblocks * kBlock);
@@ -33,7 +36,7 @@ void write_tile_codes(const DequantizeArgs& a, int64_t t, int sbits, int64_t kbl
         for (int s = 0; s < fields; ++s)
           for (int i = 0; i < 4; ++i) {
             const int64_t col = b * kBlock + 4 * (fields * p + s) + i;
-            const uint8_t c = col < k ? codes[col] : 0;
+            const uint8_t c = col >= k ? 0 : sbits == 8 ? grid.u[codes[col]] : codes[col];
             out[b * bb + p * kWordBytes + 4 * lane + i] |= static_cast<uint8_t>(c << (sbits * s));
           }
   }
@@ -45,8 +48,10 @@ std::tuple<at::Tensor, at::Tensor> int8_act_layout_cpu(const at::Tensor& packed,
                                                        int64_t k) {
   const char* op = "int8_act_layout";
   DequantizeArgs a = prepare_dequantize(op, packed, scale, zero_point, fmt, symmetric, group_size, k, true);
-  TORCH_CHECK_VALUE(a.fmt.id == FormatId::kInt && !a.fmt.mx, "alphaquant.", op,
-                    ": the int8-activation path takes integer weights (int1..int8, symmetric or not); got ", fmt);
+  const Grid grid = grid_of(a.fmt);
+  TORCH_CHECK_VALUE(grid.ok, "alphaquant.", op, ": the int8-activation path takes weights whose values are an ",
+                    "integer grid: int1..int8 (symmetric or not), mxint8, fp4_e2m1, mxfp4_e2m1, fp6_e2m3, mxfp6_e2m3; "
+                    "got ", fmt);
   TORCH_CHECK_VALUE(packed.dim() == 2, "alphaquant.", op, ": packed must be a weight [n, row bytes]; got ",
                     packed.dim(), " dimensions");
   const GroupLayout& l = a.layout;
@@ -59,19 +64,23 @@ std::tuple<at::Tensor, at::Tensor> int8_act_layout_cpu(const at::Tensor& packed,
   at::Tensor params = at::zeros({tiles, l.groups, 2, kTileRows}, packed.options().dtype(at::kFloat));
   const float* sc = a.scale.data_ptr<float>();
   const float* zp = a.zero ? a.zero->data_ptr<float>() : nullptr;
-  const float qmin = a.fmt.qmin();
+  // w = s * (c + qmin - z) for integers, s / mult * (u - bias) for float grids: params hold the
+  // factor of u and the offset
+  const bool is_int = a.fmt.id == FormatId::kInt;
+  const float qmin = is_int ? a.fmt.qmin() : -grid.bias;
   std::atomic<bool> bad{false};
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       dispatch_bits(a.fmt.bits, [&]<int BITS>() {
-        write_tile_codes<BITS>(a, t, sbits, kblocks, codes.data_ptr<uint8_t>() + t * kblocks * codes.size(2));
+        write_tile_codes<BITS>(a, grid, t, sbits, kblocks, codes.data_ptr<uint8_t>() + t * kblocks * codes.size(2));
       });
       float* pt = params.data_ptr<float>() + t * l.groups * 2 * kTileRows;
       for (int lane = 0; lane < kTileRows && t * kTileRows + lane < n; ++lane)
         for (int64_t g = 0; g < l.groups; ++g) {
           const int64_t si = l.group_index(t * kTileRows + lane, g);
-          const float s = sc[si], z = zp ? zp[si] : 0.0f;
-          if (!valid_scale(s, z)) bad = true;
+          const float z = zp ? zp[si] : 0.0f;
+          if (!valid_scale(sc[si], z)) bad = true;
+          const float s = is_int ? sc[si] : sc[si] / grid.mult;  // mult is a power of two: exact
           pt[g * 2 * kTileRows + lane] = s;
           pt[g * 2 * kTileRows + kTileRows + lane] = s * (qmin - z);
         }

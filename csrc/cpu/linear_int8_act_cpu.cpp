@@ -6,11 +6,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
+#include <vector>
 
 #include "alphaquant/arg_checks.h"
 #include "alphaquant/quant_math.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/int8_act_grid.h"
 #include "cpu/int8_act_layout.h"
 
 namespace alphaquant {
@@ -55,11 +59,17 @@ bool quantize_activations(const float* x, int64_t m, int64_t k, int64_t kblocks,
 }
 
 at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& params,
-                               const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t n,
-                               int64_t k) {
+                               const std::optional<at::Tensor>& bias, const std::string& fmt, int64_t group_size,
+                               int64_t n, int64_t k) {
   const char* op = "linear_int8_act";
   check_floating(op, x);
-  TORCH_CHECK_VALUE(bits >= 1 && bits <= 8, "alphaquant.", op, ": bits must be 1..8; got ", bits);
+  // the weight's format: its width gives the layout's fields, a float grid its table (int8_act_grid.h)
+  const bool is_int = fmt.rfind("int", 0) == 0 || fmt == "mxint8";
+  const FormatSpec spec = parse_format(fmt, /*symmetric=*/!is_int || fmt == "mxint8");
+  const Grid grid = grid_of(spec);
+  TORCH_CHECK_VALUE(grid.ok, "alphaquant.", op, ": fmt must be a format int8_act_layout takes (int1..int8, mxint8, ",
+                    "fp4_e2m1, mxfp4_e2m1, fp6_e2m3, mxfp6_e2m3); got ", fmt);
+  const int64_t bits = spec.bits;
   TORCH_CHECK_VALUE(n > 0 && k > 0, "alphaquant.", op, ": n and k must be > 0; got n=", n, ", k=", k);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "alphaquant.", op, ": x must be [..., k=", k, "]; got ",
                     x.sizes());
@@ -74,7 +84,7 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
   TORCH_CHECK_VALUE(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.size(0) == tiles &&
                         codes.size(1) == kblocks && codes.size(2) == tile_block_bytes(sbits),
                     "alphaquant.", op, ": codes must be uint8 [", tiles, ", ", kblocks, ", ", tile_block_bytes(sbits),
-                    "] (int8_act_layout of an int", bits, " weight [", n, ", ", k, "]); got ", codes.scalar_type(),
+                    "] (int8_act_layout of a ", fmt, " weight [", n, ", ", k, "]); got ", codes.scalar_type(),
                     " ", codes.sizes());
   TORCH_CHECK_VALUE(params.scalar_type() == at::kFloat && params.dim() == 4 && params.size(0) == tiles &&
                         params.size(1) == groups && params.size(2) == 2 && params.size(3) == kTileRows,
@@ -97,18 +107,24 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
   at::Tensor y = at::empty({m, n}, xf.options());
   if (m == 0) return y.to(x.scalar_type()).reshape(out_shape);
 
-  at::Tensor xq = at::empty({m, kblocks * kBlock}, xf.options().dtype(at::kChar));
-  at::Tensor xscale = at::empty({m, kblocks}, xf.options());
-  at::Tensor xoffset = at::empty({m, groups}, xf.options());
+  // Activation codes and scales in this thread's scratch (reused across calls: a decode step makes
+  // hundreds of small calls, where allocations would cost more than the work).
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xscale, xoffset;
+  xq.resize(m * kblocks * kBlock);
+  xscale.resize(m * kblocks);
+  xoffset.resize(m * groups);
   const bool finite_x = quantize_activations(xf.data_ptr<float>(), m, k, kblocks, groups, blocks_per_group,
-                                             xq.data_ptr<int8_t>(), xscale.data_ptr<float>(),
-                                             xoffset.data_ptr<float>());
+                                             xq.data(), xscale.data(), xoffset.data());
   TORCH_CHECK_VALUE(finite_x, "alphaquant.", op, ": x holds NaN or Inf, which int8 activations cannot hold "
                     "(the float-activation linear op passes them through)");
 
   const at::Tensor codes_c = codes.contiguous(), params_c = params.contiguous();
-  Problem p{codes_c.data_ptr<uint8_t>(), params_c.data_ptr<float>(), xq.data_ptr<int8_t>(),
-            xscale.data_ptr<float>(), xoffset.data_ptr<float>(), bias_f ? bias_f->data_ptr<float>() : nullptr,
+  std::array<uint8_t, 16> table16{};
+  std::copy(grid.u.begin(), grid.u.begin() + 16, table16.begin());
+  const bool needs_table = !grid.identity && sbits == 4;  // byte fields hold grid values already
+  Problem p{codes_c.data_ptr<uint8_t>(), params_c.data_ptr<float>(), xq.data(), xscale.data(), xoffset.data(),
+            bias_f ? bias_f->data_ptr<float>() : nullptr, needs_table ? table16.data() : nullptr,
             y.data_ptr<float>(), m, n, kblocks, groups, blocks_per_group, sbits};
   auto kernel = &run_tiles_portable;
 #if defined(__x86_64__)
@@ -118,7 +134,11 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
     default: break;
   }
 #endif
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { kernel(p, t0, t1); });
+  // Threads only for calls with enough work (about 64K integer dot-product instructions each):
+  // small layers at one token run faster on the calling thread than handed out.
+  const int64_t per_tile = kblocks * 8 * m;
+  at::parallel_for(0, tiles, std::max<int64_t>(1, (int64_t{1} << 16) / per_tile),
+                   [&](int64_t t0, int64_t t1) { kernel(p, t0, t1); });
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
