@@ -119,7 +119,11 @@ class QuantLinear(PackedWeightModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int8_act_applies(x):
-            codes, params = self._int8_act_layout()
+            cached = self._int8_act_weight
+            if torch.compiler.is_compiling() and cached is not None:
+                codes, params = cached[4], cached[5]  # built by an eager call; no Python checks in a graph
+            else:
+                codes, params = self._int8_act_layout()
             return ops._ops.linear_int8_act(x, codes, params, self.bias, self.fmt, self.group_size, self.out_features,
                                             self.in_features)
         xq = self.act_quantizer.quantize_activation(x) if self.act_quantizer is not None else x
