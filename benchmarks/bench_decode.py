@@ -87,6 +87,7 @@ def ours_compiled(model, ids: torch.Tensor, new: int) -> dict:
     def step(tok, pos):
         return model(tok, cache_position=pos, past_key_values=cache, use_cache=True).logits[:, -1]
 
+    torch._dynamo.reset()  # module guards are skipped: no graph compiled for another model may be reused
     compiled = torch.compile(step, dynamic=False,
                              options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     t = time.perf_counter()
