@@ -595,8 +595,9 @@ def _linear_fake(x, packed, scale, zero_point, bias, fmt, symmetric, group_size,
 _INT8_ACT_TILE = 16
 
 
-def _int8_act_shapes(op: str, fmt: str, group_size: int, n: int, k: int):
-    """(codes, params) shapes of int8_act_layout for a weight [n, k] of format ``fmt``."""
+def _int8_act_shapes(op: str, fmt: str, group_size: int, n: int, k: int, pcount: int = 1):
+    """(codes, params) shapes of int8_act_layout for a weight [n, k] of format ``fmt`` (params: one
+    [16] per group, two with zero points)."""
     if fmt not in INT8_ACT_FORMATS:
         raise _value_error(op, f"the int8-activation path takes weights whose values are an integer grid "
                            f"({', '.join(INT8_ACT_FORMATS)}); got {fmt}")
@@ -606,7 +607,7 @@ def _int8_act_shapes(op: str, fmt: str, group_size: int, n: int, k: int):
     sbits = 2 if bits <= 2 else 4 if bits <= 4 else 8
     tiles, kblocks = -(-n // _INT8_ACT_TILE), -(-k // INT8_ACT_BLOCK)
     groups = -(-k // group_size) if 0 < group_size < k else 1
-    return (tiles, kblocks, _INT8_ACT_TILE * INT8_ACT_BLOCK * sbits // 8), (tiles, groups, 2, _INT8_ACT_TILE)
+    return (tiles, kblocks, _INT8_ACT_TILE * INT8_ACT_BLOCK * sbits // 8), (tiles, groups, pcount, _INT8_ACT_TILE)
 
 
 @torch.library.register_fake("alphaquant::int8_act_layout")
@@ -614,8 +615,10 @@ def _int8_act_layout_fake(packed, scale, zero_point, fmt, symmetric, group_size,
     _check_dequantize("int8_act_layout", packed, scale, zero_point, fmt, symmetric, group_size, k)
     if packed.dim() != 2:
         raise _value_error("int8_act_layout", f"packed must be a weight [n, row bytes]; got {packed.dim()} dimensions")
-    codes, params = _int8_act_shapes("int8_act_layout", fmt, group_size, packed.shape[0], k)
-    return packed.new_empty(codes), packed.new_empty(params, dtype=torch.float32)
+    zero_points = fmt in INT8_ACT_FORMATS and fmt.startswith("int") and not symmetric
+    codes, params = _int8_act_shapes("int8_act_layout", fmt, group_size, packed.shape[0], k, 2 if zero_points else 1)
+    dtype = torch.float16 if scale.dtype == torch.float16 and not zero_points else torch.float32
+    return packed.new_empty(codes), packed.new_empty(params, dtype=dtype)
 
 
 @torch.library.register_fake("alphaquant::linear_int8_act")
@@ -624,11 +627,14 @@ def _linear_int8_act_fake(x, codes, params, bias, fmt, group_size, n, k):
     _check_floating(op, x)
     if n <= 0 or k <= 0 or x.dim() < 1 or x.shape[-1] != k:
         raise _value_error(op, f"needs n and k > 0 and x [..., k={k}]; got n={n}, x {_shape(x)}")
-    want_codes, want_params = _int8_act_shapes(op, fmt, group_size, n, k)
+    pcount = params.shape[2] if params.dim() == 4 and params.shape[2] in (1, 2) else 1
+    want_codes, want_params = _int8_act_shapes(op, fmt, group_size, n, k, pcount)
     if codes.dtype != torch.uint8 or tuple(codes.shape) != want_codes:
         raise _value_error(op, f"codes must be uint8 {list(want_codes)}; got {codes.dtype} {_shape(codes)}")
-    if params.dtype != torch.float32 or tuple(params.shape) != want_params:
-        raise _value_error(op, f"params must be float32 {list(want_params)}; got {params.dtype} {_shape(params)}")
+    if (params.dtype not in (torch.float32, torch.float16) or tuple(params.shape) != want_params
+            or (pcount == 2 and (params.dtype != torch.float32 or not fmt.startswith("int")))):
+        raise _value_error(op, f"params must be float32 or float16 {list(want_params)} (from int8_act_layout; 2 and "
+                           f"float32 only for integers with zero points); got {params.dtype} {_shape(params)}")
     _check_same_device(op, x, "x", codes, "codes")
     _check_same_device(op, x, "x", params, "params")
     _check_same_device(op, x, "x", bias, "bias")

@@ -2,7 +2,8 @@
 CPU int4 kernel (_weight_int4pack_mm_for_cpu), and ours with float activations (ops.linear) and
 with int8 activations (ops.linear_int8_act, the instruction set ops.cpu_isa() names).
 
-Every weight is rotated among enough copies that the set is larger than the last-level cache (a
+Scales are float16 (as the CPU presets and GGUF's Q4_0/Q8_0 store them; MX keeps its E8M0
+bytes). Every weight is rotated among enough copies that the set is larger than the last-level cache (a
 model's weights do not sit in cache between tokens); the memory read bandwidth is measured first
 (a large sum) and M = 1 rows say what share of it our int8-activation int4 layer reads at.
 Usage: python benchmarks/bench_cpu_linear.py [--shapes 4096x4096,4096x14336] [--m 1,4,16,64,256]
@@ -88,6 +89,8 @@ def main() -> None:
             for fmt, sym, g in [("int4", True, 128)] + INT8_ACT:
                 p, s, z = ops.quantize(w, fmt, symmetric=sym, group_size=g)
                 z = None if sym else z
+                if s.dtype == torch.float32:
+                    s = s.half()  # float16 scales, as the CPU presets and GGUF store them
                 codes, params = ops.int8_act_layout(p, s, z, fmt, symmetric=sym, group_size=g, k=k)
                 c = copies_for(codes.numel() + params.numel() * 4)
                 ours[(fmt, sym, g)] = ([(p.clone(), s.clone(), z) for _ in range(c)],

@@ -63,6 +63,8 @@ def test_matches_reference(isa, fmt, symmetric, group_size, n, k, monkeypatch):
         x = torch.randn(m, k)
         _check(x, packed, scale, zero, torch.randn(n), fmt, symmetric, group_size, n, k)
     _check(torch.randn(2, 5, k), packed, scale, zero, None, fmt, symmetric, group_size, n, k)
+    if scale.dtype == torch.float32:  # float16 scales: kept float16 in the layout without zero points
+        _check(torch.randn(3, k), packed, scale.half(), zero, None, fmt, symmetric, group_size, n, k)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -145,8 +147,15 @@ def test_layout_is_the_documented_permutation():
             byte = codes[t, b, p * 64 + 4 * lane + i].item()
             assert (byte >> (sbits * s)) & ((1 << sbits) - 1) == c[row, col].item()
         assert codes[1, :, :].reshape(-1, 64)[:, 4 * 4:].sum() == 0  # rows 20..31 of tile 1: padding
-        torch.testing.assert_close(params[0, 0, 0], scale[:16, 0])
-        torch.testing.assert_close(params[0, 0, 1], scale[:16, 0] * -(2 ** (bits - 1)))
+        torch.testing.assert_close(params[0, 0, 0], scale[:16, 0])  # symmetric: one param (o = s * qmin)
+        assert params.shape[2] == 1 and params.dtype == torch.float32
+    packed, scale, zero = _weight(n, k, "int4", False, 32)
+    _, params = ops.int8_act_layout(packed, scale, zero, "int4", symmetric=False, group_size=32, k=k)
+    assert params.shape == (2, 3, 2, 16)
+    torch.testing.assert_close(params[0, 1, 1], scale[:16, 1] * (0 - zero[:16, 1]))  # o = s * (qmin - z)
+    packed, scale, _ = _weight(n, k, "int4", True, 32)
+    _, params = ops.int8_act_layout(packed, scale.half(), None, "int4", symmetric=True, group_size=32, k=k)
+    assert params.dtype == torch.float16 and torch.equal(params[0, 2, 0], scale[:16, 2].half())
 
 
 def test_empty_batch():
@@ -167,8 +176,10 @@ def test_bad_input():
         ops.linear_int8_act(x, codes[:, :1], params, None, fmt="int4", group_size=32, n=n, k=k)
     with pytest.raises(ValueError, match="codes must be uint8"):
         ops.linear_int8_act(x, codes, params, None, fmt="int8", group_size=32, n=n, k=k)  # another width's layout
-    with pytest.raises(ValueError, match="params must be float32"):
+    with pytest.raises(ValueError, match="params must be float32 or float16"):
         ops.linear_int8_act(x, codes, params.double(), None, fmt="int4", group_size=32, n=n, k=k)
+    with pytest.raises(ValueError, match="params must be float32 or float16"):
+        ops.linear_int8_act(x, codes, params.expand(-1, -1, 2, -1).half(), None, fmt="int4", group_size=32, n=n, k=k)
     with pytest.raises(ValueError, match=r"x must be \[..., k=64\]"):
         ops.linear_int8_act(torch.randn(2, 63), codes, params, None, fmt="int4", group_size=32, n=n, k=k)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):

@@ -4,7 +4,7 @@
 // rows. Codes stored in bytes (5-8 bits) are split into nibbles so that the int16 pair sums of
 // vpmaddubsw cannot saturate (255 * 127 * 2 would). Compiled for AVX2 whatever the build flags.
 #if defined(__x86_64__)
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
 #include "cpu/int8_act_layout.h"
@@ -18,13 +18,21 @@ inline __m256i dot4(__m256i c, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), _mm256_set1_epi16(1));
 }
 
+// 8 params from element i on: float32, or float16 widened.
+inline __m256 load8(const Problem& p, int64_t i) {
+  if (p.params_f16)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p.params) + i)));
+  return _mm256_loadu_ps(static_cast<const float*>(p.params) + i);
+}
+
 template <int SBITS, int R, bool TABLE>
 void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
   constexpr int kFields = SBITS == 8 ? 1 : 8 / SBITS;
   constexpr int64_t kBB = tile_block_bytes(SBITS);
   const int64_t kpad = p.kblocks * kBlock;
   const uint8_t* wt = p.codes + t * p.kblocks * kBB + half * 32;
-  const float* pt = p.params + t * p.groups * 2 * kTileRows + half * 8;
+  const int64_t pstride = p.pcount * kTileRows;  // params per group of a tile
+  const int64_t p0 = t * p.groups * pstride + half * 8;
   const __m256i mask = _mm256_set1_epi8(static_cast<char>(SBITS == 8 ? 15 : (1 << SBITS) - 1));
   // 4-bit codes of a float grid -> their grid values (below 128: vpmaddubsw's pairs cannot saturate)
   const __m256i table =
@@ -66,7 +74,8 @@ void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(p.xscale[(r0 + r) * p.kblocks + b]),
                                  acc[r]);
     }
-    const __m256 s = _mm256_loadu_ps(pt + g * 2 * kTileRows), o = _mm256_loadu_ps(pt + g * 2 * kTileRows + kTileRows);
+    const __m256 s = load8(p, p0 + g * pstride);
+    const __m256 o = p.pcount == 2 ? load8(p, p0 + g * pstride + kTileRows) : _mm256_mul_ps(s, _mm256_set1_ps(p.qoff));
     for (int r = 0; r < R; ++r) {
       total[r] = _mm256_fmadd_ps(acc[r], s, total[r]);
       total[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(p.xoffset[(r0 + r) * p.groups + g]), total[r]);
@@ -78,7 +87,8 @@ void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
     alignas(32) float out[8];
     _mm256_store_ps(out, total[r]);
     float* yr = p.y + (r0 + r) * p.n + first;
-    for (int64_t lane = 0; lane < lanes; ++lane) yr[lane] = out[lane] + (p.bias ? p.bias[first + lane] : 0.0f);
+    for (int64_t lane = 0; lane < lanes; ++lane)
+      yr[lane] = out[lane] * p.out_scale + (p.bias ? p.bias[first + lane] : 0.0f);
   }
 }
 

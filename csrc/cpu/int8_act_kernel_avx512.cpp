@@ -12,13 +12,21 @@ namespace alphaquant {
 namespace int8_act {
 namespace {
 
+// 16 params from element i on: float32, or float16 widened.
+inline __m512 load16(const Problem& p, int64_t i) {
+  if (p.params_f16)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p.params) + i)));
+  return _mm512_loadu_ps(static_cast<const float*>(p.params) + i);
+}
+
 template <int SBITS, int R, bool TABLE>
 void tile_rows(const Problem& p, int64_t t, int64_t r0) {
   constexpr int kFields = 8 / SBITS;
   constexpr int64_t kBB = tile_block_bytes(SBITS);
   const int64_t kpad = p.kblocks * kBlock;
   const uint8_t* wt = p.codes + t * p.kblocks * kBB;
-  const float* pt = p.params + t * p.groups * 2 * kTileRows;
+  const int64_t pstride = p.pcount * kTileRows;  // params per group of a tile
+  const int64_t p0 = t * p.groups * pstride;
   const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << SBITS) - 1));
   // 4-bit codes of a float grid -> their grid values, by a byte shuffle within each 128-bit lane
   const __m512i table =
@@ -51,7 +59,8 @@ void tile_rows(const Problem& p, int64_t t, int64_t r0) {
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(p.xscale[(r0 + r) * p.kblocks + b]),
                                  acc[r]);
     }
-    const __m512 s = _mm512_loadu_ps(pt + g * 2 * kTileRows), o = _mm512_loadu_ps(pt + g * 2 * kTileRows + kTileRows);
+    const __m512 s = load16(p, p0 + g * pstride);
+    const __m512 o = p.pcount == 2 ? load16(p, p0 + g * pstride + kTileRows) : _mm512_mul_ps(s, _mm512_set1_ps(p.qoff));
     for (int r = 0; r < R; ++r) {
       total[r] = _mm512_fmadd_ps(acc[r], s, total[r]);
       total[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(p.xoffset[(r0 + r) * p.groups + g]), total[r]);
@@ -60,8 +69,10 @@ void tile_rows(const Problem& p, int64_t t, int64_t r0) {
   const int64_t lanes = p.n - t * kTileRows < kTileRows ? p.n - t * kTileRows : kTileRows;
   const __mmask16 keep = static_cast<__mmask16>((1u << lanes) - 1u);
   const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(keep, p.bias + t * kTileRows) : _mm512_setzero_ps();
+  const __m512 out_scale = _mm512_set1_ps(p.out_scale);
   for (int r = 0; r < R; ++r)
-    _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + t * kTileRows, keep, _mm512_add_ps(total[r], bias));
+    _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + t * kTileRows, keep,
+                          _mm512_fmadd_ps(total[r], out_scale, bias));
 }
 
 template <int SBITS, bool TABLE = false>

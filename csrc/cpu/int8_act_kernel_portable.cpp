@@ -1,5 +1,7 @@
 // The int8-activation linear kernel in plain C++ (int8_act_layout.h): what non-x86 machines run,
 // and what ALPHAQUANT_CPU_ISA=portable selects so that tests keep it correct.
+#include <c10/util/Half.h>
+
 #include <cstring>
 
 #include "cpu/int8_act_layout.h"
@@ -28,13 +30,18 @@ void block_dots(const uint8_t* words, const int8_t* q, int sbits, const uint8_t*
   }
 }
 
+float param(const Problem& p, int64_t i) {
+  if (p.params_f16) return static_cast<float>(c10::Half(static_cast<const uint16_t*>(p.params)[i], c10::Half::from_bits()));
+  return static_cast<const float*>(p.params)[i];
+}
+
 }  // namespace
 
 void run_tiles_portable(const Problem& p, int64_t tile0, int64_t tile1) {
   const int64_t bb = tile_block_bytes(p.sbits), kpad = p.kblocks * kBlock;
   for (int64_t t = tile0; t < tile1; ++t) {
     const uint8_t* wt = p.codes + t * p.kblocks * bb;
-    const float* pt = p.params + t * p.groups * 2 * kTileRows;
+    const int64_t pstride = p.pcount * kTileRows, p0 = t * p.groups * pstride;
     const int64_t lanes = p.n - t * kTileRows < kTileRows ? p.n - t * kTileRows : kTileRows;
     for (int64_t r = 0; r < p.m; ++r) {
       float total[kTileRows] = {};
@@ -48,13 +55,16 @@ void run_tiles_portable(const Problem& p, int64_t tile0, int64_t tile1) {
           const float d = p.xscale[r * p.kblocks + b];
           for (int lane = 0; lane < kTileRows; ++lane) acc[lane] += static_cast<float>(dot[lane]) * d;
         }
-        const float* s = pt + g * 2 * kTileRows;
         const float xo = p.xoffset[r * p.groups + g];
-        for (int lane = 0; lane < kTileRows; ++lane) total[lane] += acc[lane] * s[lane] + s[kTileRows + lane] * xo;
+        for (int lane = 0; lane < kTileRows; ++lane) {
+          const float s = param(p, p0 + g * pstride + lane);
+          const float o = p.pcount == 2 ? param(p, p0 + g * pstride + kTileRows + lane) : s * p.qoff;
+          total[lane] += acc[lane] * s + o * xo;
+        }
       }
       float* yr = p.y + r * p.n + t * kTileRows;
       for (int64_t lane = 0; lane < lanes; ++lane)
-        yr[lane] = total[lane] + (p.bias ? p.bias[t * kTileRows + lane] : 0.0f);
+        yr[lane] = total[lane] * p.out_scale + (p.bias ? p.bias[t * kTileRows + lane] : 0.0f);
     }
   }
 }

@@ -14,11 +14,14 @@
 //
 // Math. For weight group g of row j (scale s, zero point z, codes c) and activation block b of
 // row r (scale d, int8 codes q), sum_i w_i x_i ~= sum_b d_b s_g (sum_i c_i q_i + (qmin - z) sum_i q_i).
-// Per tile and group the layout keeps s and o = s * (qmin - z) for the 16 rows (`params`), so
-// the second term is o times sum_b d_b * (sum of q over b), a number per activation row and group.
+// Per tile and group the layout keeps the 16 rows' s (`params`, [tiles, groups, P, 16]) and, for
+// weights with zero points (P = 2), o = s * (qmin - z); without, o = s * qmin. The second term is
+// o times sum_b d_b * (sum of q over b), a number per activation row and group. Scales given in
+// float16 stay float16 when P = 1 (half the bytes a token reads), else params are float32.
 // Float formats whose values are an integer grid (int8_act_grid.h: fp4/fp6 E2M1/E2M3, MX or not)
-// compute the same way with c replaced by the code's grid value u, s by s / mult and qmin - z by
-// -bias: byte fields hold u itself, 4-bit fields the code, looked up in a 16-entry table (vpshufb).
+// compute the same way with c replaced by the code's grid value u and qmin by -bias; the result is
+// divided by the grid's factor (a power of two) at the end. Byte fields hold u itself, 4-bit
+// fields the code, looked up in a 16-entry table (vpshufb).
 #pragma once
 
 #include <cstdint>
@@ -42,7 +45,11 @@ static constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b
 // One call of the integer kernel: y [m, n] = x [m, k] @ W.T (+ bias), tiles [tile0, tile1).
 struct Problem {
   const uint8_t* codes;   // [tiles, kblocks, tile_block_bytes(sbits)]
-  const float* params;    // [tiles, groups, 2, 16]: s and s * (qmin - z) of each row
+  const void* params;     // [tiles, groups, P, 16] float32 or float16 (params_f16): s (and o if P = 2)
+  bool params_f16;
+  int64_t pcount;         // P
+  float qoff;             // o = s * qoff when P = 1: qmin of an integer format, -bias of a float grid
+  float out_scale;        // 1 / the grid's factor (1 for integers)
   const int8_t* xq;       // [m, kblocks * 32] activation codes (0 past k)
   const float* xscale;    // [m, kblocks] activation block scales d
   const float* xoffset;   // [m, groups]: sum over the group's blocks of d * (sum of q)

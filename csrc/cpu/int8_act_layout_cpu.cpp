@@ -61,28 +61,32 @@ std::tuple<at::Tensor, at::Tensor> int8_act_layout_cpu(const at::Tensor& packed,
   const int sbits = storage_bits(a.fmt.bits);
   const int64_t n = l.rows, kblocks = ceil_div(k, kBlock), tiles = ceil_div(n, kTileRows);
   at::Tensor codes = at::zeros({tiles, kblocks, tile_block_bytes(sbits)}, packed.options());
-  at::Tensor params = at::zeros({tiles, l.groups, 2, kTileRows}, packed.options().dtype(at::kFloat));
+  // Params: s per row and group, and o = s * (qmin - z) where there are zero points (P = 2).
+  // float16 scales stay float16 when there is no o (its values need not fit float16).
   const float* sc = a.scale.data_ptr<float>();
   const float* zp = a.zero ? a.zero->data_ptr<float>() : nullptr;
-  // w = s * (c + qmin - z) for integers, s / mult * (u - bias) for float grids: params hold the
-  // factor of u and the offset
-  const bool is_int = a.fmt.id == FormatId::kInt;
-  const float qmin = is_int ? a.fmt.qmin() : -grid.bias;
+  const int64_t pcount = zp ? 2 : 1;
+  const bool f16 = pcount == 1 && scale.scalar_type() == at::kHalf;
+  at::Tensor params = at::zeros({tiles, l.groups, pcount, kTileRows}, packed.options().dtype(f16 ? at::kHalf : at::kFloat));
+  const float qmin = a.fmt.qmin();  // integers only: float grids have no zero points
   std::atomic<bool> bad{false};
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       dispatch_bits(a.fmt.bits, [&]<int BITS>() {
         write_tile_codes<BITS>(a, grid, t, sbits, kblocks, codes.data_ptr<uint8_t>() + t * kblocks * codes.size(2));
       });
-      float* pt = params.data_ptr<float>() + t * l.groups * 2 * kTileRows;
+      const int64_t p0 = t * l.groups * pcount * kTileRows;
       for (int lane = 0; lane < kTileRows && t * kTileRows + lane < n; ++lane)
         for (int64_t g = 0; g < l.groups; ++g) {
-          const int64_t si = l.group_index(t * kTileRows + lane, g);
-          const float z = zp ? zp[si] : 0.0f;
-          if (!valid_scale(sc[si], z)) bad = true;
-          const float s = is_int ? sc[si] : sc[si] / grid.mult;  // mult is a power of two: exact
-          pt[g * 2 * kTileRows + lane] = s;
-          pt[g * 2 * kTileRows + kTileRows + lane] = s * (qmin - z);
+          const int64_t si = l.group_index(t * kTileRows + lane, g), i = p0 + g * pcount * kTileRows + lane;
+          const float s = sc[si], z = zp ? zp[si] : 0.0f;
+          if (!valid_scale(s, z)) bad = true;
+          if (f16) {
+            params.data_ptr<at::Half>()[i] = static_cast<at::Half>(s);  // was float16: exact
+          } else {
+            params.data_ptr<float>()[i] = s;
+            if (zp) params.data_ptr<float>()[i + kTileRows] = s * (qmin - z);
+          }
         }
     }
   });

@@ -86,10 +86,13 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
                     "alphaquant.", op, ": codes must be uint8 [", tiles, ", ", kblocks, ", ", tile_block_bytes(sbits),
                     "] (int8_act_layout of a ", fmt, " weight [", n, ", ", k, "]); got ", codes.scalar_type(),
                     " ", codes.sizes());
-  TORCH_CHECK_VALUE(params.scalar_type() == at::kFloat && params.dim() == 4 && params.size(0) == tiles &&
-                        params.size(1) == groups && params.size(2) == 2 && params.size(3) == kTileRows,
-                    "alphaquant.", op, ": params must be float32 [", tiles, ", ", groups, ", 2, ", kTileRows,
-                    "] (from int8_act_layout); got ", params.scalar_type(), " ", params.sizes());
+  TORCH_CHECK_VALUE((params.scalar_type() == at::kFloat || params.scalar_type() == at::kHalf) && params.dim() == 4 &&
+                        params.size(0) == tiles && params.size(1) == groups &&
+                        (params.size(2) == 1 || params.size(2) == 2) && params.size(3) == kTileRows &&
+                        (params.size(2) == 1 || params.scalar_type() == at::kFloat) && (is_int || params.size(2) == 1),
+                    "alphaquant.", op, ": params must be float32 or float16 [", tiles, ", ", groups, ", 1 or 2, ",
+                    kTileRows, "] (from int8_act_layout; 2 and float32 only for integers with zero points); got ",
+                    params.scalar_type(), " ", params.sizes());
   check_same_device(op, x, "x", codes, "codes");
   check_same_device(op, x, "x", params, "params");
   std::optional<at::Tensor> bias_f;
@@ -123,9 +126,22 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
   std::array<uint8_t, 16> table16{};
   std::copy(grid.u.begin(), grid.u.begin() + 16, table16.begin());
   const bool needs_table = !grid.identity && sbits == 4;  // byte fields hold grid values already
-  Problem p{codes_c.data_ptr<uint8_t>(), params_c.data_ptr<float>(), xq.data(), xscale.data(), xoffset.data(),
-            bias_f ? bias_f->data_ptr<float>() : nullptr, needs_table ? table16.data() : nullptr,
-            y.data_ptr<float>(), m, n, kblocks, groups, blocks_per_group, sbits};
+  Problem p{};
+  p.codes = codes_c.data_ptr<uint8_t>();
+  p.params = params_c.data_ptr();
+  p.params_f16 = params_c.scalar_type() == at::kHalf;
+  p.pcount = params_c.size(2);
+  // without zero points o = s * qoff: qmin of the symmetric integer format, -bias of a float grid
+  p.qoff = is_int ? static_cast<float>(int_range(spec.bits, true).qmin) : -grid.bias;
+  p.out_scale = 1.0f / grid.mult;  // a power of two: exact
+  p.xq = xq.data();
+  p.xscale = xscale.data();
+  p.xoffset = xoffset.data();
+  p.bias = bias_f ? bias_f->data_ptr<float>() : nullptr;
+  p.table16 = needs_table ? table16.data() : nullptr;
+  p.y = y.data_ptr<float>();
+  p.m = m, p.n = n, p.kblocks = kblocks, p.groups = groups, p.blocks_per_group = blocks_per_group;
+  p.sbits = sbits;
   auto kernel = &run_tiles_portable;
 #if defined(__x86_64__)
   switch (chosen_cpu_isa()) {
