@@ -8,7 +8,7 @@ cache and the one-token step compiled by torch.compile. llama.cpp:
 llama-cpp-python on our GGUF export of the same weights (gguf_q4_0 -> Q4_0, gguf_q8_0 -> Q8_0),
 same thread count.
 Usage: python benchmarks/bench_decode.py [--presets cpu_q4_0,gguf_q4_0,cpu_q8_0] [--prompt 128]
-       [--new 64] [--threads 2]
+       [--new 64] [--threads 2] [--model smollm2|random-1b] [--no-compile]
 """
 from __future__ import annotations
 
@@ -126,6 +126,29 @@ def llama_cpp(path: str, ids: list[int], new: int, threads: int) -> dict:
     return {"prompt": len(ids) / prompt_s, "decode": new / decode_s}
 
 
+def random_llama_1b(tokenizer):
+    """A Llama with TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632)
+    and random weights, over the given tokenizer's vocabulary (so that it exports to GGUF)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=5632,
+                                   num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                                   max_position_embeddings=2048, tie_word_embeddings=False,
+                                   architectures=["LlamaForCausalLM"])
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if t.dim() == 1:
+                t.fill_(1.0)  # norms
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its buffers were on meta
+    return model.eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="cpu_q4_0,gguf_q4_0,cpu_q8_0")
@@ -133,12 +156,17 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode rows")
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "random-1b"],
+                    help="SmolLM2-135M, or a 1.1B Llama-shaped model with random weights")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = load_model()
+    if args.model == "random-1b":
+        base.model = random_llama_1b(base.tokenizer)
     ids = base.tokenizer(evaluation.corpus_text()[:20000], return_tensors="pt").input_ids[:, : args.prompt]
+    size = sum(p.numel() for p in base.model.parameters()) / 1e9
     print(f"# bench_decode on {machine('cpu')}, torch {torch.__version__}, int8 activations on {ops.cpu_isa()}, "
-          f"SmolLM2-135M, prompt {ids.shape[1]} tokens, {args.new} new tokens")
+          f"{args.model} ({size:.2f} B parameters), prompt {ids.shape[1]} tokens, {args.new} new tokens")
     rows, exported = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
