@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from alphaquant import ops, reference as ref
-from alphaquant.formats import INT8_ACT_FORMATS
+from alphaquant.formats import INT8_ACT_FORMATS, format_bits, format_max
 
 ISAS = ["portable", "avx2", "avx512_vnni"]
 
@@ -22,14 +22,25 @@ def _weight(n, k, fmt, symmetric, group_size, byte_zero=False, seed=0):
     return packed, scale, zero
 
 
+def _step(scale, fmt, group_size, n, k):
+    """Per element, the largest magnitude a term of the kernel's sums reaches for one activation unit."""
+    if fmt.startswith("mx"):
+        s, group_size = ref.mx_scale_values(scale, fmt), 32
+    else:
+        s = scale.float()
+    reach = 2.0 ** (format_bits(fmt) + 1) if fmt.startswith(("int", "mxint")) else 2 * format_max(fmt.removeprefix("mx"))
+    return ref._expand(s, (n, k), group_size).double() * reach
+
+
 def _check(x, packed, scale, zero, bias, fmt, symmetric, group_size, n, k):
     codes, params = ops.int8_act_layout(packed, scale, zero, fmt, symmetric=symmetric, group_size=group_size, k=k)
     y = ops.linear_int8_act(x, codes, params, bias, fmt=fmt, group_size=group_size, n=n, k=k)
     assert y.shape == x.shape[:-1] + (n,) and y.dtype == x.dtype
     want = ref.linear_int8_act(x, packed, scale, zero, bias, fmt, symmetric, group_size, k)
-    # float32 sums in the kernel: bound the error by the size of what was summed
+    # float32 sums in the kernel: bound the error by the size of what it sums, the codes' grid
+    # values and the offsets apart (each up to about 2^bits steps, or twice a float grid's max)
     w = ref.dequantize(packed, scale, zero, fmt, symmetric, group_size, k).double()
-    size = ref.quantize_activations_int8(x).double().abs() @ w.abs().T
+    size = ref.quantize_activations_int8(x).double().abs() @ (w.abs() + _step(scale, fmt, group_size, n, k)).T
     tol = 2e-5 * size + 1e-6
     if x.dtype != torch.float32:  # the result is rounded to x's dtype
         tol = tol + want.abs() * (2.0 ** -7 if x.dtype == torch.bfloat16 else 2.0 ** -10)

@@ -22,9 +22,10 @@ namespace {
 
 using namespace int8_act;
 
-// Activation codes, block scales and group offsets (Problem's xq, xscale, xoffset) of x [m, k].
-// Returns false if x holds NaN or Inf.
-bool quantize_activations(const float* x, int64_t m, int64_t k, int64_t kblocks, int64_t groups,
+// Activation codes, block scales and group offsets (Problem's xq, xscale, xoffset) of x [m, k]
+// (float32, bf16 or fp16, read as it is: no converted copy). Returns false if x holds NaN or Inf.
+template <class T>
+bool quantize_activations(const T* x, int64_t m, int64_t k, int64_t kblocks, int64_t groups,
                           int64_t blocks_per_group, int8_t* xq, float* xscale, float* xoffset) {
   std::atomic<bool> nonfinite{false};
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
@@ -32,19 +33,21 @@ bool quantize_activations(const float* x, int64_t m, int64_t k, int64_t kblocks,
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t g = 0; g < groups; ++g) xoffset[r * groups + g] = 0.0f;
       for (int64_t b = 0; b < kblocks; ++b) {
-        const float* xb = x + r * k + b * kBlock;
+        const T* xb = x + r * k + b * kBlock;
         const int64_t len = k - b * kBlock < kBlock ? k - b * kBlock : kBlock;
         float amax = 0.0f;
+        float v[kBlock];
+        for (int64_t i = 0; i < len; ++i) v[i] = static_cast<float>(xb[i]);
         for (int64_t i = 0; i < len; ++i) {
-          bad |= !finite(xb[i]);
-          amax = max_of(amax, fabsf(xb[i]));
+          bad |= !finite(v[i]);
+          amax = max_of(amax, fabsf(v[i]));
         }
         float scale = amax / 127.0f;  // group_scale of symmetric int8
         if (!(scale > 0.0f) || !finite(scale)) scale = 1.0f;
         int8_t* qb = xq + r * kblocks * kBlock + b * kBlock;
         int32_t sum = 0;
         for (int64_t i = 0; i < len; ++i) {
-          const int q = static_cast<int>(quantize_int_code(xb[i], scale, 0.0f, -128.0f, 127.0f, 0, false)) - 128;
+          const int q = static_cast<int>(quantize_int_code(v[i], scale, 0.0f, -128.0f, 127.0f, 0, false)) - 128;
           qb[i] = static_cast<int8_t>(q);
           sum += q;
         }
@@ -105,9 +108,9 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
   }
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = n;
-  const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
-  const int64_t m = xf.size(0);
-  at::Tensor y = at::empty({m, n}, xf.options());
+  const at::Tensor x2d = x.reshape({-1, k}).contiguous();
+  const int64_t m = x2d.size(0);
+  at::Tensor y = at::empty({m, n}, x2d.options().dtype(at::kFloat));
   if (m == 0) return y.to(x.scalar_type()).reshape(out_shape);
 
   // Activation codes and scales in this thread's scratch (reused across calls: a decode step makes
@@ -117,8 +120,20 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
   xq.resize(m * kblocks * kBlock);
   xscale.resize(m * kblocks);
   xoffset.resize(m * groups);
-  const bool finite_x = quantize_activations(xf.data_ptr<float>(), m, k, kblocks, groups, blocks_per_group,
-                                             xq.data(), xscale.data(), xoffset.data());
+  bool finite_x;
+  switch (x2d.scalar_type()) {
+    case at::kBFloat16:
+      finite_x = quantize_activations(x2d.data_ptr<at::BFloat16>(), m, k, kblocks, groups, blocks_per_group,
+                                      xq.data(), xscale.data(), xoffset.data());
+      break;
+    case at::kHalf:
+      finite_x = quantize_activations(x2d.data_ptr<at::Half>(), m, k, kblocks, groups, blocks_per_group, xq.data(),
+                                      xscale.data(), xoffset.data());
+      break;
+    default:
+      finite_x = quantize_activations(x2d.data_ptr<float>(), m, k, kblocks, groups, blocks_per_group, xq.data(),
+                                      xscale.data(), xoffset.data());
+  }
   TORCH_CHECK_VALUE(finite_x, "alphaquant.", op, ": x holds NaN or Inf, which int8 activations cannot hold "
                     "(the float-activation linear op passes them through)");
 
