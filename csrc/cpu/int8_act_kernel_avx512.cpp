@@ -6,6 +6,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 #include <immintrin.h>
 
+
+
 #include "cpu/int8_act_layout.h"
 
 namespace alphaquant {
@@ -18,6 +20,11 @@ inline __m512 load16(const Problem& p, int64_t i) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p.params) + i)));
   return _mm512_loadu_ps(static_cast<const float*>(p.params) + i);
 }
+
+// How far ahead of the block being multiplied its thread asks for the weight's bytes: the
+// hardware prefetcher alone leaves one core at ~27 GB/s on this machine's memory; 4 KB ahead
+// gave SmolLM2-to-1B-sized layers at one token ~15% more (4 KB and 8 KB alike, 1 KB and 16 KB less).
+constexpr int64_t kPrefetchBytes = 4096;
 
 template <int SBITS, int R, bool TABLE>
 void tile_rows(const Problem& p, int64_t t, int64_t r0) {
@@ -42,6 +49,9 @@ void tile_rows(const Problem& p, int64_t t, int64_t r0) {
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* wb = wt + b * kBB;
+#pragma GCC unroll 8
+      for (int w = 0; w < SBITS; ++w)
+        _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchBytes + w * kWordBytes), _MM_HINT_T0);
       __m512i dot[R];
       for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
 #pragma GCC unroll 8
