@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include "cpu/int8_act_layout.h"
+#include "cpu/int8_act_passes.h"
 
 namespace alphaquant {
 namespace int8_act {
@@ -20,8 +21,10 @@ inline __m256i dot4(__m256i c, __m256i x) {
 
 // 8 params from element i on: float32, or float16 widened.
 inline __m256 load8(const Problem& p, int64_t i) {
-  if (p.params_f16)
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p.params) + i)));
+  if (p.params_f16) {
+    const uint16_t* h = static_cast<const uint16_t*>(p.params) + i;
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+  }
   return _mm256_loadu_ps(static_cast<const float*>(p.params) + i);
 }
 
@@ -95,32 +98,14 @@ void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
   }
 }
 
-template <int SBITS, bool TABLE = false>
-void run(const Problem& p, int64_t tile0, int64_t tile1) {
-  constexpr int kRows = 4;  // x rows per pass: 3 x 4 accumulators of 16 registers
-  for (int64_t t = tile0; t < tile1; ++t) {
-    for (int half = 0; half < 2; ++half) {
-      if (t * kTileRows + half * 8 >= p.n) break;
-      int64_t r0 = 0;
-      for (; r0 + kRows <= p.m; r0 += kRows) half_tile_rows<SBITS, kRows, TABLE>(p, t, half, r0);
-      switch (p.m - r0) {
-        case 1: half_tile_rows<SBITS, 1, TABLE>(p, t, half, r0); break;
-        case 2: half_tile_rows<SBITS, 2, TABLE>(p, t, half, r0); break;
-        case 3: half_tile_rows<SBITS, 3, TABLE>(p, t, half, r0); break;
-        default: break;
-      }
-    }
-  }
-}
-
 }  // namespace
 
 void run_tiles_avx2(const Problem& p, int64_t tile0, int64_t tile1) {
-  switch (p.sbits) {
-    case 2: return run<2>(p, tile0, tile1);
-    case 4: return p.table16 ? run<4, true>(p, tile0, tile1) : run<4>(p, tile0, tile1);
-    default: return run<8>(p, tile0, tile1);
-  }
+  by_field_width(p, [&]<int SBITS, bool TABLE>() {
+    for (int64_t t = tile0; t < tile1; ++t)  // x rows 4 per pass: 3 x 4 accumulators of 16 registers
+      for (int half = 0; half < 2 && t * kTileRows + half * 8 < p.n; ++half)
+        for_row_passes<4>(p.m, [&]<int R>(int64_t r0) { half_tile_rows<SBITS, R, TABLE>(p, t, half, r0); });
+  });
 }
 
 }  // namespace int8_act

@@ -9,6 +9,7 @@
 
 
 #include "cpu/int8_act_layout.h"
+#include "cpu/int8_act_passes.h"
 
 namespace alphaquant {
 namespace int8_act {
@@ -16,8 +17,10 @@ namespace {
 
 // 16 params from element i on: float32, or float16 widened.
 inline __m512 load16(const Problem& p, int64_t i) {
-  if (p.params_f16)
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p.params) + i)));
+  if (p.params_f16) {
+    const uint16_t* h = static_cast<const uint16_t*>(p.params) + i;
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
+  }
   return _mm512_loadu_ps(static_cast<const float*>(p.params) + i);
 }
 
@@ -85,33 +88,13 @@ void tile_rows(const Problem& p, int64_t t, int64_t r0) {
                           _mm512_fmadd_ps(total[r], out_scale, bias));
 }
 
-template <int SBITS, bool TABLE = false>
-void run(const Problem& p, int64_t tile0, int64_t tile1) {
-  constexpr int kRows = 8;  // x rows per pass: 3 x 8 accumulators of 32 registers
-  for (int64_t t = tile0; t < tile1; ++t) {
-    int64_t r0 = 0;
-    for (; r0 + kRows <= p.m; r0 += kRows) tile_rows<SBITS, kRows, TABLE>(p, t, r0);
-    switch (p.m - r0) {
-      case 1: tile_rows<SBITS, 1, TABLE>(p, t, r0); break;
-      case 2: tile_rows<SBITS, 2, TABLE>(p, t, r0); break;
-      case 3: tile_rows<SBITS, 3, TABLE>(p, t, r0); break;
-      case 4: tile_rows<SBITS, 4, TABLE>(p, t, r0); break;
-      case 5: tile_rows<SBITS, 5, TABLE>(p, t, r0); break;
-      case 6: tile_rows<SBITS, 6, TABLE>(p, t, r0); break;
-      case 7: tile_rows<SBITS, 7, TABLE>(p, t, r0); break;
-      default: break;
-    }
-  }
-}
-
 }  // namespace
 
 void run_tiles_avx512_vnni(const Problem& p, int64_t tile0, int64_t tile1) {
-  switch (p.sbits) {
-    case 2: return run<2>(p, tile0, tile1);
-    case 4: return p.table16 ? run<4, true>(p, tile0, tile1) : run<4>(p, tile0, tile1);
-    default: return run<8>(p, tile0, tile1);
-  }
+  by_field_width(p, [&]<int SBITS, bool TABLE>() {
+    for (int64_t t = tile0; t < tile1; ++t)  // x rows 8 per pass: 3 x 8 accumulators of 32 registers
+      for_row_passes<8>(p.m, [&]<int R>(int64_t r0) { tile_rows<SBITS, R, TABLE>(p, t, r0); });
+  });
 }
 
 }  // namespace int8_act

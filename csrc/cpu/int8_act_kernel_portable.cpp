@@ -31,7 +31,9 @@ void block_dots(const uint8_t* words, const int8_t* q, int sbits, const uint8_t*
 }
 
 float param(const Problem& p, int64_t i) {
-  if (p.params_f16) return static_cast<float>(c10::Half(static_cast<const uint16_t*>(p.params)[i], c10::Half::from_bits()));
+  if (p.params_f16) {
+    return static_cast<float>(c10::Half(static_cast<const uint16_t*>(p.params)[i], c10::Half::from_bits()));
+  }
   return static_cast<const float*>(p.params)[i];
 }
 

@@ -67,7 +67,8 @@ std::tuple<at::Tensor, at::Tensor> int8_act_layout_cpu(const at::Tensor& packed,
   const float* zp = a.zero ? a.zero->data_ptr<float>() : nullptr;
   const int64_t pcount = zp ? 2 : 1;
   const bool f16 = pcount == 1 && scale.scalar_type() == at::kHalf;
-  at::Tensor params = at::zeros({tiles, l.groups, pcount, kTileRows}, packed.options().dtype(f16 ? at::kHalf : at::kFloat));
+  at::Tensor params =
+      at::zeros({tiles, l.groups, pcount, kTileRows}, packed.options().dtype(f16 ? at::kHalf : at::kFloat));
   const float qmin = a.fmt.qmin();  // integers only: float grids have no zero points
   std::atomic<bool> bad{false};
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
