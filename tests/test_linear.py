@@ -54,3 +54,24 @@ def test_linear_compiles_fullgraph():
     x = torch.randn(3, 64)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.allclose(compiled(x), f(x))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp8_e4m3", "mxfp8_e5m2"])
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_linear_every_fp8_code(fmt, m, device):
+    # the CPU kernel decodes FP8 with F16C (subnormals, signs, NaN and Inf codes included); row 0
+    # holds every code, the other rows only finite ones
+    n, k, group = 9, 512, 32 if fmt.startswith("mx") else 0
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)
+    codes[0, :256] = torch.arange(256, dtype=torch.uint8)
+    finite = ref.decode_float(codes, fmt.removeprefix("mx")).isfinite()
+    finite[0] = True
+    codes = torch.where(finite, codes, torch.zeros_like(codes))
+    _, scale, _ = ops.quantize(torch.randn(n, k), fmt, symmetric=True, group_size=group)
+    x = torch.randn(m, k)
+    y = ops.linear(x.to(device), codes.to(device), scale.to(device), None, None, fmt, symmetric=True,
+                   group_size=group, k=k, validate=False).cpu()
+    want = ref.linear(x, codes, scale, None, None, fmt, True, group, k)
+    assert torch.equal(y[:, 0].isnan(), want[:, 0].isnan())
+    torch.testing.assert_close(y[:, 1:], want[:, 1:], rtol=1e-5, atol=1e-4)

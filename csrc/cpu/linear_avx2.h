@@ -11,6 +11,7 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -57,11 +58,44 @@ inline __m256 table16_values(__m256i codes, __m256 lo, __m256 hi) {
   return _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
 }
 
+// FP8 codes decoded by the F16C converter instead of a table gather: E5M2 is the top byte of a
+// float16; E4M3's bits placed as a float16's (sign, then exponent and mantissa one bit lower)
+// are its value times 2^-8, subnormals included, and 0x7F / 0xFF are its NaNs.
+enum Fp8Decode { kFp8None = 0, kFp8E4M3 = 1, kFp8E5M2 = 2 };
+
+#if defined(__F16C__)
+template <int FP8>
+inline __m256 fp8_values(const uint8_t* bytes) {
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  if constexpr (FP8 == kFp8E5M2) {
+    return _mm256_cvtph_ps(_mm_slli_epi16(b, 8));
+  } else {
+    const __m128i mag = _mm_and_si128(b, _mm_set1_epi16(0x7F));
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8), _mm_slli_epi16(mag, 7));
+    const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+    const __m128i nan16 = _mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7F));
+    return _mm256_blendv_ps(v, _mm256_set1_ps(NAN), _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan16)));
+  }
+}
+#endif
+
 // sum over [c0, c1) chunks of value(code) * xp for up to M rows of permuted x; acc[r] +=
-// result. value(code) is the code itself for integers, table[code] (a gather) for float formats.
-template <int BITS, int M, bool TABLE>
+// result. value(code) is the code itself for integers, table[code] (a gather) for float formats,
+// or for FP8 (8-bit codes) the F16C decode above.
+template <int BITS, int M, bool TABLE, int FP8 = kFp8None>
 inline void dot_chunks(const uint8_t* w, const float* xp, int64_t k, int64_t c0, int64_t c1, __m256 (&acc)[M],
                        const float* table = nullptr) {
+#if defined(__F16C__)
+  if constexpr (FP8 != kFp8None) {
+    static_assert(BITS == 8, "FP8 codes are bytes");
+    for (int64_t c = c0; c < c1; ++c) {
+      const __m256 code = fp8_values<FP8>(w + c * 8);
+#pragma GCC unroll 16
+      for (int r = 0; r < M; ++r) acc[r] = _mm256_fmadd_ps(code, _mm256_loadu_ps(xp + r * k + c * 8), acc[r]);
+    }
+    return;
+  }
+#endif
   constexpr int kPlanes = 8 / BITS;
   constexpr int64_t kPer = 64 / BITS;
   const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);

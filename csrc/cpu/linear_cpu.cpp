@@ -144,7 +144,7 @@ void gemv_row_one_chunk_groups(const LinearArgs& a, const uint8_t* wrow, const f
 
 // Weights of 1/2/4/6/8 bits (integers; fp4/fp6/fp8/nf4 through their value table) whose rows and
 // groups fill whole chunks (8 bytes; 6 bytes for 6-bit codes).
-template <int BITS, int M, bool TABLE>
+template <int BITS, int M, bool TABLE, int FP8 = kFp8None>
 void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<bool>& bad_scale) {
   const GroupLayout& l = a.layout;
   const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1), per = BITS == 6 ? 8 : 64 / BITS;
@@ -185,7 +185,7 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
         if constexpr (BITS == 6) {
           dot_chunks6<M, TABLE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
         } else {
-          dot_chunks<BITS, M, TABLE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
+          dot_chunks<BITS, M, TABLE, FP8>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
         }
         const __m256 sv = _mm256_set1_ps(s);
         for (int r = 0; r < M; ++r) total[r] = _mm256_fmadd_ps(acc[r], sv, total[r]);
@@ -199,6 +199,23 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
     if (bad) bad_scale = true;
   });
 }
+
+#if defined(__F16C__)
+// FP8 weights (fp8_e4m3/e5m2, MX or not), decoded by F16C instead of a table gather.
+void gemv_fp8_rows(const LinearArgs& a, const float* x, float* y, int64_t rows, bool e5m2,
+                   std::atomic<bool>& bad_scale) {
+  switch (rows * 2 + e5m2) {
+    case 2: return gemv_rows_avx2<8, 1, true, kFp8E4M3>(a, x, y, bad_scale);
+    case 3: return gemv_rows_avx2<8, 1, true, kFp8E5M2>(a, x, y, bad_scale);
+    case 4: return gemv_rows_avx2<8, 2, true, kFp8E4M3>(a, x, y, bad_scale);
+    case 5: return gemv_rows_avx2<8, 2, true, kFp8E5M2>(a, x, y, bad_scale);
+    case 6: return gemv_rows_avx2<8, 3, true, kFp8E4M3>(a, x, y, bad_scale);
+    case 7: return gemv_rows_avx2<8, 3, true, kFp8E5M2>(a, x, y, bad_scale);
+    case 9: return gemv_rows_avx2<8, 4, true, kFp8E5M2>(a, x, y, bad_scale);
+    default: return gemv_rows_avx2<8, 4, true, kFp8E4M3>(a, x, y, bad_scale);
+  }
+}
+#endif
 
 bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m, std::atomic<bool>& bad_scale) {
   const int bits = a.fmt.bits;
@@ -214,6 +231,13 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m, std
         const float* xr = x + r0 * a.layout.k;
         std::vector<float> yr(rows * a.layout.rows);
         const bool table = a.fmt.is_float_or_codebook();
+#if defined(__F16C__)
+        if (BITS == 8 && (a.fmt.id == FormatId::kFP8E4M3 || a.fmt.id == FormatId::kFP8E5M2)) {
+          gemv_fp8_rows(a, xr, yr.data(), rows, a.fmt.id == FormatId::kFP8E5M2, bad_scale);
+          std::copy(yr.begin(), yr.end(), y + r0 * a.layout.rows);
+          continue;
+        }
+#endif
         switch (rows * 2 + table) {
           case 2: gemv_rows_avx2<BITS, 1, false>(a, xr, yr.data(), bad_scale); break;
           case 3: gemv_rows_avx2<BITS, 1, true>(a, xr, yr.data(), bad_scale); break;
