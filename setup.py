@@ -46,6 +46,15 @@ def cpu_flags() -> list[str]:
     return flags
 
 
+def write_build_isa(flags: list[str]) -> None:
+    """Record what the C++ code targets beyond the x86-64 baseline, for alphaquant/_native.py to
+    check before the library loads (a CPU without AVX2 would otherwise die on an illegal instruction)."""
+    built_for = "avx2" if "-mavx2" in flags else "baseline"
+    with open(os.path.join("alphaquant", "_build_isa.py"), "w") as f:
+        f.write("# Written by setup.py: the instruction set the C++ kernels were compiled for (checked in _native.py).\n"
+                f"BUILT_FOR = {built_for!r}\n")
+
+
 def sanitizer_flags() -> list[str]:
     if os.environ.get("ALPHAQUANT_SANITIZE") != "1":
         return []
@@ -57,6 +66,7 @@ sources = ["csrc/ops.cpp", "csrc/format_and_layout.cpp", "csrc/arg_checks.cpp", 
            "csrc/quantization_error.cpp", "csrc/mx_nan_blocks.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.abspath("csrc/include"), os.path.abspath("csrc")]
 extra = {"cxx": cpu_flags() + sanitizer_flags() + ["-DPy_LIMITED_API=0x030A0000"]}
+write_build_isa(extra["cxx"])
 Extension = CppExtension
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0" if not torch.cuda.is_available() else "")

@@ -126,23 +126,6 @@ def test_isas_agree_closely(monkeypatch):
         torch.testing.assert_close(y, ys["portable"], rtol=1e-5, atol=1e-4)
 
 
-def test_cpu_isa_follows_the_environment(monkeypatch):
-    monkeypatch.delenv("ALPHAQUANT_CPU_ISA", raising=False)
-    best = ops.cpu_isa()
-    assert best in ISAS
-    monkeypatch.setenv("ALPHAQUANT_CPU_ISA", "portable")
-    assert ops.cpu_isa() == "portable"
-    monkeypatch.setenv("ALPHAQUANT_CPU_ISA", "avx512_vnni")
-    assert ops.cpu_isa() == best or ISAS.index(best) < ISAS.index("avx512_vnni")
-    monkeypatch.setenv("ALPHAQUANT_CPU_ISA", "sse9")
-    with pytest.raises(ValueError, match="ALPHAQUANT_CPU_ISA must be portable, avx2 or avx512_vnni"):
-        ops.cpu_isa()
-    packed, scale, _ = _weight(16, 32, "int4", True, 32)
-    codes, params = ops.int8_act_layout(packed, scale, None, "int4", symmetric=True, group_size=32, k=32)
-    with pytest.raises(ValueError, match="ALPHAQUANT_CPU_ISA"):
-        ops.linear_int8_act(torch.randn(1, 32), codes, params, None, fmt="int4", group_size=32, n=16, k=32)
-
-
 def test_layout_is_the_documented_permutation():
     # int8_act_layout.h: byte 4*row + i of word p, field s holds code (row, 32*block + 4*(P*p + s) + i)
     n, k = 20, 70
@@ -212,3 +195,4 @@ def test_bad_input():
     with pytest.raises(ValueError, match="weight"):
         ops.int8_act_layout(packed.reshape(2, 8, -1), scale.reshape(2, 8, -1), None, "int4", symmetric=True,
                             group_size=32, k=k)
+
