@@ -187,6 +187,9 @@ def test_bad_input():
         ops.linear_int8_act(x, codes, params, None, fmt="nf4", group_size=32, n=n, k=k)
     with pytest.raises(ValueError, match="format"):
         ops.linear_int8_act(x, codes, params, None, fmt="int9", group_size=32, n=n, k=k)
+    pv, sv, gv = ops.quantize(torch.randn(n, k), "nvfp4", symmetric=True, group_size=16)
+    with pytest.raises(ValueError, match="integer grid"):
+        ops.int8_act_layout(pv, sv, gv, "nvfp4", symmetric=True, group_size=16, k=k)
     p16, s16, _ = ops.quantize(torch.randn(n, k), "int4", symmetric=True, group_size=16)
     with pytest.raises(ValueError, match="multiple of 32"):
         ops.int8_act_layout(p16, s16, None, "int4", symmetric=True, group_size=16, k=k)
@@ -196,3 +199,12 @@ def test_bad_input():
         ops.int8_act_layout(packed.reshape(2, 8, -1), scale.reshape(2, 8, -1), None, "int4", symmetric=True,
                             group_size=32, k=k)
 
+
+
+def test_large_batch_then_small():
+    # a batch past the 16 MiB of kept scratch, then a small one: the scratch is given back and regrown
+    n, k = 16, 4096
+    packed, scale, _ = _weight(n, k, "int4", True, 128)
+    x = torch.randn(4200, k)
+    _check(x, packed, scale, None, None, "int4", True, 128, n, k)
+    _check(x[:3], packed, scale, None, None, "int4", True, 128, n, k)

@@ -31,7 +31,8 @@ inline Grid grid_of(const FormatSpec& f) {
     for (int c = 0; c < 256; ++c) g.u[c] = static_cast<uint8_t>(c);
     return g;
   }
-  if (f.id != FormatId::kFP4E2M1 && f.id != FormatId::kFP6E2M3) return g;
+  // nvfp4 is E2M1 too, but its scales cover 16 values, half an activation block
+  if ((f.id != FormatId::kFP4E2M1 && f.id != FormatId::kFP6E2M3) || f.nvfp4) return g;
   g.mult = f.id == FormatId::kFP4E2M1 ? 2.0f : 8.0f;
   g.bias = g.mult * f.max_value;  // 12 or 60
   g.identity = false;

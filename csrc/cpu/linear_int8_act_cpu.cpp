@@ -172,6 +172,10 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
   const int64_t per_tile = kblocks * 8 * m;
   at::parallel_for(0, tiles, std::max<int64_t>(1, kMinDotsPerTask / per_tile),
                    [&](int64_t t0, int64_t t1) { kernel(p, t0, t1); });
+  if (xq.capacity() > (size_t{16} << 20)) {  // a large batch's scratch is not kept for the next call
+    std::vector<int8_t>().swap(xq);
+    std::vector<float>().swap(xscale);
+  }
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
