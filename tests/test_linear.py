@@ -56,22 +56,25 @@ def test_linear_compiles_fullgraph():
     assert torch.allclose(compiled(x), f(x))
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp8_e4m3", "mxfp8_e5m2"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "mxfp8_e4m3", "mxfp8_e5m2", "fp6_e3m2", "fp6_e2m3",
+                                 "mxfp6_e3m2", "mxfp6_e2m3"])
 @pytest.mark.parametrize("m", [1, 3, 4])
-def test_linear_every_fp8_code(fmt, m, device):
-    # the CPU kernel decodes FP8 with F16C (subnormals, signs, NaN and Inf codes included); row 0
-    # holds every code, the other rows only finite ones
+def test_linear_every_fp8_and_fp6_code(fmt, m, device):
+    # the CPU kernel decodes FP8 and FP6 with F16C (subnormals, signs, NaN and Inf codes included);
+    # row 0 holds every code, the other rows only finite ones
     n, k, group = 9, 512, 32 if fmt.startswith("mx") else 0
+    bits = 8 if "fp8" in fmt else 6
     g = torch.Generator().manual_seed(1)
-    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)
-    codes[0, :256] = torch.arange(256, dtype=torch.uint8)
+    codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8, generator=g)
+    codes[0, :2 ** bits] = torch.arange(2 ** bits, dtype=torch.uint8)
     finite = ref.decode_float(codes, fmt.removeprefix("mx")).isfinite()
     finite[0] = True
     codes = torch.where(finite, codes, torch.zeros_like(codes))
     _, scale, _ = ops.quantize(torch.randn(n, k), fmt, symmetric=True, group_size=group)
     x = torch.randn(m, k)
-    y = ops.linear(x.to(device), codes.to(device), scale.to(device), None, None, fmt, symmetric=True,
+    packed = ops.pack(codes, bits)
+    y = ops.linear(x.to(device), packed.to(device), scale.to(device), None, None, fmt, symmetric=True,
                    group_size=group, k=k, validate=False).cpu()
-    want = ref.linear(x, codes, scale, None, None, fmt, True, group, k)
+    want = ref.linear(x, packed, scale, None, None, fmt, True, group, k)
     assert torch.equal(y[:, 0].isnan(), want[:, 0].isnan())
     torch.testing.assert_close(y[:, 1:], want[:, 1:], rtol=1e-5, atol=1e-4)

@@ -7,6 +7,7 @@
 #include <immintrin.h>
 #endif
 
+#include "alphaquant/bitstream.h"
 #include "alphaquant/quant_math.h"
 
 namespace alphaquant {
@@ -26,8 +27,7 @@ template <int BITS>
 inline void int_block_values(const uint8_t* src, const uint8_t* c, float qmin, float z, float s, float* v) {
 #if defined(__AVX2__)
   if constexpr (BITS <= 4) {
-    uint32_t word = 0;
-    std::memcpy(&word, src, BITS);
+    const uint32_t word = static_cast<uint32_t>(load_le<BITS>(src));  // bitstream.h: no forwarding stall
     const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
     const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
                                            _mm256_set1_epi32((1 << BITS) - 1));

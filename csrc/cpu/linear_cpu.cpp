@@ -144,7 +144,7 @@ void gemv_row_one_chunk_groups(const LinearArgs& a, const uint8_t* wrow, const f
 
 // Weights of 1/2/4/6/8 bits (integers; fp4/fp6/fp8/nf4 through their value table) whose rows and
 // groups fill whole chunks (8 bytes; 6 bytes for 6-bit codes).
-template <int BITS, int M, bool TABLE, int FP8 = kFp8None>
+template <int BITS, int M, bool TABLE, int FP8 = kFp8None>  // FP8: an F16cDecode (FP8 or FP6 codes)
 void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<bool>& bad_scale) {
   const GroupLayout& l = a.layout;
   const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1), per = BITS == 6 ? 8 : 64 / BITS;
@@ -183,7 +183,7 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
         for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
         const int64_t c0 = l.group_begin(g) / per, c1 = l.group_end(g) / per;
         if constexpr (BITS == 6) {
-          dot_chunks6<M, TABLE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
+          dot_chunks6<M, TABLE, FP8>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
         } else {
           dot_chunks<BITS, M, TABLE, FP8>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
         }
@@ -201,18 +201,35 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
 }
 
 #if defined(__F16C__)
-// FP8 weights (fp8_e4m3/e5m2, MX or not), decoded by F16C instead of a table gather.
-void gemv_fp8_rows(const LinearArgs& a, const float* x, float* y, int64_t rows, bool e5m2,
-                   std::atomic<bool>& bad_scale) {
-  switch (rows * 2 + e5m2) {
-    case 2: return gemv_rows_avx2<8, 1, true, kFp8E4M3>(a, x, y, bad_scale);
-    case 3: return gemv_rows_avx2<8, 1, true, kFp8E5M2>(a, x, y, bad_scale);
-    case 4: return gemv_rows_avx2<8, 2, true, kFp8E4M3>(a, x, y, bad_scale);
-    case 5: return gemv_rows_avx2<8, 2, true, kFp8E5M2>(a, x, y, bad_scale);
-    case 6: return gemv_rows_avx2<8, 3, true, kFp8E4M3>(a, x, y, bad_scale);
-    case 7: return gemv_rows_avx2<8, 3, true, kFp8E5M2>(a, x, y, bad_scale);
-    case 9: return gemv_rows_avx2<8, 4, true, kFp8E5M2>(a, x, y, bad_scale);
-    default: return gemv_rows_avx2<8, 4, true, kFp8E4M3>(a, x, y, bad_scale);
+// How F16C decodes this format's codes (linear_avx2.h), or kFp8None where it does not.
+int f16c_decode(const FormatSpec& f) {
+  switch (f.id) {
+    case FormatId::kFP8E4M3: return kFp8E4M3;
+    case FormatId::kFP8E5M2: return kFp8E5M2;
+    case FormatId::kFP6E3M2: return kFp6E3M2;
+    case FormatId::kFP6E2M3: return kFp6E2M3;
+    default: return kFp8None;
+  }
+}
+
+// FP8 and FP6 weights (MX or not), decoded by F16C instead of a table gather.
+template <int BITS, int DECODE>
+void gemv_f16c_rows(const LinearArgs& a, const float* x, float* y, int64_t rows, std::atomic<bool>& bad_scale) {
+  switch (rows) {
+    case 1: return gemv_rows_avx2<BITS, 1, true, DECODE>(a, x, y, bad_scale);
+    case 2: return gemv_rows_avx2<BITS, 2, true, DECODE>(a, x, y, bad_scale);
+    case 3: return gemv_rows_avx2<BITS, 3, true, DECODE>(a, x, y, bad_scale);
+    default: return gemv_rows_avx2<BITS, 4, true, DECODE>(a, x, y, bad_scale);
+  }
+}
+
+void gemv_f16c_rows(const LinearArgs& a, const float* x, float* y, int64_t rows, int decode,
+                    std::atomic<bool>& bad_scale) {
+  switch (decode) {
+    case kFp8E4M3: return gemv_f16c_rows<8, kFp8E4M3>(a, x, y, rows, bad_scale);
+    case kFp8E5M2: return gemv_f16c_rows<8, kFp8E5M2>(a, x, y, rows, bad_scale);
+    case kFp6E3M2: return gemv_f16c_rows<6, kFp6E3M2>(a, x, y, rows, bad_scale);
+    default: return gemv_f16c_rows<6, kFp6E2M3>(a, x, y, rows, bad_scale);
   }
 }
 #endif
@@ -232,8 +249,8 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m, std
         std::vector<float> yr(rows * a.layout.rows);
         const bool table = a.fmt.is_float_or_codebook();
 #if defined(__F16C__)
-        if (BITS == 8 && (a.fmt.id == FormatId::kFP8E4M3 || a.fmt.id == FormatId::kFP8E5M2)) {
-          gemv_fp8_rows(a, xr, yr.data(), rows, a.fmt.id == FormatId::kFP8E5M2, bad_scale);
+        if (f16c_decode(a.fmt) != kFp8None) {
+          gemv_f16c_rows(a, xr, yr.data(), rows, f16c_decode(a.fmt), bad_scale);
           std::copy(yr.begin(), yr.end(), y + r0 * a.layout.rows);
           continue;
         }
