@@ -89,3 +89,16 @@ def test_per_channel_and_cpu_presets():
         m = _model()
         apply_plan(m, plan)
         assert all(q.act_int8 for q in m.modules() if isinstance(q, QuantLinear))
+
+
+def test_compiles_with_and_without_a_built_layout():
+    model = _model()
+    apply_plan(model, _plan(act_int8=True))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        y = torch.compile(model)(x)  # the layout is built inside the compiled call
+        want = model(x)
+        torch.testing.assert_close(y, want)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), want)  # built: no graph break
