@@ -1,7 +1,7 @@
 """Fused low-bit linear (torch.ops.alphaquant.linear) beside F.linear in the activation dtype.
 
-Weights are rotated among several copies so that they do not sit in the GPU's L2 between
-repeats. Prints time per call and the speedup over F.linear for each shape, batch size M and
+Weights are rotated among several copies so that they do not sit in the GPU's L2 (or the CPU's
+last-level cache) between repeats. Prints time per call and the speedup over F.linear for each shape, batch size M and
 format. Usage: python benchmarks/bench_linear.py [--device cpu|cuda] [--shapes 4096x4096,...] [--m 1,4,16]
 """
 from __future__ import annotations
@@ -49,7 +49,13 @@ def main() -> None:
     print(f"# bench_linear on {machine(dev)}, activations {act}, torch {torch.__version__}")
     rows = []
     for k, n in shapes:
-        copies = max(1, min(8, int(200e6 // (k * n * 2)))) if dev == "cuda" else 1
+        # enough copies that the set outgrows the GPU's L2 / the CPU's last-level cache (a model's
+        # weights are not in cache between tokens); the packed copies are fewer bytes, so as many
+        # copies of them are rotated as of the float weight
+        if dev == "cuda":
+            copies = max(1, min(8, int(200e6 // (k * n * 2))))
+        else:
+            copies = max(2, min(16, -(-(96 << 20) // (k * n // 2))))
         ws = [torch.randn(n, k, device=dev, dtype=act) for _ in range(copies)]
         for m in ms:
             x = torch.randn(m, k, device=dev, dtype=act)
