@@ -62,7 +62,7 @@ from .nn.quant_embedding import QuantEmbedding, TiedQuantLinear
 from .nn.quant_linear import QuantLinear
 from .quantizers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
 from .layout import GRANULARITIES
-from .formats import INT8_ACT_FORMATS, MX_BLOCK, NVFP4_BLOCK
+from .formats import INT8_ACT_BLOCK, INT8_ACT_FORMATS, MX_BLOCK, NVFP4_BLOCK
 from .quantizers.base import MAX_GROUP_SIZE
 from .quantizers.base import BlockScaledConfig
 from .quantizers.nvfp4 import fused_global_scales
@@ -283,7 +283,7 @@ def _check_act_int8(scheme: dict, wq, aq) -> None:
         raise PlanError(f"act_int8 computes with weights whose values are an integer grid "
                         f"({', '.join(INT8_ACT_FORMATS)}); got wq {scheme['wq']} ({wq.fmt})")
     group = wq.config.op_group_size
-    if 0 < group and group % 32:
+    if 0 < group and group % INT8_ACT_BLOCK:
         raise PlanError(f"act_int8 quantizes activations per block of 32 values: the weight's group_size must be a "
                         f"multiple of 32 (or the granularity per_channel/per_tensor); got {group}")
     if aq is not None:

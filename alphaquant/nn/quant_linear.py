@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import INT8_ACT_BLOCK, INT8_ACT_FORMATS, LEARNED_FORMATS
+from ..formats import LEARNED_FORMATS, int8_act_takes
 from ..packed import PackedTensor
 from .packed_weight import PackedWeightModule, _zero_dtype
 from ..quantizers.base import BaseQuantizer
@@ -99,7 +99,7 @@ class QuantLinear(PackedWeightModule):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             return False  # linear_int8_act has no gradient: train through the float-activation path
-        return self.fmt in INT8_ACT_FORMATS and (self.group_size <= 0 or self.group_size % INT8_ACT_BLOCK == 0)
+        return int8_act_takes(self.fmt, self.group_size)
 
     def _int8_act_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight's CPU layout for linear_int8_act, rebuilt when a weight buffer changed (in

@@ -64,7 +64,7 @@ inline __m256 table16_values(__m256i codes, __m256 lo, __m256 hi) {
 // byte of a float16; the other formats' exponent and mantissa bits placed under a float16's
 // sign (the mantissa at its top) give their value times 2^-8 (E4M3), 2^-12 (E3M2) or 2^-14
 // (E2M3), subnormals included. E4M3's 0x7F / 0xFF are its NaNs; FP6 has no special codes.
-enum F16cDecode { kFp8None = 0, kFp8E4M3 = 1, kFp8E5M2 = 2, kFp6E3M2 = 3, kFp6E2M3 = 4 };
+enum F16cDecode { kF16cNone = 0, kFp8E4M3 = 1, kFp8E5M2 = 2, kFp6E3M2 = 3, kFp6E2M3 = 4 };
 
 #if defined(__F16C__)
 // Eight FP6 codes (one per 32-bit lane) -> their values.
@@ -97,14 +97,14 @@ inline __m256 fp8_values(const uint8_t* bytes) {
 // sum over [c0, c1) chunks of value(code) * xp for up to M rows of permuted x; acc[r] +=
 // result. value(code) is the code itself for integers, table[code] (a gather) for float formats,
 // or for FP8 (8-bit codes) the F16C decode above.
-template <int BITS, int M, bool TABLE, int FP8 = kFp8None>
+template <int BITS, int M, bool TABLE, int DECODE = kF16cNone>
 inline void dot_chunks(const uint8_t* w, const float* xp, int64_t k, int64_t c0, int64_t c1, __m256 (&acc)[M],
                        const float* table = nullptr) {
 #if defined(__F16C__)
-  if constexpr (FP8 != kFp8None) {
+  if constexpr (DECODE != kF16cNone) {
     static_assert(BITS == 8, "FP8 codes are bytes");
     for (int64_t c = c0; c < c1; ++c) {
-      const __m256 code = fp8_values<FP8>(w + c * 8);
+      const __m256 code = fp8_values<DECODE>(w + c * 8);
 #pragma GCC unroll 16
       for (int r = 0; r < M; ++r) acc[r] = _mm256_fmadd_ps(code, _mm256_loadu_ps(xp + r * k + c * 8), acc[r]);
     }
@@ -138,7 +138,7 @@ inline void dot_chunks(const uint8_t* w, const float* xp, int64_t k, int64_t c0,
 
 // The same for 6-bit codes: a chunk is 8 codes in 6 bytes, in natural order (x not permuted).
 // The 48 bits are broadcast to four 64-bit lanes and shifted per lane, four codes at a time.
-template <int M, bool TABLE, int FP6 = kFp8None>
+template <int M, bool TABLE, int DECODE = kF16cNone>
 inline void dot_chunks6(const uint8_t* w, const float* x, int64_t k, int64_t c0, int64_t c1, __m256 (&acc)[M],
                         const float* table = nullptr) {
   const __m256i lo_shifts = _mm256_setr_epi64x(0, 6, 12, 18);
@@ -153,8 +153,8 @@ inline void dot_chunks6(const uint8_t* w, const float* x, int64_t k, int64_t c0,
     const __m256i codes = _mm256_blend_epi32(lo, hi, 0xF0);
     __m256 code;
 #if defined(__F16C__)
-    if constexpr (FP6 != kFp8None) {
-      code = fp6_values<FP6>(codes);
+    if constexpr (DECODE != kF16cNone) {
+      code = fp6_values<DECODE>(codes);
     } else {
       code = code_values<TABLE>(codes, table);
     }

@@ -144,7 +144,7 @@ void gemv_row_one_chunk_groups(const LinearArgs& a, const uint8_t* wrow, const f
 
 // Weights of 1/2/4/6/8 bits (integers; fp4/fp6/fp8/nf4 through their value table) whose rows and
 // groups fill whole chunks (8 bytes; 6 bytes for 6-bit codes).
-template <int BITS, int M, bool TABLE, int FP8 = kFp8None>  // FP8: an F16cDecode (FP8 or FP6 codes)
+template <int BITS, int M, bool TABLE, int DECODE = kF16cNone>  // DECODE: an F16cDecode (FP8 or FP6 codes)
 void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<bool>& bad_scale) {
   const GroupLayout& l = a.layout;
   const int64_t k = l.k, n = l.rows, row_bytes = a.packed.size(1), per = BITS == 6 ? 8 : 64 / BITS;
@@ -183,9 +183,9 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
         for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
         const int64_t c0 = l.group_begin(g) / per, c1 = l.group_end(g) / per;
         if constexpr (BITS == 6) {
-          dot_chunks6<M, TABLE, FP8>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
+          dot_chunks6<M, TABLE, DECODE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
         } else {
-          dot_chunks<BITS, M, TABLE, FP8>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
+          dot_chunks<BITS, M, TABLE, DECODE>(w + j * row_bytes, xp.data(), k, c0, c1, acc, table);
         }
         const __m256 sv = _mm256_set1_ps(s);
         for (int r = 0; r < M; ++r) total[r] = _mm256_fmadd_ps(acc[r], sv, total[r]);
@@ -201,14 +201,14 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
 }
 
 #if defined(__F16C__)
-// How F16C decodes this format's codes (linear_avx2.h), or kFp8None where it does not.
+// How F16C decodes this format's codes (linear_avx2.h), or kF16cNone where it does not.
 int f16c_decode(const FormatSpec& f) {
   switch (f.id) {
     case FormatId::kFP8E4M3: return kFp8E4M3;
     case FormatId::kFP8E5M2: return kFp8E5M2;
     case FormatId::kFP6E3M2: return kFp6E3M2;
     case FormatId::kFP6E2M3: return kFp6E2M3;
-    default: return kFp8None;
+    default: return kF16cNone;
   }
 }
 
@@ -240,6 +240,9 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m, std
   const int64_t per = bits == 6 ? 8 : 64 / bits;
   if (a.layout.k % per != 0 || (!a.layout.per_tensor && a.layout.group_size % per != 0)) return false;
   bool done = false;
+#if defined(__F16C__)
+  const int decode = f16c_decode(a.fmt);
+#endif
   dispatch_bits(bits, [&]<int BITS>() {
     if constexpr (BITS == 1 || BITS == 2 || BITS == 4 || BITS == 6 || BITS == 8) {
       // Rows of x are handled four at a time: enough accumulators to hide FMA latency.
@@ -249,8 +252,8 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m, std
         std::vector<float> yr(rows * a.layout.rows);
         const bool table = a.fmt.is_float_or_codebook();
 #if defined(__F16C__)
-        if (f16c_decode(a.fmt) != kFp8None) {
-          gemv_f16c_rows(a, xr, yr.data(), rows, f16c_decode(a.fmt), bad_scale);
+        if (decode != kF16cNone) {
+          gemv_f16c_rows(a, xr, yr.data(), rows, decode, bad_scale);
           std::copy(yr.begin(), yr.end(), y + r0 * a.layout.rows);
           continue;
         }
