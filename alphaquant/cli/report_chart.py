@@ -42,6 +42,24 @@ def _column_schemes(grid: dict, n_cols: int) -> list[str]:
     return out
 
 
+def import_in_background() -> None:
+    """Import matplotlib on a daemon thread (a quarter to a second of start-up) while a long job
+    runs, so that :func:`save_chart` at its end does not wait for it. Python's import locks make
+    the later import wait for this one rather than run twice."""
+    import threading
+
+    def run():
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401
+        except Exception:  # noqa: BLE001  save_chart reports nothing either: the chart is optional
+            pass
+
+    threading.Thread(target=run, name="alphaquant-import-matplotlib", daemon=True).start()
+
+
 def save_chart(report: dict, path: str) -> None:
     """Write the report's picture to ``path`` (PNG); skipped when matplotlib is not installed."""
     try:
