@@ -52,6 +52,23 @@ def test_layout_follows_weight_changes():
     torch.testing.assert_close(after - layer.bias, 2 * (before - layer.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_layers_built_under_inference_mode():
+    """Buffers made under inference_mode have no version counter: the layer still runs, and a
+    load_state_dict into it (in place, unseen by versions) rebuilds the layout."""
+    with torch.inference_mode():
+        model = _model()
+        apply_plan(model, _plan(act_int8=True))
+        other = _model()
+        for m in other:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(3)
+        apply_plan(other, _plan(act_int8=True))
+        x = torch.randn(3, 64)
+        model(x)  # layouts built from the first weights
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(x), other(x))
+
+
 def test_act_int8_survives_a_checkpoint(tmp_path):
     model = _model()
     plan = _plan(act_int8=True, scale_dtype="float16")

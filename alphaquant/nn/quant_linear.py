@@ -103,9 +103,11 @@ class QuantLinear(PackedWeightModule):
 
     def _int8_act_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight's CPU layout for linear_int8_act, rebuilt when a weight buffer changed (in
-        place: its version; replaced, e.g. by a move: its address)."""
+        place: its version; replaced, e.g. by a move: its address; loaded into: load_state_dict
+        drops it). Buffers made under torch.inference_mode have no version counter: for them
+        only replacement and load_state_dict are seen."""
         wp, ws, wz = self.weight_packed, self.weight_scale, self.weight_zero_point
-        versions = (wp._version, ws._version, -1 if wz is None else wz._version)
+        versions = tuple(-1 if t is None else -2 if t.is_inference() else t._version for t in (wp, ws, wz))
         cached = self._int8_act_weight
         if cached is None or cached[0] is not wp or cached[1] is not ws or cached[2] is not wz or cached[3] != versions:
             codes, params = ops.int8_act_layout(wp, ws, wz, self.fmt, symmetric=self.symmetric,
@@ -116,6 +118,10 @@ class QuantLinear(PackedWeightModule):
     def _apply(self, fn, recurse=True):
         self._int8_act_weight = None  # moved or converted buffers: the layout is rebuilt from them
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._int8_act_weight = None  # copied into in place (not seen by a version under inference_mode)
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int8_act_applies(x):
