@@ -3,8 +3,9 @@ the same bits, in one run.
 
 Ours: the model with the plan's QuantLinear layers, run by transformers, greedy decode with its KV
 cache: eager (the time inside the quantized linear layers is measured too, by forward hooks, so the
-rest of a token's time, attention, norms, Python and framework overhead, shows), and with a static
-cache and the one-token step compiled by torch.compile. llama.cpp:
+rest of a token's time, attention, norms, Python and framework overhead, shows), and through
+alphaquant.decode.CompiledDecoder (a static cache, the one-token step compiled by torch.compile,
+grouped-query attention without copies of the key/value heads). llama.cpp:
 llama-cpp-python on our GGUF export of the same weights (gguf_q4_0 -> Q4_0, gguf_q8_0 -> Q8_0),
 same thread count.
 Usage: python benchmarks/bench_decode.py [--presets cpu_q4_0,gguf_q4_0,cpu_q8_0] [--prompt 128]
@@ -75,35 +76,21 @@ def ours(model, ids: torch.Tensor, new: int) -> dict:
             "decode_lin": timer.total / decode_s}
 
 
-@torch.inference_mode()
 def ours_compiled(model, ids: torch.Tensor, new: int) -> dict:
-    """Greedy decode with a static KV cache and the one-token step compiled (torch.compile; guards on
-    module attributes skipped, as decode loops such as gpt-fast do: nothing changes them here).
-    The prompt runs eagerly through the same cache (it builds the layers' CPU layouts first)."""
-    from transformers import StaticCache
-
-    cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=ids.shape[1] + new + 16)
-
-    def step(tok, pos):
-        return model(tok, cache_position=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+    """Greedy decode through alphaquant.decode.CompiledDecoder: a static KV cache, the one-token
+    step compiled by torch.compile, grouped-query attention without repeat_kv. The prompt runs
+    eagerly through the same cache (it builds the layers' CPU layouts first)."""
+    from alphaquant.decode import CompiledDecoder
 
     torch._dynamo.reset()  # module guards are skipped: no graph compiled for another model may be reused
-    compiled = torch.compile(step, dynamic=False,
-                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    dec = CompiledDecoder(model, max_cache_len=ids.shape[1] + new + 16)
     t = time.perf_counter()
-    tok = step(ids, torch.arange(ids.shape[1])).argmax(-1, keepdim=True)
-    prompt_s = time.perf_counter() - t
-    pos = ids.shape[1]
-    t = time.perf_counter()
-    for _ in range(8):  # compile and warm up
-        tok = compiled(tok, torch.tensor([pos])).argmax(-1, keepdim=True)
-        pos += 1
+    dec.generate(ids, 9)  # compile and warm up
     compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(new):
-        tok = compiled(tok, torch.tensor([pos])).argmax(-1, keepdim=True)
-        pos += 1
-    return {"prompt": ids.shape[1] / prompt_s, "decode": new / (time.perf_counter() - t), "compile_s": compile_s}
+    dec.generate(ids, new + 1)
+    s = dec.timings
+    dec.close()
+    return {"prompt": ids.shape[1] / s["prompt_s"], "decode": s["decoded"] / s["decode_s"], "compile_s": compile_s}
 
 
 def llama_cpp(path: str, ids: list[int], new: int, threads: int) -> dict:

@@ -36,6 +36,9 @@ def test_quantize_inspect_eval_generate(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", out, "--prompt", "the", "--max-new-tokens", "4", "--device-map",
                  '{"model": "cpu", "lm_head": "cpu"}']) == 0
     assert capsys.readouterr().out == text  # the same model, placed by a map
+    assert main(["generate", out, "--prompt", "the", "--max-new-tokens", "4", "--compile"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == text and "tokens after the first" in captured.err  # greedy: the same tokens
     assert main(["eval", out, "--eval-tokens", "1024", "--device-map", "auto"]) == 0
     assert abs(float(capsys.readouterr().out.split("perplexity")[-1]) - ppl) < 1e-3 * ppl
     for bad, match in (('{"model.nope": "cpu", "": "cpu"}', "not a module"), ("disk", "disk")):
