@@ -126,6 +126,26 @@ def test_isas_agree_closely(monkeypatch):
         torch.testing.assert_close(y, ys["portable"], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_activation_codes_round_ties_to_even(isa, dtype, monkeypatch):
+    """Activations on rounding ties (block max 127: scale 1, values j + 0.5): every code shows in y
+    through a one-hot int8 weight, so a code one step off (e.g. a tie rounded up) is an error of
+    one scale step, far above the tolerance. Full blocks take the vector quantizer on x86."""
+    monkeypatch.setenv("ALPHAQUANT_CPU_ISA", isa)
+    k, n = 96, 96
+    ties = torch.arange(-127, 127, dtype=torch.float32) + 0.5
+    x = torch.stack([torch.cat([torch.tensor([127.0]), ties[i::3][:k // 3 - 1]] * 3) for i in range(3)])
+    x = x.to(dtype)
+    w = torch.eye(n, k) * 0.5
+    packed, scale, _ = ops.quantize(w, "int8", symmetric=True, group_size=0)
+    codes, params = ops.int8_act_layout(packed, scale, None, "int8", symmetric=True, group_size=0, k=k)
+    y = ops.linear_int8_act(x, codes, params, None, fmt="int8", group_size=0, n=n, k=k).double()
+    want = ref.linear_int8_act(x, packed, scale, None, None, "int8", True, 0, k)
+    assert torch.equal(ref.quantize_activations_int8(x), torch.round(x.float()))  # ties to even, scale 1
+    torch.testing.assert_close(y, want, rtol=0, atol=0.05)  # a code one step off: 0.5
+
+
 def test_layout_is_the_documented_permutation():
     # int8_act_layout.h: byte 4*row + i of word p, field s holds code (row, 32*block + 4*(P*p + s) + i)
     n, k = 20, 70

@@ -16,6 +16,7 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/int8_act_grid.h"
 #include "cpu/int8_act_layout.h"
+#include "cpu/int8_act_quantize_x.h"
 
 namespace alphaquant {
 namespace {
@@ -23,10 +24,14 @@ namespace {
 using namespace int8_act;
 
 // Activation codes, block scales and group offsets (Problem's xq, xscale, xoffset) of x [m, k]
-// (float32, bf16 or fp16, read as it is: no converted copy). Returns false if x holds NaN or Inf.
+// (float32, bf16 or fp16, read as it is: no converted copy; int8_act_quantize_x.h). Returns false
+// if x holds NaN or Inf.
 template <class T>
 bool quantize_activations(const T* x, int64_t m, int64_t k, int64_t kblocks, int64_t groups,
                           int64_t blocks_per_group, int8_t* xq, float* xscale, float* xoffset) {
+#if defined(__x86_64__)
+  const bool avx2 = chosen_cpu_isa() >= CpuIsa::kAvx2;
+#endif
   std::atomic<bool> nonfinite{false};
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     bool bad = false;
@@ -35,23 +40,15 @@ bool quantize_activations(const T* x, int64_t m, int64_t k, int64_t kblocks, int
       for (int64_t b = 0; b < kblocks; ++b) {
         const T* xb = x + r * k + b * kBlock;
         const int64_t len = k - b * kBlock < kBlock ? k - b * kBlock : kBlock;
-        float amax = 0.0f;
-        float v[kBlock];
-        for (int64_t i = 0; i < len; ++i) v[i] = static_cast<float>(xb[i]);
-        for (int64_t i = 0; i < len; ++i) {
-          bad |= !finite(v[i]);
-          amax = max_of(amax, fabsf(v[i]));
-        }
-        float scale = amax / 127.0f;  // group_scale of symmetric int8
-        if (!(scale > 0.0f) || !finite(scale)) scale = 1.0f;
         int8_t* qb = xq + r * kblocks * kBlock + b * kBlock;
         int32_t sum = 0;
-        for (int64_t i = 0; i < len; ++i) {
-          const int q = static_cast<int>(quantize_int_code(v[i], scale, 0.0f, -128.0f, 127.0f, 0, false)) - 128;
-          qb[i] = static_cast<int8_t>(q);
-          sum += q;
-        }
-        for (int64_t i = len; i < kBlock; ++i) qb[i] = 0;
+        float scale;
+#if defined(__x86_64__)
+        if (avx2 && len == kBlock)
+          scale = quantize_block32_avx2(xb, qb, sum, bad);
+        else
+#endif
+          scale = quantize_block_scalar(xb, len, qb, sum, bad);
         xscale[r * kblocks + b] = scale;
         xoffset[r * groups + b / blocks_per_group] += scale * static_cast<float>(sum);
       }
