@@ -7,9 +7,11 @@ rest of a token's time, attention, norms, Python and framework overhead, shows),
 alphaquant.decode.CompiledDecoder (a static cache, the one-token step compiled by torch.compile,
 grouped-query attention without copies of the key/value heads). llama.cpp:
 llama-cpp-python on our GGUF export of the same weights (gguf_q4_0 -> Q4_0, gguf_q8_0 -> Q8_0),
-same thread count.
+same thread count. The compiled decoder and llama.cpp take turns for --repeat rounds (this
+machine's speed drifts by tens of percent within minutes); the table gives the median and each
+round.
 Usage: python benchmarks/bench_decode.py [--presets cpu_q4_0,gguf_q4_0,cpu_q8_0] [--prompt 128]
-       [--new 64] [--threads 2] [--model smollm2|random-1b] [--no-compile]
+       [--new 64] [--threads 2] [--model smollm2|random-1b] [--no-compile] [--repeat 3]
 """
 from __future__ import annotations
 
@@ -76,41 +78,67 @@ def ours(model, ids: torch.Tensor, new: int) -> dict:
             "decode_lin": timer.total / decode_s}
 
 
-def ours_compiled(model, ids: torch.Tensor, new: int) -> dict:
+class CompiledRunner:
     """Greedy decode through alphaquant.decode.CompiledDecoder: a static KV cache, the one-token
     step compiled by torch.compile, grouped-query attention without repeat_kv. The prompt runs
     eagerly through the same cache (it builds the layers' CPU layouts first)."""
-    from alphaquant.decode import CompiledDecoder
 
-    torch._dynamo.reset()  # module guards are skipped: no graph compiled for another model may be reused
-    dec = CompiledDecoder(model, max_cache_len=ids.shape[1] + new + 16)
-    t = time.perf_counter()
-    dec.generate(ids, 9)  # compile and warm up
-    compile_s = time.perf_counter() - t
-    dec.generate(ids, new + 1)
-    s = dec.timings
-    dec.close()
-    return {"prompt": ids.shape[1] / s["prompt_s"], "decode": s["decoded"] / s["decode_s"], "compile_s": compile_s}
+    def __init__(self, model, ids: torch.Tensor, new: int):
+        from alphaquant.decode import CompiledDecoder
+
+        torch._dynamo.reset()  # module guards are skipped: no graph compiled for another model may be reused
+        self.dec, self.ids, self.new = CompiledDecoder(model, max_cache_len=ids.shape[1] + new + 16), ids, new
+        t = time.perf_counter()
+        self.dec.generate(ids, 9)  # compile and warm up
+        self.compile_s = time.perf_counter() - t
+
+    def run(self) -> dict:
+        self.dec.generate(self.ids, self.new + 1)
+        s = self.dec.timings
+        return {"prompt": self.ids.shape[1] / s["prompt_s"], "decode": s["decoded"] / s["decode_s"]}
 
 
-def llama_cpp(path: str, ids: list[int], new: int, threads: int) -> dict:
-    import llama_cpp
+class LlamaCppRunner:
+    """llama.cpp (llama-cpp-python) on a GGUF file: the prompt in one call, then greedy tokens."""
 
-    n = len(ids) + new + 8  # scores keep n_batch rows without logits_all: room for every position
-    llm = llama_cpp.Llama(model_path=path, n_ctx=n, n_batch=n, verbose=False,
-                          n_threads=threads, n_threads_batch=threads)
-    llm.eval(ids[:8])
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(ids)
-    prompt_s = time.perf_counter() - t
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    t = time.perf_counter()
-    for _ in range(new):
-        llm.eval([tok])
+    def __init__(self, path: str, ids: list[int], new: int, threads: int):
+        import llama_cpp
+
+        n = len(ids) + new + 8  # scores keep n_batch rows without logits_all: room for every position
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=n, n_batch=n, verbose=False,
+                                   n_threads=threads, n_threads_batch=threads)
+        self.ids, self.new = ids, new
+        self.llm.eval(ids[:8])
+
+    def run(self) -> dict:
+        llm = self.llm
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(self.ids)
+        prompt_s = time.perf_counter() - t
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    decode_s = time.perf_counter() - t
-    return {"prompt": len(ids) / prompt_s, "decode": new / decode_s}
+        t = time.perf_counter()
+        for _ in range(self.new):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return {"prompt": len(self.ids) / prompt_s, "decode": self.new / (time.perf_counter() - t)}
+
+
+def interleaved(runners: dict, repeat: int) -> dict:
+    """Each runner's results over ``repeat`` rounds, the runners taking turns within a round (so
+    that a machine's slower minutes fall on all of them alike)."""
+    out = {name: [] for name in runners}
+    for _ in range(repeat):
+        for name, runner in runners.items():
+            out[name].append(runner.run())
+    return out
+
+
+def cell(runs: list, key: str, digits: int) -> str:
+    """The median, then every run's value."""
+    values = [r[key] for r in runs]
+    each = ", ".join(f"{v:.{digits}f}" for v in values)
+    return f"{float(np.median(values)):.{digits}f}" + (f" ({each})" if len(values) > 1 else "")
 
 
 def random_llama_1b(tokenizer):
@@ -143,6 +171,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode rows")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of the compiled decoder and llama.cpp, taking "
+                    "turns (the table gives the median, then each round's value)")
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "random-1b"],
                     help="SmolLM2-135M, or a 1.1B Llama-shaped model with random weights")
     args = ap.parse_args()
@@ -154,7 +184,7 @@ def main() -> None:
     size = sum(p.numel() for p in base.model.parameters()) / 1e9
     print(f"# bench_decode on {machine('cpu')}, torch {torch.__version__}, int8 activations on {ops.cpu_isa()}, "
           f"{args.model} ({size:.2f} B parameters), prompt {ids.shape[1]} tokens, {args.new} new tokens")
-    rows, exported = [], {}
+    rows, exported = [], set()
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
             model = copy.deepcopy(base.model)
@@ -163,18 +193,20 @@ def main() -> None:
             rows.append([f"alphaquant {preset} (eager)", f"{r['prompt']:.0f}", f"{r['decode']:.1f}",
                          f"{100 * r['prompt_lin']:.0f}% / {100 * r['decode_lin']:.0f}%"])
             print(rows[-1], flush=True)
-            if not args.no_compile:
-                r = ours_compiled(model, ids, args.new)
-                rows.append([f"alphaquant {preset} (compiled decode step, {r['compile_s']:.0f} s to compile)",
-                             f"{r['prompt']:.0f}", f"{r['decode']:.1f}", "-"])
-                print(rows[-1], flush=True)
+            runners, names = {}, {}
             gguf = GGUF_OF.get(preset)
             if gguf and gguf not in exported:
                 path = os.path.join(tmp, f"{gguf}.gguf")
                 to_gguf(model, base.tokenizer, path)
-                exported[gguf] = path
-                r = llama_cpp(path, ids[0].tolist(), args.new, args.threads)
-                rows.append([f"llama.cpp {gguf} (our export)", f"{r['prompt']:.0f}", f"{r['decode']:.1f}", "-"])
+                exported.add(gguf)
+                runners["llama"] = LlamaCppRunner(path, ids[0].tolist(), args.new, args.threads)
+                names["llama"] = f"llama.cpp {gguf} (our export)"
+            if not args.no_compile:
+                runners["compiled"] = CompiledRunner(model, ids, args.new)
+                names["compiled"] = (f"alphaquant {preset} (CompiledDecoder, "
+                                     f"{runners['compiled'].compile_s:.0f} s to compile)")
+            for name, runs in interleaved(runners, args.repeat).items():
+                rows.append([names[name], cell(runs, "prompt", 0), cell(runs, "decode", 1), "-"])
                 print(rows[-1], flush=True)
     print()
     print_table(["engine / preset", "prompt tokens/s", "decode tokens/s", "time in quantized linears (prompt / decode)"],
