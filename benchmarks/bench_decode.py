@@ -11,7 +11,7 @@ same thread count. The compiled decoder and llama.cpp take turns for --repeat ro
 machine's speed drifts by tens of percent within minutes); the table gives the median and each
 round.
 Usage: python benchmarks/bench_decode.py [--presets cpu_q4_0,gguf_q4_0,cpu_q8_0] [--prompt 128]
-       [--new 64] [--threads 2] [--model smollm2|random-1b] [--no-compile] [--repeat 3]
+       [--new 64] [--threads 2] [--model smollm2|random-1b] [--no-compile] [--repeat 3] [--cpp-wrapper]
 """
 from __future__ import annotations
 
@@ -83,11 +83,12 @@ class CompiledRunner:
     step compiled by torch.compile, grouped-query attention without repeat_kv. The prompt runs
     eagerly through the same cache (it builds the layers' CPU layouts first)."""
 
-    def __init__(self, model, ids: torch.Tensor, new: int):
+    def __init__(self, model, ids: torch.Tensor, new: int, cpp_wrapper: bool):
         from alphaquant.decode import CompiledDecoder
 
         torch._dynamo.reset()  # module guards are skipped: no graph compiled for another model may be reused
-        self.dec, self.ids, self.new = CompiledDecoder(model, max_cache_len=ids.shape[1] + new + 16), ids, new
+        self.dec = CompiledDecoder(model, max_cache_len=ids.shape[1] + new + 16, cpp_wrapper=cpp_wrapper)
+        self.ids, self.new = ids, new
         t = time.perf_counter()
         self.dec.generate(ids, 9)  # compile and warm up
         self.compile_s = time.perf_counter() - t
@@ -171,6 +172,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode rows")
+    ap.add_argument("--cpp-wrapper", action="store_true", help="CompiledDecoder(cpp_wrapper=True): the graph's "
+                    "calls from C++ (faster per token, slower to compile)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of the compiled decoder and llama.cpp, taking "
                     "turns (the table gives the median, then each round's value)")
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "random-1b"],
@@ -202,8 +205,8 @@ def main() -> None:
                 runners["llama"] = LlamaCppRunner(path, ids[0].tolist(), args.new, args.threads)
                 names["llama"] = f"llama.cpp {gguf} (our export)"
             if not args.no_compile:
-                runners["compiled"] = CompiledRunner(model, ids, args.new)
-                names["compiled"] = (f"alphaquant {preset} (CompiledDecoder, "
+                runners["compiled"] = CompiledRunner(model, ids, args.new, args.cpp_wrapper)
+                names["compiled"] = (f"alphaquant {preset} (CompiledDecoder{', cpp_wrapper' if args.cpp_wrapper else ''}, "
                                      f"{runners['compiled'].compile_s:.0f} s to compile)")
             for name, runs in interleaved(runners, args.repeat).items():
                 rows.append([names[name], cell(runs, "prompt", 0), cell(runs, "decode", 1), "-"])

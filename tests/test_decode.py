@@ -83,3 +83,17 @@ def test_compiled_decoder_gives_generate_tokens():
     torch._dynamo.reset()
     dec = CompiledDecoder(model, max_cache_len=32)
     torch.testing.assert_close(dec.generate(ids, 10), want, rtol=0, atol=0)
+    dec.close()
+
+
+@pytest.mark.slow
+def test_compiled_decoder_with_cpp_wrapper():  # a C++ compile of the graph: a minute or two on 2 cores
+    model = _tiny_llama()
+    apply_plan(model, {"default": {"wq": "int4", "group_size": 32, "symmetric": True, "act_int8": True},
+                       "overrides": []})
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    torch._dynamo.reset()
+    dec = CompiledDecoder(model, max_cache_len=24, cpp_wrapper=True)
+    torch.testing.assert_close(dec.generate(ids, 6), want, rtol=0, atol=0)
