@@ -46,14 +46,20 @@ def test_grouped_query_attention_equals_sdpa(mask):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("kv_heads", [2, 8])
-def test_decoder_gives_generate_tokens_eager(kv_heads):
+def _quantized_llama_and_greedy_tokens(new, seed, kv_heads=2):
+    """A tiny int4 act_int8 Llama, a prompt, and transformers' greedy tokens for it."""
     model = _tiny_llama(kv_heads)
     apply_plan(model, {"default": {"wq": "int4", "group_size": 32, "symmetric": True, "act_int8": True},
                        "overrides": []})
-    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        want = model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+    return model, ids, want
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_decoder_gives_generate_tokens_eager(kv_heads):
+    model, ids, want = _quantized_llama_and_greedy_tokens(12, 2, kv_heads)
     dec = CompiledDecoder(model, max_cache_len=32, compile=False)
     assert model.config._attn_implementation == "alphaquant_sdpa"
     torch.testing.assert_close(dec.generate(ids, 12), want, rtol=0, atol=0)
@@ -73,27 +79,10 @@ def test_decoder_refuses_what_does_not_fit():
 
 
 @pytest.mark.slow
-def test_compiled_decoder_gives_generate_tokens():
-    model = _tiny_llama()
-    apply_plan(model, {"default": {"wq": "int4", "group_size": 32, "symmetric": True, "act_int8": True},
-                       "overrides": []})
-    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+@pytest.mark.parametrize("cpp_wrapper", [False, True])  # True: a C++ compile of the graph, a minute or two
+def test_compiled_decoder_gives_generate_tokens(cpp_wrapper):
+    model, ids, want = _quantized_llama_and_greedy_tokens(8, 3)
     torch._dynamo.reset()
-    dec = CompiledDecoder(model, max_cache_len=32)
-    torch.testing.assert_close(dec.generate(ids, 10), want, rtol=0, atol=0)
+    dec = CompiledDecoder(model, max_cache_len=24, cpp_wrapper=cpp_wrapper)
+    torch.testing.assert_close(dec.generate(ids, 8), want, rtol=0, atol=0)
     dec.close()
-
-
-@pytest.mark.slow
-def test_compiled_decoder_with_cpp_wrapper():  # a C++ compile of the graph: a minute or two on 2 cores
-    model = _tiny_llama()
-    apply_plan(model, {"default": {"wq": "int4", "group_size": 32, "symmetric": True, "act_int8": True},
-                       "overrides": []})
-    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
-    torch._dynamo.reset()
-    dec = CompiledDecoder(model, max_cache_len=24, cpp_wrapper=True)
-    torch.testing.assert_close(dec.generate(ids, 6), want, rtol=0, atol=0)
