@@ -7,7 +7,8 @@ Switches (environment):
   ALPHAQUANT_SANITIZE=1    C++ kernels with AddressSanitizer and UndefinedBehaviorSanitizer
                            (-fsanitize=address,undefined, compile and link); python must then run
                            with the sanitizer runtimes preloaded: see scripts/run_sanitized_tests.sh
-  ALPHAQUANT_NO_AVX2=1     do not target AVX2/FMA on x86 even if the build machine has them
+  ALPHAQUANT_NO_AVX2=1     do not build the AVX2/FMA/F16C variants of the older CPU kernels (x86;
+                           the int8-activation kernels are always built and chosen by CPUID)
   TORCH_CUDA_ARCH_LIST     CUDA architectures (default 9.0 when no GPU is visible)
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
 """
@@ -37,18 +38,20 @@ def cpu_flags() -> list[str]:
         return ["-O0", "-g", "-fopenmp"]
     # exact IEEE rounding (no contraction), vectorizable libm calls; -fopenmp because
     # at::parallel_for is inlined into our code and runs serially without it
-    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-    if platform.machine() == "x86_64" and os.environ.get("ALPHAQUANT_NO_AVX2") != "1":
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        if " avx2" in info and " fma" in info:
-            flags += ["-mavx2", "-mfma", "-mf16c"]
-    return flags
+    return ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+
+
+def avx2_variants() -> bool:
+    """Whether the AVX2/FMA/F16C variants of the CPU kernels are built (csrc/cpu/cpu_variant.h):
+    on x86-64 unless ALPHAQUANT_NO_AVX2=1. The rest of the code targets the x86-64 baseline, and
+    the variants run only on CPUs that have AVX2 (chosen at run time), so one build runs anywhere."""
+    return platform.machine() == "x86_64" and os.environ.get("ALPHAQUANT_NO_AVX2") != "1"
 
 
 def write_build_isa(flags: list[str]) -> None:
     """Record what the C++ code targets beyond the x86-64 baseline, for alphaquant/_native.py to
-    check before the library loads (a CPU without AVX2 would otherwise die on an illegal instruction)."""
+    check before the library loads (a CPU without AVX2 would otherwise die on an illegal instruction).
+    Code for more than the baseline is only in kernels chosen at run time: "baseline"."""
     built_for = "avx2" if "-mavx2" in flags else "baseline"
     with open(os.path.join("alphaquant", "_build_isa.py"), "w") as f:
         f.write("# Written by setup.py: the instruction set the C++ kernels were compiled for (checked in _native.py).\n"
@@ -66,6 +69,8 @@ sources = ["csrc/ops.cpp", "csrc/format_and_layout.cpp", "csrc/arg_checks.cpp", 
            "csrc/quantization_error.cpp", "csrc/mx_nan_blocks.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.abspath("csrc/include"), os.path.abspath("csrc")]
 extra = {"cxx": cpu_flags() + sanitizer_flags() + ["-DPy_LIMITED_API=0x030A0000"]}
+if avx2_variants():
+    extra["cxx"] += ["-DALPHAQUANT_AVX2_VARIANTS"]
 write_build_isa(extra["cxx"])
 Extension = CppExtension
 if with_cuda:
@@ -80,6 +85,8 @@ if with_cuda:
     Extension = CUDAExtension
 else:
     sources += ["csrc/cuda_missing.cpp"]
+if avx2_variants():  # last in the link: inline functions they share with the rest come from baseline code
+    sources += sorted(glob.glob("csrc/cpu/avx2/*.cpp"))
 
 setup(
     packages=find_packages(include=["alphaquant", "alphaquant.*"]),

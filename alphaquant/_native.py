@@ -16,8 +16,9 @@ def cpu_flags() -> Optional[set]:
 
 
 def check_cpu_runs_build(built_for: str, flags: Optional[set]) -> None:
-    """Raise ImportError if the library was compiled for AVX2/FMA (setup.py does so when the build
-    machine has them) and this CPU lacks them: loading it would die on an illegal instruction."""
+    """Raise ImportError if the library was compiled for AVX2/FMA throughout (builds before the
+    kernels chose AVX2 at run time did so when the build machine had them; setup.py now records
+    "baseline") and this CPU lacks them: loading it would die on an illegal instruction."""
     if built_for == "avx2" and flags is not None and not {"avx2", "fma", "f16c"} <= flags:
         raise ImportError("alphaquant's native library was built for CPUs with AVX2, FMA and F16C (the build "
                           "machine has them) and this CPU lacks "

@@ -11,39 +11,16 @@
 # Environment: PYTHON (default python), MAX_JOBS (default 2), KEEP=1 keeps the temporary copy.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PYTHON=${PYTHON:-python}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/alphaquant-sanitize.XXXXXX")
-if [[ "${KEEP:-0}" != 1 ]]; then trap 'rm -rf "$WORK"' EXIT; fi
 start=$SECONDS
-
-echo "sanitized copy: $WORK"
-cd "$ROOT"
-git ls-files -z --cached --others --exclude-standard |
-    while IFS= read -r -d '' f; do [[ -f "$f" || -L "$f" ]] && printf '%s\0' "$f"; done |
-    tar --null -T - -cf - | tar -xf - -C "$WORK"
-
-cd "$WORK"
-echo "building (ALPHAQUANT_SANITIZE=1, CPU kernels only)..."
-if ! CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} ALPHAQUANT_CUDA=0 ALPHAQUANT_SANITIZE=1 MAX_JOBS=${MAX_JOBS:-2} \
-        "$PYTHON" setup.py build_ext --inplace >build.log 2>&1; then
-    tail -n 40 build.log
-    echo "sanitized build failed (log: $WORK/build.log)" >&2
-    exit 1
-fi
+. "$(dirname "$0")/build_copy.sh"
+build_copy sanitized ALPHAQUANT_SANITIZE=1
 echo "built in $((SECONDS - start)) s"
 
 LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
 export LD_PRELOAD
 export ASAN_OPTIONS=detect_leaks=0
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-export PYTHONPATH="$WORK${PYTHONPATH:+:$PYTHONPATH}"
-
-# The copy, not an installed alphaquant, must be what the tests import.
-"$PYTHON" -c "import alphaquant, sys; sys.exit(not alphaquant.__file__.startswith('$WORK'))" || {
-    echo "the tests would not import the sanitized copy" >&2
-    exit 1
-}
+check_copy_imported
 
 if [[ $# -eq 0 ]]; then set -- tests -m "not slow and not cuda"; fi
 set +e

@@ -8,6 +8,8 @@
 // table, which stays in L1 while the row is processed. The linear op is otherwise the one of
 // linear_cpu.cpp: few rows of x take dot products with each weight row unpacked into L1 (AVX2:
 // codes gathered straight from the row's table), many rows dequantize a tile and call GEMM.
+#include "cpu/cpu_variant.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -24,7 +26,7 @@
 #include "cpu/tiled_gemm.h"
 
 namespace alphaquant {
-namespace {
+namespace AQ_CPU_VARIANT {  // cpu_variant.h
 
 constexpr int kBits = LearnedCodebook::kBits;
 constexpr int kSize = LearnedCodebook::kSize;
@@ -115,7 +117,7 @@ void gemv_codebook(const CodebookLinearArgs& a, const float* x, float* y, int64_
   });
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if AQ_AVX2
 // The same with the AVX2 inner loop of linear_avx2.h (codes gathered from the row's table) for
 // M rows of x at a time, when rows and groups fill whole 8-byte chunks (16 codes).
 template <int M>
@@ -196,10 +198,5 @@ at::Tensor linear_codebook_cpu(const at::Tensor& x, const at::Tensor& packed, co
   return y.to(x.scalar_type()).reshape(a.out_shape);
 }
 
-}  // namespace
+}  // namespace AQ_CPU_VARIANT
 }  // namespace alphaquant
-
-TORCH_LIBRARY_IMPL(alphaquant, CPU, m) {
-  m.impl("dequantize_codebook", &alphaquant::dequantize_codebook_cpu);
-  m.impl("linear_codebook", &alphaquant::linear_codebook_cpu);
-}

@@ -1,9 +1,11 @@
 // Values of a block of 8 integer codes, shared by the CPU kernels that decode packed integers.
 #pragma once
 
+#include "cpu/cpu_variant.h"
+
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX2__)
+#if AQ_AVX2
 #include <immintrin.h>
 #endif
 
@@ -11,11 +13,12 @@
 #include "alphaquant/quant_math.h"
 
 namespace alphaquant {
+namespace AQ_CPU_VARIANT {  // cpu_variant.h
 
 // Values of a whole block of 8 integer codes: saturate((c + qmin - z) * s), the same float
 // operations as dequantize_int_code. With AVX2, widths up to 4 bits are unpacked by per-lane
 // shifts of one 32-bit word.
-#if defined(__AVX2__)
+#if AQ_AVX2
 template <int BITS>
 constexpr bool kUnpacksInRegisters = BITS <= 4;  // int_block_values reads the packed bytes, not c
 #else
@@ -25,7 +28,7 @@ constexpr bool kUnpacksInRegisters = false;
 
 template <int BITS>
 inline void int_block_values(const uint8_t* src, const uint8_t* c, float qmin, float z, float s, float* v) {
-#if defined(__AVX2__)
+#if AQ_AVX2
   if constexpr (BITS <= 4) {
     const uint32_t word = static_cast<uint32_t>(load_le<BITS>(src));  // bitstream.h: no forwarding stall
     const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
@@ -43,4 +46,5 @@ inline void int_block_values(const uint8_t* src, const uint8_t* c, float qmin, f
   for (int i = 0; i < 8; ++i) v[i] = dequantize_int_code(c[i], s, z, qmin);
 }
 
+}  // namespace AQ_CPU_VARIANT
 }  // namespace alphaquant

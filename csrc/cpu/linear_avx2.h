@@ -8,7 +8,9 @@
 // shift, mask, convert, fused multiply-add.
 #pragma once
 
-#if defined(__AVX2__) && defined(__FMA__)
+#include "cpu/cpu_variant.h"
+
+#if AQ_AVX2
 #include <immintrin.h>
 
 #include "alphaquant/bitstream.h"
@@ -18,6 +20,7 @@
 #include <vector>
 
 namespace alphaquant {
+namespace AQ_CPU_VARIANT {  // cpu_variant.h
 
 constexpr bool kHaveAvx2Linear = true;
 
@@ -66,7 +69,7 @@ inline __m256 table16_values(__m256i codes, __m256 lo, __m256 hi) {
 // (E2M3), subnormals included. E4M3's 0x7F / 0xFF are its NaNs; FP6 has no special codes.
 enum F16cDecode { kF16cNone = 0, kFp8E4M3 = 1, kFp8E5M2 = 2, kFp6E3M2 = 3, kFp6E2M3 = 4 };
 
-#if defined(__F16C__)
+#if AQ_AVX2
 // Eight FP6 codes (one per 32-bit lane) -> their values.
 template <int FP6>
 inline __m256 fp6_values(__m256i codes) {
@@ -78,7 +81,7 @@ inline __m256 fp6_values(__m256i codes) {
 }
 #endif
 
-#if defined(__F16C__)
+#if AQ_AVX2
 template <int FP8>
 inline __m256 fp8_values(const uint8_t* bytes) {
   const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
@@ -100,7 +103,7 @@ inline __m256 fp8_values(const uint8_t* bytes) {
 template <int BITS, int M, bool TABLE, int DECODE = kF16cNone>
 inline void dot_chunks(const uint8_t* w, const float* xp, int64_t k, int64_t c0, int64_t c1, __m256 (&acc)[M],
                        const float* table = nullptr) {
-#if defined(__F16C__)
+#if AQ_AVX2
   if constexpr (DECODE != kF16cNone) {
     static_assert(BITS == 8, "FP8 codes are bytes");
     for (int64_t c = c0; c < c1; ++c) {
@@ -152,7 +155,7 @@ inline void dot_chunks6(const uint8_t* w, const float* x, int64_t k, int64_t c0,
     const __m256i hi = _mm256_permutevar8x32_epi32(_mm256_and_si256(_mm256_srlv_epi64(v, hi_shifts), mask), low_dwords);
     const __m256i codes = _mm256_blend_epi32(lo, hi, 0xF0);
     __m256 code;
-#if defined(__F16C__)
+#if AQ_AVX2
     if constexpr (DECODE != kF16cNone) {
       code = fp6_values<DECODE>(codes);
     } else {
@@ -166,10 +169,13 @@ inline void dot_chunks6(const uint8_t* w, const float* x, int64_t k, int64_t c0,
   }
 }
 
+}  // namespace AQ_CPU_VARIANT
 }  // namespace alphaquant
 
 #else
 namespace alphaquant {
+namespace AQ_CPU_VARIANT {  // cpu_variant.h
 constexpr bool kHaveAvx2Linear = false;
-}
+}  // namespace AQ_CPU_VARIANT
+}  // namespace alphaquant
 #endif

@@ -6,6 +6,8 @@
 //   sum_i (c_i + qmin - z) s x_i = s * (sum_i c_i x_i + (qmin - z) * sum_i x_i)
 // with the group sums of x computed once. Many rows: the weight is dequantized to float32 and
 // handed to ATen's GEMM, where compute dominates and the expansion is paid back.
+#include "cpu/cpu_variant.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,7 +26,7 @@
 #include "cpu/tiled_gemm.h"
 
 namespace alphaquant {
-namespace {
+namespace AQ_CPU_VARIANT {  // cpu_variant.h
 
 constexpr int64_t kMaxGemvRows = 16;
 
@@ -99,7 +101,7 @@ void gemv_rows(const LinearArgs& a, const float* x, float* y, int64_t m, std::at
   });
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if AQ_AVX2
 // One output feature j of gemv_rows_avx2 for a float-format weight whose groups are one chunk of
 // 8 bytes each: the scales of eight groups are loaded (or, for nvfp4's bytes, gathered from their
 // table) and checked as one vector, then broadcast lane by lane.
@@ -200,7 +202,7 @@ void gemv_rows_avx2(const LinearArgs& a, const float* x, float* y, std::atomic<b
   });
 }
 
-#if defined(__F16C__)
+#if AQ_AVX2
 // How F16C decodes this format's codes (linear_avx2.h), or kF16cNone where it does not.
 int f16c_decode(const FormatSpec& f) {
   switch (f.id) {
@@ -240,7 +242,7 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m, std
   const int64_t per = bits == 6 ? 8 : 64 / bits;
   if (a.layout.k % per != 0 || (!a.layout.per_tensor && a.layout.group_size % per != 0)) return false;
   bool done = false;
-#if defined(__F16C__)
+#if AQ_AVX2
   const int decode = f16c_decode(a.fmt);
 #endif
   dispatch_bits(bits, [&]<int BITS>() {
@@ -251,7 +253,7 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m, std
         const float* xr = x + r0 * a.layout.k;
         std::vector<float> yr(rows * a.layout.rows);
         const bool table = a.fmt.is_float_or_codebook();
-#if defined(__F16C__)
+#if AQ_AVX2
         if (decode != kF16cNone) {
           gemv_f16c_rows(a, xr, yr.data(), rows, decode, bad_scale);
           std::copy(yr.begin(), yr.end(), y + r0 * a.layout.rows);
@@ -309,7 +311,5 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
   return y.to(x.scalar_type()).reshape(a.out_shape);
 }
 
-}  // namespace
+}  // namespace AQ_CPU_VARIANT
 }  // namespace alphaquant
-
-TORCH_LIBRARY_IMPL(alphaquant, CPU, m) { m.impl("linear", &alphaquant::linear_cpu); }

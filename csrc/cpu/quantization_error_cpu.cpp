@@ -1,5 +1,7 @@
 // quantization_error on the CPU: the sums of x^2 and of (x - dequantize(packed))^2 in one pass
 // over x and the packed codes, with no decoded copy (the per-layer error of streaming quantization).
+#include "cpu/cpu_variant.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -15,7 +17,7 @@
 #include "cpu/segments.h"
 
 namespace alphaquant {
-namespace {
+namespace AQ_CPU_VARIANT {  // cpu_variant.h
 
 at::Tensor quantization_error_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                   const std::optional<at::Tensor>& zero_point, const std::string& fmt, bool symmetric,
@@ -88,7 +90,7 @@ at::Tensor quantization_error_cpu(const at::Tensor& x, const at::Tensor& packed,
                 for (int i = 0; i < 8; ++i) v[i] = table[c[i]] * s;
               }
             };
-#if defined(__AVX2__) && defined(__F16C__)
+#if AQ_AVX2
             if constexpr (kHaveAvx2Quantize<scalar_t>) {  // the lanes in registers for the whole group
               __m256 vs = _mm256_loadu_ps(sig), ve = _mm256_loadu_ps(err);
               for (; kb + 8 <= g1; kb += 8) {
@@ -153,7 +155,5 @@ at::Tensor quantization_error_cpu(const at::Tensor& x, const at::Tensor& packed,
   return at::tensor({signal, noise}, at::TensorOptions().dtype(at::kDouble));
 }
 
-}  // namespace
+}  // namespace AQ_CPU_VARIANT
 }  // namespace alphaquant
-
-TORCH_LIBRARY_IMPL(alphaquant, CPU, m) { m.impl("quantization_error", &alphaquant::quantization_error_cpu); }

@@ -4,6 +4,8 @@
 // clamp), so codes and scales are bit-identical to it; min/max reductions are exact in any order.
 #pragma once
 
+#include "cpu/cpu_variant.h"
+
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -11,10 +13,11 @@
 
 #include "alphaquant/quant_math.h"
 
-#if defined(__AVX2__) && defined(__F16C__)
+#if AQ_AVX2
 #include <immintrin.h>
 
 namespace alphaquant {
+namespace AQ_CPU_VARIANT {  // cpu_variant.h
 
 template <class T>
 constexpr bool kHaveAvx2Quantize =
@@ -78,17 +81,20 @@ inline bool int_codes_avx2(const T* x, int64_t n, ScaleZero sz, float qmin, floa
   return bad != 0;
 }
 
+}  // namespace AQ_CPU_VARIANT
 }  // namespace alphaquant
 
 #else
 
 namespace alphaquant {
+namespace AQ_CPU_VARIANT {  // cpu_variant.h
 template <class T>
 constexpr bool kHaveAvx2Quantize = false;
 template <class T>
 inline GroupStats group_stats_avx2(const T*, int64_t) { return {}; }
 template <class T>
 inline bool int_codes_avx2(const T*, int64_t, ScaleZero, float, float, uint8_t*) { return false; }
+}  // namespace AQ_CPU_VARIANT
 }  // namespace alphaquant
 
 #endif

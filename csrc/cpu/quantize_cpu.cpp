@@ -1,13 +1,15 @@
 // quantize / dequantize / fake_quantize on the CPU. Each segment of a row (segments.h) is
 // quantized into a small code buffer that stays in cache, then packed (or dequantized back for
 // fake_quantize), so the input is read once and the output written once.
+#include "cpu/cpu_variant.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cstring>
-#if defined(__AVX2__)
+#if AQ_AVX2
 #include <immintrin.h>
 #endif
 #include <vector>
@@ -22,7 +24,7 @@
 #include "cpu/store_block.h"
 
 namespace alphaquant {
-namespace {
+namespace AQ_CPU_VARIANT {  // cpu_variant.h
 
 struct GroupParams {
   const float* static_scale;  // nullptr: compute from the group's min/max
@@ -309,11 +311,5 @@ at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, con
   return out;
 }
 
-}  // namespace
+}  // namespace AQ_CPU_VARIANT
 }  // namespace alphaquant
-
-TORCH_LIBRARY_IMPL(alphaquant, CPU, m) {
-  m.impl("quantize", &alphaquant::quantize_cpu);
-  m.impl("fake_quantize", &alphaquant::fake_quantize_cpu);
-  m.impl("dequantize", &alphaquant::dequantize_cpu);
-}

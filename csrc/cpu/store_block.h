@@ -3,21 +3,24 @@
 // vectorize and made dequantizing to bf16 several times slower than to float32.
 #pragma once
 
+#include "cpu/cpu_variant.h"
+
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
-#if defined(__AVX2__)
+#if AQ_AVX2
 #include <immintrin.h>
 #endif
 
 namespace alphaquant {
+namespace AQ_CPU_VARIANT {  // cpu_variant.h
 
 template <class T>
 inline void store_block8(T* dst, const float* v) {
   for (int i = 0; i < 8; ++i) dst[i] = static_cast<T>(v[i]);
 }
 
-#if defined(__AVX2__)
+#if AQ_AVX2
 template <>
 inline void store_block8<c10::BFloat16>(c10::BFloat16* dst, const float* v) {
   const __m256 f = _mm256_loadu_ps(v);
@@ -32,4 +35,5 @@ inline void store_block8<c10::BFloat16>(c10::BFloat16* dst, const float* v) {
 }
 #endif
 
+}  // namespace AQ_CPU_VARIANT
 }  // namespace alphaquant
