@@ -25,13 +25,10 @@ using namespace int8_act;
 
 // Activation codes, block scales and group offsets (Problem's xq, xscale, xoffset) of x [m, k]
 // (float32, bf16 or fp16, read as it is: no converted copy; int8_act_quantize_x.h). Returns false
-// if x holds NaN or Inf.
+// if x holds NaN or Inf. avx2: full blocks in AVX2 registers (the caller's instruction set).
 template <class T>
 bool quantize_activations(const T* x, int64_t m, int64_t k, int64_t kblocks, int64_t groups,
-                          int64_t blocks_per_group, int8_t* xq, float* xscale, float* xoffset) {
-#if defined(__x86_64__)
-  const bool avx2 = chosen_cpu_isa() >= CpuIsa::kAvx2;
-#endif
+                          int64_t blocks_per_group, bool avx2, int8_t* xq, float* xscale, float* xoffset) {
   std::atomic<bool> nonfinite{false};
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     bool bad = false;
@@ -117,19 +114,17 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
   xq.resize(m * kblocks * kBlock);
   xscale.resize(m * kblocks);
   xoffset.resize(m * groups);
+  const CpuIsa isa = chosen_cpu_isa();  // once per call: it reads the environment
+  const bool avx2 = isa >= CpuIsa::kAvx2;
+  const auto quantize_x = [&](const auto* xp) {
+    return quantize_activations(xp, m, k, kblocks, groups, blocks_per_group, avx2, xq.data(), xscale.data(),
+                                xoffset.data());
+  };
   bool finite_x;
   switch (x2d.scalar_type()) {
-    case at::kBFloat16:
-      finite_x = quantize_activations(x2d.data_ptr<at::BFloat16>(), m, k, kblocks, groups, blocks_per_group,
-                                      xq.data(), xscale.data(), xoffset.data());
-      break;
-    case at::kHalf:
-      finite_x = quantize_activations(x2d.data_ptr<at::Half>(), m, k, kblocks, groups, blocks_per_group, xq.data(),
-                                      xscale.data(), xoffset.data());
-      break;
-    default:
-      finite_x = quantize_activations(x2d.data_ptr<float>(), m, k, kblocks, groups, blocks_per_group, xq.data(),
-                                      xscale.data(), xoffset.data());
+    case at::kBFloat16: finite_x = quantize_x(x2d.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: finite_x = quantize_x(x2d.data_ptr<at::Half>()); break;
+    default: finite_x = quantize_x(x2d.data_ptr<float>());
   }
   TORCH_CHECK_VALUE(finite_x, "alphaquant.", op, ": x holds NaN or Inf, which int8 activations cannot hold "
                     "(the float-activation linear op passes them through)");
@@ -156,7 +151,7 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
   p.sbits = sbits;
   auto kernel = &run_tiles_portable;
 #if defined(__x86_64__)
-  switch (chosen_cpu_isa()) {
+  switch (isa) {
     case CpuIsa::kAvx512Vnni: kernel = &run_tiles_avx512_vnni; break;
     case CpuIsa::kAvx2: kernel = &run_tiles_avx2; break;
     default: break;
