@@ -196,6 +196,14 @@ def cpu_isa() -> str:
     "portable" (the best this CPU has, or lower by the environment variable ALPHAQUANT_CPU_ISA)."""
     return _native._C.cpu_isa()  # a module function of the extension: it takes no tensors, so it is no op
 
+
+def cpu_bf16_dot() -> bool:
+    """Whether the CPU `linear` op multiplies bf16 activations (up to 16 rows) with AVX-512 BF16
+    dot products (`vdpbf16ps`) on this CPU: it has AVX-512 BF16 and VBMI and `cpu_isa()` is
+    "avx512_vnni". Elsewhere bf16 activations go through float32."""
+    return _native._C.cpu_bf16_dot()
+
+
 def dequantize_codebook(
     packed: torch.Tensor,
     scale: torch.Tensor,

@@ -3,6 +3,8 @@
 Weights are rotated among several copies so that they do not sit in the GPU's L2 (or the CPU's
 last-level cache) between repeats. Prints time per call and the speedup over F.linear for each shape, batch size M and
 format. Usage: python benchmarks/bench_linear.py [--device cpu|cuda] [--shapes 4096x4096,...] [--m 1,4,16]
+[--also-isa avx2] (CPU: each format timed a second time, in the same run, with ALPHAQUANT_CPU_ISA set
+to that instruction set: e.g. the float32 path that bf16 activations took before AVX-512 BF16)
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def main() -> None:
     parser.add_argument("--formats", default=None, help="comma list among " + ",".join(f for f, _, _ in FORMATS))
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="activations (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--also-isa", default=None, choices=["portable", "avx2", "avx512_vnni"],
+                        help="CPU: time each format again with ALPHAQUANT_CPU_ISA set to this")
     args = parser.parse_args()
     dev = args.device
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or (GPU_SHAPES if dev == "cuda" else "4096x4096")).split(",")]
@@ -80,8 +84,17 @@ def main() -> None:
 
                 t = median_time(run, dev, reps)
                 row += [f"{t * 1e6:.0f} ({t_ref / t:.2f}x)"]
+                if args.also_isa:
+                    os.environ["ALPHAQUANT_CPU_ISA"] = args.also_isa
+                    try:
+                        t = median_time(run, dev, reps)
+                    finally:
+                        del os.environ["ALPHAQUANT_CPU_ISA"]
+                    row += [f"{t * 1e6:.0f} ({t_ref / t:.2f}x)"]
             rows.append(row)
-    print_table(["KxN", "M", "F.linear us"] + [f"{f}{'' if s else 'a'} g{g} us (x)" for f, s, g in formats], rows)
+    also = [f" {args.also_isa}"] if args.also_isa else []
+    print_table(["KxN", "M", "F.linear us"] + [f"{f}{'' if s else 'a'} g{g}{isa} us (x)" for f, s, g in formats
+                                               for isa in [""] + also], rows)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,19 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   }
 }
 
+// alphaquant._C.cpu_bf16_dot(): whether the CPU linear op multiplies bf16 activations (up to 16
+// rows) with AVX-512 BF16 dot products here (csrc/cpu/linear_bf16_dot.h).
+PyObject* cpu_bf16_dot(PyObject*, PyObject*) {
+  try {
+    return PyBool_FromLong(alphaquant::bf16_dot_usable(alphaquant::chosen_cpu_isa()));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef module_methods[] = {{"cpu_isa", cpu_isa, METH_NOARGS, "instruction set of the CPU kernels"},
+                                {"cpu_bf16_dot", cpu_bf16_dot, METH_NOARGS, "bf16 dot products on the CPU"},
                                 {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -40,6 +40,20 @@ CpuIsa chosen_cpu_isa() {
   return static_cast<int>(asked) < static_cast<int>(best) ? asked : best;
 }
 
+bool bf16_dot_usable(CpuIsa isa) {
+  static const bool has = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+  }();
+  return has && isa == CpuIsa::kAvx512Vnni;
+}
+
 std::string cpu_isa_name(CpuIsa isa) {
   switch (isa) {
     case CpuIsa::kAvx512Vnni: return "avx512_vnni";

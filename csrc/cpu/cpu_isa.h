@@ -15,5 +15,8 @@ CpuIsa best_cpu_isa();
 // instruction set the CPU lacks gives the best it has below it). Raises on an unknown name.
 CpuIsa chosen_cpu_isa();
 std::string cpu_isa_name(CpuIsa isa);
+// Whether the bf16-activation dot products (linear_bf16_dot.h) run: the CPU has AVX-512
+// F/BW/VL/DQ/VBMI/BF16 and `isa` (the one chosen for the call) is avx512_vnni.
+bool bf16_dot_usable(CpuIsa isa);
 
 }  // namespace alphaquant

@@ -21,7 +21,9 @@
 #include "alphaquant/arg_checks.h"
 #include "alphaquant/bitstream.h"
 #include "cpu/decode_table.h"
+#include "cpu/cpu_isa.h"
 #include "cpu/dot.h"
+#include "cpu/linear_bf16_dot.h"
 #include "cpu/linear_avx2.h"
 #include "cpu/tiled_gemm.h"
 
@@ -299,9 +301,17 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
     });
     return y.to(x.scalar_type()).reshape(a.out_shape);
   }
+  std::atomic<bool> bad_scale{false};
+  // bf16 activations: exact bf16 products where the CPU has AVX-512 BF16 (linear_bf16_dot.h).
+  if (x.scalar_type() == at::kBFloat16 && bf16_dot_usable(chosen_cpu_isa())) {
+    at::Tensor y = at::empty({m, a.layout.rows}, a.x2d.options().dtype(at::kFloat));
+    if (linear_bf16_dot(a, a.x2d.data_ptr<c10::BFloat16>(), y.data_ptr<float>(), m, bad_scale)) {
+      if (a.validate && bad_scale) raise_kernel_error("linear", kErrBadScale, a.fmt);
+      return y.to(x.scalar_type()).reshape(a.out_shape);
+    }
+  }
   const at::Tensor xf = a.x2d.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({m, a.layout.rows}, xf.options());
-  std::atomic<bool> bad_scale{false};
   if (!try_gemv_avx2(a, xf.data_ptr<float>(), y.data_ptr<float>(), m, bad_scale)) {
     dispatch_format(a.fmt, [&]<class CODEC, int BITS>() {
       gemv_rows<CODEC, BITS>(a, xf.data_ptr<float>(), y.data_ptr<float>(), m, bad_scale);
