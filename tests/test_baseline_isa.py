@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("
 DISPATCHED = re.compile(r"alphaquant::avx2::|alphaquant::int8_act::run_tiles_avx"
                         r"|alphaquant::int8_act::\(anonymous namespace\)::(half_)?tile_rows|alphaquant::int8_act::"
                         r"\(anonymous namespace\)::(load16|dpbusd|widen|unpack)|quantize_block32_avx2|load8_as_float"
-                        r"|alphaquant::bf16_dot::|alphaquant::linear_bf16_dot\(")
+                        r"|alphaquant::bf16_dot::|alphaquant::linear_(split_)?bf16_dot\(")
 
 
 def test_avx_only_in_dispatched_kernels():

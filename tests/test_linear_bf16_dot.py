@@ -80,3 +80,41 @@ def test_bf16_dot_every_code(fmt, monkeypatch):
     monkeypatch.setenv("ALPHAQUANT_CPU_ISA", "avx2")
     y_float = ops.linear(x, packed, s, None, None, fmt, group_size=0, k=k)
     torch.testing.assert_close(y, y_float, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt,symmetric,group_size", CASES)
+@pytest.mark.parametrize("dtype,m", [(torch.float32, 1), (torch.float16, 1), (torch.float32, 3), (torch.float16, 4)])
+def test_split_activations_give_the_exact_product(fmt, symmetric, group_size, dtype, m):
+    # float32 / float16 rows split into 3 / 2 bf16 parts that sum to them exactly (one row; up to 9
+    # bf16 rows for 6- and 8-bit codes): products stay exact, only the float32 sums round
+    n, k = 29, 256
+    packed, s, z = _weight(fmt, symmetric, group_size, n, k, seed=5)
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-3, 3, k)).to(dtype)  # values that need every part
+    bias = torch.randn(n)
+    y = ops.linear(x, packed, s, z, bias, fmt, symmetric=symmetric, group_size=group_size, k=k)
+    assert y.dtype == dtype
+    want, bound = _exact(x, packed, s, z, bias, fmt, symmetric, group_size, k)
+    out_rounding = 2.0 ** -11 if dtype == torch.float16 else 0.0
+    err = (y.double() - want).abs()
+    # float32 sums: measured below 4e-7 of the bound; a part too few (16 bits of 24) gives ~1e-5
+    assert (err <= want.abs() * out_rounding + 1e-6 * bound + 1e-30).all(), (err / bound).max()
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "int4"])
+def test_split_activations_keep_inf_and_nan(fmt):
+    n, k = 8, 64
+    packed, s, z = _weight(fmt, True, 32, n, k)
+    x = torch.randn(1, k)
+    x[0, 3] = float("inf")
+    y = ops.linear(x, packed, s, None, None, fmt, group_size=32, k=k)
+    w = ops.dequantize(packed, s, None, fmt, group_size=32, k=k)
+    want = x.double() @ w.double().T  # inf times a value of 0 is NaN, else +-inf
+    if fmt == "int4":
+        # integers sum code * x and x apart (offset term), as the float32 path does: inf - inf
+        # gives NaN where the product is +-inf; non-finite either way
+        assert not y.isfinite().any()
+    else:
+        torch.testing.assert_close(y.double(), want, equal_nan=True)
+    x[0, 3] = float("nan")
+    assert ops.linear(x, packed, s, None, None, fmt, group_size=32, k=k).isnan().all()

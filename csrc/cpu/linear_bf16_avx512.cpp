@@ -60,6 +60,7 @@ struct Weights {
   const c10::BFloat16* x;  // [m, k]
   float* y;                // [m, n]
   int64_t m;
+  int64_t pass_rows;  // rows of x per pass over the weight (<= kMaxPassRows)
   std::vector<float> xsum;  // integers: sums of x over each group, [m, groups]
   float qmin;
   float out_scale;  // 256 for E4M3 (decoded as value * 2^-8), else 1
@@ -273,8 +274,8 @@ void run(const Weights& w, std::atomic<bool>& bad_scale) {
         rows_pass_small_groups<BITS, D, PARTS, GS, R>(w, j0, j1, r0, bad);
       }
     };
-    for (int64_t r0 = 0; r0 < w.m; r0 += kMaxPassRows) {
-      switch (std::min<int64_t>(kMaxPassRows, w.m - r0)) {
+    for (int64_t r0 = 0; r0 < w.m; r0 += w.pass_rows) {
+      switch (std::min<int64_t>(w.pass_rows, w.m - r0)) {
         case 1: pass.template operator()<1>(r0); break;
         case 2: pass.template operator()<2>(r0); break;
         case 3: pass.template operator()<3>(r0); break;
@@ -360,14 +361,23 @@ void run_parts(const Weights& w, int parts, int small_groups, std::atomic<bool>&
 }  // namespace
 }  // namespace bf16_dot
 
-bool linear_bf16_dot(const LinearArgs& a, const c10::BFloat16* x, float* y, int64_t m,
-                     std::atomic<bool>& bad_scale) {
-  using namespace bf16_dot;
+namespace bf16_dot {
+namespace {
+
+// Whether the kernels take this weight: k whole chunks, groups of 16 or whole chunks.
+bool takes(const LinearArgs& a) {
+  const GroupLayout& l = a.layout;
+  if (l.k % kChunk != 0) return false;
+  const bool one_group = l.per_tensor || l.groups == 1;
+  return one_group || l.group_size == kChunk / 2 || l.group_size % kChunk == 0;
+}
+
+// y [m, n] = x [m, k] (bf16) @ W.T + bias (bias: float32 [n] or null), in passes of pass_rows rows.
+bool dot(const LinearArgs& a, const c10::BFloat16* x, float* y, int64_t m, int64_t pass_rows, const float* bias,
+         std::atomic<bool>& bad_scale) {
   const GroupLayout& l = a.layout;
   const FormatSpec& f = a.fmt;
-  if (m < 1 || m > kBf16DotMaxRows || l.k % kChunk != 0) return false;
   const bool one_group = l.per_tensor || l.groups == 1;
-  if (!one_group && l.group_size != kChunk / 2 && l.group_size % kChunk != 0) return false;
   const bool small = !one_group && (l.group_size == 16 || l.group_size == 32 || l.group_size == 64 || l.group_size == 128);
   const int small_groups = small ? static_cast<int>(l.group_size) : 0;
   Weights w{.a = &a,
@@ -377,11 +387,12 @@ bool linear_bf16_dot(const LinearArgs& a, const c10::BFloat16* x, float* y, int6
             .scale_codes = a.scale_codes ? a.scale_codes->data_ptr<uint8_t>() : nullptr,
             .scale_table = a.scale_table.data(),
             .zero = a.zero ? a.zero->data_ptr<float>() : nullptr,
-            .bias = a.bias ? a.bias->data_ptr<float>() : nullptr,
+            .bias = bias,
             .integer = !f.is_float_or_codebook(),
             .x = x,
             .y = y,
             .m = m,
+            .pass_rows = pass_rows,
             .qmin = f.qmin(),
             .out_scale = 1.0f};
   if (!f.is_float_or_codebook()) {
@@ -418,10 +429,59 @@ bool linear_bf16_dot(const LinearArgs& a, const c10::BFloat16* x, float* y, int6
   return true;
 }
 
+// x [m, k] float32 as `parts` rows of bf16 each (out [m, parts, k]) whose sum is x exactly for
+// float16 values (2 parts: 11 significant bits) and float32 ones (3 parts: 24 bits), bar values
+// below 2^-110 whose last part is a bf16 subnormal (vdpbf16ps reads those as 0). NaN and Inf
+// stay in the first part, the others 0.
+void split_rows(const float* x, int64_t count, int parts, c10::BFloat16* out, int64_t k) {
+  const __m512 infinity = _mm512_set1_ps(INFINITY);
+  for (int64_t r = 0; r < count / k; ++r)
+    for (int64_t i = 0; i < k; i += 16) {
+      __m512 rest = _mm512_loadu_ps(x + r * k + i);
+      const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(rest), infinity, _CMP_LT_OQ);
+      for (int p = 0; p < parts; ++p) {
+        const __m256bh part = _mm512_cvtneps_pbh(rest);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r * parts + p) * k + i), (__m256i)part);
+        // exact: the part is rest rounded to 8 significant bits
+        rest = _mm512_maskz_sub_ps(finite, rest, _mm512_cvtpbh_ps(part));
+      }
+    }
+}
+
+}  // namespace
+}  // namespace bf16_dot
+
+bool linear_bf16_dot(const LinearArgs& a, const c10::BFloat16* x, float* y, int64_t m,
+                     std::atomic<bool>& bad_scale) {
+  if (m < 1 || m > kBf16DotMaxRows || !bf16_dot::takes(a)) return false;
+  return bf16_dot::dot(a, x, y, m, bf16_dot::kMaxPassRows, a.bias ? a.bias->data_ptr<float>() : nullptr, bad_scale);
+}
+
+bool linear_split_bf16_dot(const LinearArgs& a, const float* x, int parts, float* y, int64_t m,
+                           std::atomic<bool>& bad_scale) {
+  using namespace bf16_dot;
+  if (m < 1 || m > kBf16DotMaxRows || !takes(a)) return false;
+  const int64_t k = a.layout.k, n = a.layout.rows;
+  std::vector<c10::BFloat16> xs(m * parts * k);
+  split_rows(x, m * k, parts, xs.data(), k);
+  std::vector<float> ys(m * parts * n);
+  // passes of whole rows of x (all their parts): 6 rows of bf16 per pass for 2 or 3 parts
+  if (!dot(a, xs.data(), ys.data(), m * parts, 6, nullptr, bad_scale)) return false;
+  const float* bias = a.bias ? a.bias->data_ptr<float>() : nullptr;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      float v = bias ? bias[j] : 0.0f;
+      for (int p = 0; p < parts; ++p) v += ys[(r * parts + p) * n + j];
+      y[r * n + j] = v;
+    }
+  return true;
+}
+
 }  // namespace alphaquant
 
 #else
 namespace alphaquant {
 bool linear_bf16_dot(const LinearArgs&, const c10::BFloat16*, float*, int64_t, std::atomic<bool>&) { return false; }
+bool linear_split_bf16_dot(const LinearArgs&, const float*, int, float*, int64_t, std::atomic<bool>&) { return false; }
 }  // namespace alphaquant
 #endif

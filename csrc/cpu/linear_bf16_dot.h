@@ -26,4 +26,10 @@ constexpr int64_t kBf16DotMaxRows = 16;
 bool linear_bf16_dot(const LinearArgs& a, const c10::BFloat16* x, float* y, int64_t m,
                      std::atomic<bool>& bad_scale);
 
+// The same for float32 or float16 activations (x [m, k] float32, float16 values when parts == 2):
+// each row is split into `parts` rows of bf16 that sum to it exactly (3 for float32, 2 for
+// float16), multiplied as above and summed, so the products stay exact.
+bool linear_split_bf16_dot(const LinearArgs& a, const float* x, int parts, float* y, int64_t m,
+                           std::atomic<bool>& bad_scale);
+
 }  // namespace alphaquant

@@ -283,6 +283,14 @@ bool try_gemv_avx2(const LinearArgs& a, const float* x, float* y, int64_t m, std
 bool try_gemv_avx2(const LinearArgs&, const float*, float*, int64_t, std::atomic<bool>&) { return false; }
 #endif
 
+// Whether float32 / float16 activations go faster split into bf16 parts (3 / 2 vdpbf16ps per row
+// and chunk) than through the float32 path (RESULTS.md, "bf16 activations: vdpbf16ps"): for one
+// row, and for up to 9 bf16 rows where the float path decodes slowly (6- and 8-bit codes).
+bool split_dot_pays(const FormatSpec& f, at::ScalarType dtype, int64_t m) {
+  const int64_t rows = m * (dtype == at::kHalf ? 2 : 3);
+  return m == 1 || (f.bits >= 6 && rows <= 9);
+}
+
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                       const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& bias,
                       const std::string& fmt, bool symmetric, int64_t group_size, int64_t k, bool validate) {
@@ -302,10 +310,16 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::T
     return y.to(x.scalar_type()).reshape(a.out_shape);
   }
   std::atomic<bool> bad_scale{false};
-  // bf16 activations: exact bf16 products where the CPU has AVX-512 BF16 (linear_bf16_dot.h).
-  if (x.scalar_type() == at::kBFloat16 && bf16_dot_usable(chosen_cpu_isa())) {
+  // Exact bf16 products where the CPU has AVX-512 BF16 (linear_bf16_dot.h): bf16 activations as
+  // they are, float32 and float16 ones split into bf16 parts where that pays.
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (bf16_dot_usable(chosen_cpu_isa()) && (bf16 || split_dot_pays(a.fmt, x.scalar_type(), m))) {
     at::Tensor y = at::empty({m, a.layout.rows}, a.x2d.options().dtype(at::kFloat));
-    if (linear_bf16_dot(a, a.x2d.data_ptr<c10::BFloat16>(), y.data_ptr<float>(), m, bad_scale)) {
+    const at::Tensor xs = bf16 ? a.x2d : a.x2d.to(at::kFloat).contiguous();
+    const bool done = bf16 ? linear_bf16_dot(a, xs.data_ptr<c10::BFloat16>(), y.data_ptr<float>(), m, bad_scale)
+                           : linear_split_bf16_dot(a, xs.data_ptr<float>(), x.scalar_type() == at::kHalf ? 2 : 3,
+                                                   y.data_ptr<float>(), m, bad_scale);
+    if (done) {
       if (a.validate && bad_scale) raise_kernel_error("linear", kErrBadScale, a.fmt);
       return y.to(x.scalar_type()).reshape(a.out_shape);
     }
