@@ -66,7 +66,7 @@ def sanitizer_flags() -> list[str]:
 
 with_cuda = build_cuda()
 sources = ["csrc/ops.cpp", "csrc/format_and_layout.cpp", "csrc/arg_checks.cpp", "csrc/embedding.cpp",
-           "csrc/quantization_error.cpp", "csrc/mx_nan_blocks.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+           "csrc/quantization_error.cpp", "csrc/mx_nan_blocks.cpp", "csrc/linear_autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.abspath("csrc/include"), os.path.abspath("csrc")]
 extra = {"cxx": cpu_flags() + sanitizer_flags() + ["-DPy_LIMITED_API=0x030A0000"]}
 if avx2_variants():

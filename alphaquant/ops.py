@@ -711,53 +711,8 @@ torch.library.register_autograd(
 )
 
 
-def _linear_setup(ctx, inputs, output):
-    x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k, _validate = inputs
-    ctx.save_for_backward(packed, scale, zero_point)
-    ctx.args = (fmt, symmetric, group_size, k)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _linear_backward(ctx, grad):
-    # y = x @ W.T + b: dx = grad @ W, db = grad summed over every leading dimension. The packed
-    # weight is not differentiable and its scales are treated as constants.
-    packed, scale, zero_point = ctx.saved_tensors
-    fmt, symmetric, group_size, k = ctx.args
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        # the forward call already checked these scales (or its caller chose not to)
-        w = _ops.dequantize(packed, scale, zero_point, fmt, symmetric, group_size, k, grad.dtype, False)
-        grad_x = grad @ w
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return grad_x, None, None, None, grad_bias, None, None, None, None, None
-
-
-torch.library.register_autograd("alphaquant::linear", _linear_backward, setup_context=_linear_setup)
-
-
-def _linear_codebook_setup(ctx, inputs, output):
-    x, packed, scale, codebook, bias, group_size, k, _validate = inputs
-    ctx.save_for_backward(packed, scale, codebook)
-    ctx.args = (group_size, k)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _linear_codebook_backward(ctx, grad):
-    # as _linear_backward: the packed weight, its scales and its code book are constants
-    packed, scale, codebook = ctx.saved_tensors
-    group_size, k = ctx.args
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        w = _ops.dequantize_codebook(packed, scale, codebook, group_size, k, grad.dtype, False)
-        grad_x = grad @ w
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return grad_x, None, None, None, grad_bias, None, None, None
-
-
-torch.library.register_autograd("alphaquant::linear_codebook", _linear_codebook_backward,
-                                setup_context=_linear_codebook_setup)
+# linear and linear_codebook: csrc/linear_autograd.cpp (in C++, so that calls without gradients
+# skip Python entirely).
 
 
 def _quantize_fake_shapes(rows: int, k: int, fmt: str, symmetric: bool, group_size: int):

@@ -82,7 +82,7 @@ TORCH_LIBRARY(alphaquant, m) {
       "bool stochastic, int seed) -> Tensor");
   // y = x @ dequantize(weight).T + bias. x: [..., k] float, weight packed: [n, ceil(k*bits/8)],
   // scale/zero_point: [n, groups] (or [1, 1] per-tensor). Returns [..., n] in x's dtype.
-  // validate: as for dequantize. Gradients (alphaquant/ops.py) flow to x and bias only.
+  // validate: as for dequantize. Gradients (csrc/linear_autograd.cpp) flow to x and bias only.
   m.def(
       "linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero_point, Tensor? bias, str fmt, bool symmetric, "
       "int group_size, int k, bool validate=True) -> Tensor");
@@ -105,7 +105,7 @@ TORCH_LIBRARY(alphaquant, m) {
       "bool validate=True) -> Tensor");
   // y = x @ dequantize_codebook(weight).T + bias. x: [..., k] float, packed: [n, ceil(k/2)],
   // scale: [n, groups] (or [1, 1]), codebook: [16] or [n, 16]. Returns [..., n] in x's dtype.
-  // Gradients (alphaquant/ops.py) flow to x and bias only.
+  // Gradients (csrc/linear_autograd.cpp) flow to x and bias only.
   m.def(
       "linear_codebook(Tensor x, Tensor packed, Tensor scale, Tensor codebook, Tensor? bias, int group_size, int k, "
       "bool validate=True) -> Tensor");

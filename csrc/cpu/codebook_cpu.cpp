@@ -7,7 +7,8 @@
 // row, 1/32 of a packed 4-bit row at k = 4096) and the kernels look codes up in their row's
 // table, which stays in L1 while the row is processed. The linear op is otherwise the one of
 // linear_cpu.cpp: few rows of x take dot products with each weight row unpacked into L1 (AVX2:
-// codes gathered straight from the row's table), many rows dequantize a tile and call GEMM.
+// codes looked up in the row's table held in two registers), many rows dequantize a tile and
+// call GEMM.
 #include "cpu/cpu_variant.h"
 
 #include <ATen/ATen.h>
@@ -118,7 +119,7 @@ void gemv_codebook(const CodebookLinearArgs& a, const float* x, float* y, int64_
 }
 
 #if AQ_AVX2
-// The same with the AVX2 inner loop of linear_avx2.h (codes gathered from the row's table) for
+// The same with the AVX2 inner loop of linear_avx2.h (the row's table in two registers) for
 // M rows of x at a time, when rows and groups fill whole 8-byte chunks (16 codes).
 template <int M>
 void gemv_codebook_avx2(const CodebookLinearArgs& a, const float* x, float* y, std::atomic<int>& err) {
