@@ -22,15 +22,17 @@ NVFP4_BLOCK = 16
 NVFP4_FORMATS = (NVFP4,)
 ALL_FORMATS = INT_FORMATS + FLOAT_FORMATS + CODEBOOK_FORMATS + MX_FORMATS + NVFP4_FORMATS
 # Weight formats of the CPU int8-activation path (act_int8): values on an integer grid per group
-# (csrc/cpu/int8_act_grid.h); group sizes a multiple of its activation block of 32
-INT8_ACT_FORMATS = INT_FORMATS + ("mxint8", "fp4_e2m1", "mxfp4_e2m1", "fp6_e2m3", "mxfp6_e2m3")
+# (csrc/cpu/int8_act_grid.h); group sizes a multiple of its activation block of 32, or 16 (two
+# groups per block, as nvfp4's)
+INT8_ACT_FORMATS = INT_FORMATS + ("mxint8", "fp4_e2m1", "mxfp4_e2m1", "nvfp4", "fp6_e2m3", "mxfp6_e2m3")
 INT8_ACT_BLOCK = 32
 
 
 def int8_act_takes(fmt: str, group_size: int) -> bool:
     """Whether a weight of this format and op group size (0 / -1: per channel / tensor) can run on
     the int8-activation path."""
-    return fmt in INT8_ACT_FORMATS and (group_size <= 0 or group_size % INT8_ACT_BLOCK == 0)
+    return fmt in INT8_ACT_FORMATS and (group_size <= 0 or group_size % INT8_ACT_BLOCK == 0
+                                        or group_size == INT8_ACT_BLOCK // 2)
 # Learned code books: 4-bit codes index 16 values fitted to each weight (or each of its rows) and
 # stored beside codes and scales (alphaquant.quantizers.codebook). Not a fixed format, so not in
 # ALL_FORMATS: the ops that take a format name do not take it; dequantize_codebook and

@@ -174,7 +174,8 @@ def int8_act_layout(packed: torch.Tensor, scale: torch.Tensor, zero_point: Optio
 
     packed/scale/zero_point as for :func:`linear`, of a format in
     ``alphaquant.formats.INT8_ACT_FORMATS`` (int1..int8 symmetric or not, mxint8, fp4/fp6 E2M1/E2M3
-    with or without MX scales: values on an integer grid); group_size a multiple of 32, 0 or -1.
+    with or without MX scales, nvfp4: values on an integer grid); group_size a multiple of 32, 16
+    (two groups per activation block, as nvfp4's), 0 or -1.
     codes: uint8 [ceil(n/16), ceil(k/32), 16*32*sbits/8] (sbits 2, 4 or 8 bits per code), params:
     float32 [ceil(n/16), groups, 2, 16] (per row and group: the factor of the code's grid value and
     the offset). CPU only; the plain packed weight stays the stored form (csrc/cpu/int8_act_layout.h).
@@ -609,8 +610,9 @@ def _int8_act_shapes(op: str, fmt: str, group_size: int, n: int, k: int, pcount:
     if fmt not in INT8_ACT_FORMATS:
         raise _value_error(op, f"the int8-activation path takes weights whose values are an integer grid "
                            f"({', '.join(INT8_ACT_FORMATS)}); got {fmt}")
-    if group_size > 0 and group_size < k and group_size % INT8_ACT_BLOCK:
-        raise _value_error(op, f"group_size must be a multiple of {INT8_ACT_BLOCK}, or 0 / -1; got {group_size}")
+    if group_size > 0 and group_size < k and group_size % INT8_ACT_BLOCK and group_size != INT8_ACT_BLOCK // 2:
+        raise _value_error(op, f"group_size must be a multiple of {INT8_ACT_BLOCK}, {INT8_ACT_BLOCK // 2}, or 0 / -1; "
+                           f"got {group_size}")
     bits = format_bits(fmt)
     sbits = 2 if bits <= 2 else 4 if bits <= 4 else 8
     tiles, kblocks = -(-n // _INT8_ACT_TILE), -(-k // INT8_ACT_BLOCK)

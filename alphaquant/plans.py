@@ -28,8 +28,8 @@ in order, so later overrides win over earlier ones. Keys of a scheme:
                     byte each, on a grid of 2^(bits-7) codes; alphaquant.formats.zero_grid)
   act_int8          true: on the CPU, compute the layer with its activations quantized to int8 per
                     block of 32 and integer dot products (llama.cpp's scheme; much faster, a small
-                    accuracy cost, RESULTS.md); weights int1..int8, mxint8, fp4/mxfp4 (E2M1),
-                    fp6_e2m3/mxfp6_e2m3 with group_size a multiple of 32 (or per channel/tensor),
+                    accuracy cost, RESULTS.md); weights int1..int8, mxint8, fp4/mxfp4/nvfp4 (E2M1),
+                    fp6_e2m3/mxfp6_e2m3 with group_size a multiple of 32 or 16 (or per channel/tensor),
                     no "aq". Stored weights are unchanged; GPUs and training use the
                     float-activation path.
   smoothquant       true: SmoothQuant-style migration of activation outliers into the weights
@@ -278,14 +278,16 @@ def build_quantizers(scheme: dict):
 
 
 def _check_act_int8(scheme: dict, wq, aq) -> None:
-    """act_int8 layers: weights on an integer grid whose groups hold whole activation blocks of 32, no "aq"."""
+    """act_int8 layers: weights on an integer grid whose groups hold whole activation blocks of 32 (or
+    halves of them), no "aq"."""
     if wq.fmt not in INT8_ACT_FORMATS:
         raise PlanError(f"act_int8 computes with weights whose values are an integer grid "
                         f"({', '.join(INT8_ACT_FORMATS)}); got wq {scheme['wq']} ({wq.fmt})")
     group = wq.config.op_group_size
-    if 0 < group and group % INT8_ACT_BLOCK:
+    if 0 < group and group % INT8_ACT_BLOCK and group != INT8_ACT_BLOCK // 2:
         raise PlanError(f"act_int8 quantizes activations per block of 32 values: the weight's group_size must be a "
-                        f"multiple of 32 (or the granularity per_channel/per_tensor); got {group}")
+                        f"multiple of 32, 16 (two groups per block) or the granularity per_channel/per_tensor; "
+                        f"got {group}")
     if aq is not None:
         raise PlanError(f"act_int8 quantizes the activations itself (int8 per block of 32); leave 'aq' unset, got "
                         f"{scheme['aq']}")

@@ -26,7 +26,7 @@ from alphaquant import ops  # noqa: E402
 CACHE_BYTES = 96 << 20  # more than this machine's 32 MiB L3, with margin
 # (format, symmetric, group_size) of our int8-activation columns; int4 g128 also in float activations
 INT8_ACT = [("int4", True, 128), ("int4", True, 32), ("int8", True, 32), ("int2", False, 64), ("fp4_e2m1", True, 32),
-            ("mxfp6_e2m3", True, 32)]
+            ("mxfp6_e2m3", True, 32), ("nvfp4", True, 16)]
 
 
 def read_bandwidth() -> float:
@@ -88,7 +88,7 @@ def main() -> None:
             ours = {}
             for fmt, sym, g in [("int4", True, 128)] + INT8_ACT:
                 p, s, z = ops.quantize(w, fmt, symmetric=sym, group_size=g)
-                z = None if sym else z
+                z = None if sym and fmt != "nvfp4" else z  # nvfp4's third tensor: its global scale
                 if s.dtype == torch.float32:
                     s = s.half()  # float16 scales, as the CPU presets and GGUF store them
                 codes, params = ops.int8_act_layout(p, s, z, fmt, symmetric=sym, group_size=g, k=k)

@@ -84,7 +84,7 @@ def test_act_int8_survives_a_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("scheme,match", [
     (dict(wq="nf4"), "integer grid"),
-    (dict(wq="int4", group_size=16), "multiple of 32"),
+    (dict(wq="int4", group_size=8), "multiple of 32"),
     (dict(wq="int8", aq="int8"), "leave 'aq' unset"),
     (dict(act_int8="yes"), "must be true or false"),
 ])
@@ -119,3 +119,19 @@ def test_compiles_with_and_without_a_built_layout():
         torch.testing.assert_close(y, want)
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), want)  # built: no graph break
+
+
+@pytest.mark.parametrize("scheme", [dict(wq="nvfp4", group_size=16), dict(wq="int4", group_size=16)])
+def test_16_value_groups_take_the_int8_path(scheme):
+    # nvfp4 (E2M1 values, a scale per 16) and 16-value integer groups: two weight groups per
+    # activation block of 32
+    model = _model()
+    apply_plan(model, _plan(act_int8=True, **scheme))
+    layer = model[0]
+    assert layer._int8_act_applies(torch.randn(2, 64))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = layer(x)
+    p = layer.packed_weight
+    want = ref.linear_int8_act(x, p.data, p.scale, p.zero_point, layer.bias, layer.fmt, True, 16, 64)
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("
 
 # Functions that may use AVX: those the run-time choice calls on CPUs that have it.
 DISPATCHED = re.compile(r"alphaquant::avx2::|alphaquant::int8_act::run_tiles_avx"
-                        r"|alphaquant::int8_act::\(anonymous namespace\)::(half_)?tile_rows|alphaquant::int8_act::"
-                        r"\(anonymous namespace\)::(load16|dpbusd|widen|unpack)|quantize_block32_avx2|load8_as_float"
+                        r"|alphaquant::int8_act::\(anonymous namespace\)::\w*tile_rows|alphaquant::int8_act::"
+                        r"\(anonymous namespace\)::(load16|dpbusd|widen|unpack|block_words)|quantize_block32_avx2|load8_as_float"
                         r"|alphaquant::bf16_dot::|alphaquant::linear_(split_)?bf16_dot\(")
 
 

@@ -15,16 +15,18 @@ def _weight(n, k, fmt, symmetric, group_size, byte_zero=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     packed, scale, zero = ops.quantize(w, fmt, symmetric=symmetric, group_size=group_size)
-    if symmetric:
+    if symmetric and fmt != "nvfp4":  # nvfp4's third tensor is its global scale
         zero = None
     elif byte_zero:
         zero = torch.randint(0, 256, tuple(zero.shape), dtype=torch.uint8, generator=g)
     return packed, scale, zero
 
 
-def _step(scale, fmt, group_size, n, k):
+def _step(scale, fmt, group_size, n, k, zero=None):
     """Per element, the largest magnitude a term of the kernel's sums reaches for one activation unit."""
-    if fmt.startswith("mx"):
+    if fmt == "nvfp4":
+        s, fmt = ref.nvfp4_scale_values(scale, zero), "fp4_e2m1"
+    elif fmt.startswith("mx"):
         s, group_size = ref.mx_scale_values(scale, fmt), 32
     else:
         s = scale.float()
@@ -40,7 +42,7 @@ def _check(x, packed, scale, zero, bias, fmt, symmetric, group_size, n, k):
     # float32 sums in the kernel: bound the error by the size of what it sums, the codes' grid
     # values and the offsets apart (each up to about 2^bits steps, or twice a float grid's max)
     w = ref.dequantize(packed, scale, zero, fmt, symmetric, group_size, k).double()
-    size = ref.quantize_activations_int8(x).double().abs() @ (w.abs() + _step(scale, fmt, group_size, n, k)).T
+    size = ref.quantize_activations_int8(x).double().abs() @ (w.abs() + _step(scale, fmt, group_size, n, k, zero)).T
     tol = 2e-5 * size + 1e-6
     if x.dtype != torch.float32:  # the result is rounded to x's dtype
         tol = tol + want.abs() * (2.0 ** -7 if x.dtype == torch.bfloat16 else 2.0 ** -10)
@@ -66,6 +68,10 @@ def _check(x, packed, scale, zero, bias, fmt, symmetric, group_size, n, k):
     ("fp6_e2m3", True, 64, 17, 130),   # byte fields hold the grid values
     ("mxfp6_e2m3", True, 32, 33, 64),
     ("mxint8", True, 32, 20, 70),
+    ("nvfp4", True, 16, 37, 100),      # 16-value groups, two per activation block; k % 32 = 4: a last
+    ("int4", False, 16, 17, 48),       # group of 4 values, and a block holding one group
+    ("int8", True, 16, 16, 96),
+    ("int2", True, 16, 20, 64),
 ])
 def test_matches_reference(isa, fmt, symmetric, group_size, n, k, monkeypatch):
     monkeypatch.setenv("ALPHAQUANT_CPU_ISA", isa)
@@ -207,12 +213,9 @@ def test_bad_input():
         ops.linear_int8_act(x, codes, params, None, fmt="nf4", group_size=32, n=n, k=k)
     with pytest.raises(ValueError, match="format"):
         ops.linear_int8_act(x, codes, params, None, fmt="int9", group_size=32, n=n, k=k)
-    pv, sv, gv = ops.quantize(torch.randn(n, k), "nvfp4", symmetric=True, group_size=16)
-    with pytest.raises(ValueError, match="integer grid"):
-        ops.int8_act_layout(pv, sv, gv, "nvfp4", symmetric=True, group_size=16, k=k)
-    p16, s16, _ = ops.quantize(torch.randn(n, k), "int4", symmetric=True, group_size=16)
+    p8g, s8g, _ = ops.quantize(torch.randn(n, k), "int4", symmetric=True, group_size=8)
     with pytest.raises(ValueError, match="multiple of 32"):
-        ops.int8_act_layout(p16, s16, None, "int4", symmetric=True, group_size=16, k=k)
+        ops.int8_act_layout(p8g, s8g, None, "int4", symmetric=True, group_size=8, k=k)
     with pytest.raises(ValueError, match="scale"):
         ops.int8_act_layout(packed, scale * float("nan"), None, "int4", symmetric=True, group_size=32, k=k)
     with pytest.raises(ValueError, match="weight"):

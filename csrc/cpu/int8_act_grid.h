@@ -3,7 +3,7 @@
 // integer kernel multiplies u with the activation codes and the scale s / mult and offset
 // -bias * s / mult (int8_act_layout.h) restore v. Integers: u = the code, bias = -qmin (plus the
 // zero point). E2M1 (fp4, mxfp4): u = 2v + 12 in [0, 24]. E2M3 (fp6, mxfp6): u = 8v + 60 in
-// [0, 120]. Host code only (the SIMD kernels get the 16-entry table of 4-bit formats).
+// [0, 120]. nvfp4 is E2M1. Host code only (the SIMD kernels get the 16-entry table of 4-bit formats).
 #pragma once
 
 #include <array>
@@ -31,8 +31,8 @@ inline Grid grid_of(const FormatSpec& f) {
     for (int c = 0; c < 256; ++c) g.u[c] = static_cast<uint8_t>(c);
     return g;
   }
-  // nvfp4 is E2M1 too, but its scales cover 16 values, half an activation block
-  if ((f.id != FormatId::kFP4E2M1 && f.id != FormatId::kFP6E2M3) || f.nvfp4) return g;
+  // nvfp4 is E2M1 too (its scales cover 16 values: half_groups in int8_act_layout.h)
+  if (f.id != FormatId::kFP4E2M1 && f.id != FormatId::kFP6E2M3) return g;
   g.mult = f.id == FormatId::kFP4E2M1 ? 2.0f : 8.0f;
   g.bias = g.mult * f.max_value;  // 12 or 60
   g.identity = false;

@@ -28,9 +28,36 @@ inline __m256 load8(const Problem& p, int64_t i) {
   return _mm256_loadu_ps(static_cast<const float*>(p.params) + i);
 }
 
+// One block's words [w0, w1) (all of them, or one 16-value group's half) times R activation rows:
+// dot[r] += the integer sums, 8 rows of the tile (this half of each word) in 8 int32 lanes.
+template <int SBITS, int R, bool TABLE>
+inline void block_words(const uint8_t* wb, int w0, int w1, int64_t b, const int32_t* const (&xw)[R], __m256i mask,
+                        __m256i table, __m256i (&dot)[R]) {
+  constexpr int kFields = SBITS == 8 ? 1 : 8 / SBITS;
+#pragma GCC unroll 8
+  for (int w = w0; w < w1; ++w) {
+    const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + w * kWordBytes));
+    if constexpr (SBITS == 8) {
+      const __m256i lo = _mm256_and_si256(word, mask), hi = _mm256_and_si256(_mm256_srli_epi16(word, 4), mask);
+      const int64_t quad = b * 8 + w;
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = _mm256_set1_epi32(xw[r][quad]);
+        dot[r] = _mm256_add_epi32(dot[r], _mm256_add_epi32(dot4(lo, x), _mm256_slli_epi32(dot4(hi, x), 4)));
+      }
+    } else {
+#pragma GCC unroll 4
+      for (int s = 0; s < kFields; ++s) {
+        __m256i c = _mm256_and_si256(_mm256_srli_epi16(word, SBITS * s), mask);
+        if constexpr (TABLE) c = _mm256_shuffle_epi8(table, c);
+        const int64_t quad = b * 8 + kFields * w + s;
+        for (int r = 0; r < R; ++r) dot[r] = _mm256_add_epi32(dot[r], dot4(c, _mm256_set1_epi32(xw[r][quad])));
+      }
+    }
+  }
+}
+
 template <int SBITS, int R, bool TABLE>
 void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
-  constexpr int kFields = SBITS == 8 ? 1 : 8 / SBITS;
   constexpr int64_t kBB = tile_block_bytes(SBITS);
   const int64_t kpad = p.kblocks * kBlock;
   const uint8_t* wt = p.codes + t * p.kblocks * kBB + half * 32;
@@ -56,26 +83,7 @@ void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
         _mm_prefetch(reinterpret_cast<const char*>(wb + 4096 + w * kWordBytes), _MM_HINT_T0);
       __m256i dot[R];
       for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (int w = 0; w < SBITS; ++w) {
-        const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + w * kWordBytes));
-        if constexpr (SBITS == 8) {
-          const __m256i lo = _mm256_and_si256(word, mask), hi = _mm256_and_si256(_mm256_srli_epi16(word, 4), mask);
-          const int64_t quad = b * 8 + w;
-          for (int r = 0; r < R; ++r) {
-            const __m256i x = _mm256_set1_epi32(xw[r][quad]);
-            dot[r] = _mm256_add_epi32(dot[r], _mm256_add_epi32(dot4(lo, x), _mm256_slli_epi32(dot4(hi, x), 4)));
-          }
-        } else {
-#pragma GCC unroll 4
-          for (int s = 0; s < kFields; ++s) {
-            __m256i c = _mm256_and_si256(_mm256_srli_epi16(word, SBITS * s), mask);
-            if constexpr (TABLE) c = _mm256_shuffle_epi8(table, c);
-            const int64_t quad = b * 8 + kFields * w + s;
-            for (int r = 0; r < R; ++r) dot[r] = _mm256_add_epi32(dot[r], dot4(c, _mm256_set1_epi32(xw[r][quad])));
-          }
-        }
-      }
+      block_words<SBITS, R, TABLE>(wb, 0, SBITS, b, xw, mask, table, dot);
       for (int r = 0; r < R; ++r)
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(p.xscale[(r0 + r) * p.kblocks + b]),
                                  acc[r]);
@@ -98,13 +106,69 @@ void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
   }
 }
 
+
+// Groups of 16 values (Problem::half_groups): each half of a block's words summed apart and
+// scaled by its own group's params.
+template <int SBITS, int R, bool TABLE>
+void half_group_half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
+  constexpr int64_t kBB = tile_block_bytes(SBITS);
+  const int64_t kpad = p.kblocks * kBlock;
+  const uint8_t* wt = p.codes + t * p.kblocks * kBB + half * 32;
+  const int64_t pstride = p.pcount * kTileRows;
+  const int64_t p0 = t * p.groups * pstride + half * 8;
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>(SBITS == 8 ? 15 : (1 << SBITS) - 1));
+  const __m256i table =
+      TABLE ? _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.table16))) : mask;
+  const int32_t* xw[R];
+  for (int r = 0; r < R; ++r) xw[r] = reinterpret_cast<const int32_t*>(p.xq + (r0 + r) * kpad);
+  __m256 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.kblocks; ++b) {
+    const uint8_t* wb = wt + b * kBB;
+#pragma GCC unroll 8
+    for (int w = 0; w < SBITS; ++w)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 4096 + w * kWordBytes), _MM_HINT_T0);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const int64_t g = 2 * b + h;
+      if (g >= p.groups) break;
+      __m256i dot[R];
+      for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
+      block_words<SBITS, R, TABLE>(wb, h * SBITS / 2, (h + 1) * SBITS / 2, b, xw, mask, table, dot);
+      const __m256 s = load8(p, p0 + g * pstride);
+      const __m256 o = p.pcount == 2 ? load8(p, p0 + g * pstride + kTileRows) : _mm256_mul_ps(s, _mm256_set1_ps(p.qoff));
+      for (int r = 0; r < R; ++r) {
+        const __m256 sums =
+            _mm256_mul_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(p.xscale[(r0 + r) * p.kblocks + b]));
+        total[r] = _mm256_fmadd_ps(sums, s, total[r]);
+        total[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(p.xoffset[(r0 + r) * p.groups + g]), total[r]);
+      }
+    }
+  }
+  const int64_t first = t * kTileRows + half * 8;
+  const int64_t lanes = p.n - first < 8 ? p.n - first : 8;
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float out[8];
+    _mm256_store_ps(out, total[r]);
+    float* yr = p.y + (r0 + r) * p.n + first;
+    for (int64_t lane = 0; lane < lanes; ++lane)
+      yr[lane] = out[lane] * p.out_scale + (p.bias ? p.bias[first + lane] : 0.0f);
+  }
+}
+
 }  // namespace
 
 void run_tiles_avx2(const Problem& p, int64_t tile0, int64_t tile1) {
   by_field_width(p, [&]<int SBITS, bool TABLE>() {
     for (int64_t t = tile0; t < tile1; ++t)  // x rows 4 per pass: 3 x 4 accumulators of 16 registers
       for (int half = 0; half < 2 && t * kTileRows + half * 8 < p.n; ++half)
-        for_row_passes<4>(p.m, [&]<int R>(int64_t r0) { half_tile_rows<SBITS, R, TABLE>(p, t, half, r0); });
+        for_row_passes<4>(p.m, [&]<int R>(int64_t r0) {
+          if (p.half_groups) {
+            half_group_half_tile_rows<SBITS, R, TABLE>(p, t, half, r0);
+          } else {
+            half_tile_rows<SBITS, R, TABLE>(p, t, half, r0);
+          }
+        });
   });
 }
 

@@ -22,6 +22,9 @@
 // compute the same way with c replaced by the code's grid value u and qmin by -bias; the result is
 // divided by the grid's factor (a power of two) at the end. Byte fields hold u itself, 4-bit
 // fields the code, looked up in a 16-entry table (vpshufb).
+// Groups of 16 values (nvfp4's blocks, or any format's group_size 16): block b holds groups 2b
+// and 2b + 1, whose codes are the first and second halves of the block's words (fields 0-3 and
+// 4-7); the kernels scale each half's integer sums by its own group's params.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +34,7 @@ namespace int8_act {
 
 constexpr int kTileRows = 16;  // output features per tile
 constexpr int kBlock = 32;     // activation values per int8 block (one float scale each)
+constexpr int kHalfBlock = 16; // the one group size below a block: two groups per block
 constexpr int kWordBytes = 64;
 
 // (The helpers are static: this header is also compiled for AVX-512 and AVX2 in the kernels' files,
@@ -56,7 +60,8 @@ struct Problem {
   const float* bias;      // [n] or nullptr
   const uint8_t* table16; // 4-bit fields of a float grid: the grid value of each code; else nullptr
   float* y;               // [m, n]
-  int64_t m, n, kblocks, groups, blocks_per_group;
+  int64_t m, n, kblocks, groups, blocks_per_group;  // blocks_per_group: 0 with half_groups
+  bool half_groups;       // groups of 16 values: block b holds groups 2b and 2b + 1
   int sbits;
 };
 

@@ -50,14 +50,14 @@ std::tuple<at::Tensor, at::Tensor> int8_act_layout_cpu(const at::Tensor& packed,
   DequantizeArgs a = prepare_dequantize(op, packed, scale, zero_point, fmt, symmetric, group_size, k, true);
   const Grid grid = grid_of(a.fmt);
   TORCH_CHECK_VALUE(grid.ok, "alphaquant.", op, ": the int8-activation path takes weights whose values are an ",
-                    "integer grid: int1..int8 (symmetric or not), mxint8, fp4_e2m1, mxfp4_e2m1, fp6_e2m3, mxfp6_e2m3; "
+                    "integer grid: int1..int8 (symmetric or not), mxint8, fp4_e2m1, mxfp4_e2m1, nvfp4, fp6_e2m3, mxfp6_e2m3; "
                     "got ", fmt);
   TORCH_CHECK_VALUE(packed.dim() == 2, "alphaquant.", op, ": packed must be a weight [n, row bytes]; got ",
                     packed.dim(), " dimensions");
   const GroupLayout& l = a.layout;
-  TORCH_CHECK_VALUE(l.groups == 1 || l.group_size % kBlock == 0, "alphaquant.", op,
-                    ": group_size must be a multiple of ", kBlock, " (the activation block), or 0 / -1; got ",
-                    group_size);
+  TORCH_CHECK_VALUE(l.groups == 1 || l.group_size % kBlock == 0 || l.group_size == kHalfBlock, "alphaquant.", op,
+                    ": group_size must be a multiple of ", kBlock, " (the activation block), ", kHalfBlock,
+                    ", or 0 / -1; got ", group_size);
   const int sbits = storage_bits(a.fmt.bits);
   const int64_t n = l.rows, kblocks = ceil_div(k, kBlock), tiles = ceil_div(n, kTileRows);
   at::Tensor codes = at::zeros({tiles, kblocks, tile_block_bytes(sbits)}, packed.options());

@@ -26,9 +26,11 @@ using namespace int8_act;
 // Activation codes, block scales and group offsets (Problem's xq, xscale, xoffset) of x [m, k]
 // (float32, bf16 or fp16, read as it is: no converted copy; int8_act_quantize_x.h). Returns false
 // if x holds NaN or Inf. avx2: full blocks in AVX2 registers (the caller's instruction set).
+// half_groups: groups of 16 values (two per block; blocks_per_group unused).
 template <class T>
 bool quantize_activations(const T* x, int64_t m, int64_t k, int64_t kblocks, int64_t groups,
-                          int64_t blocks_per_group, bool avx2, int8_t* xq, float* xscale, float* xoffset) {
+                          int64_t blocks_per_group, bool half_groups, bool avx2, int8_t* xq, float* xscale,
+                          float* xoffset) {
   std::atomic<bool> nonfinite{false};
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     bool bad = false;
@@ -47,7 +49,14 @@ bool quantize_activations(const T* x, int64_t m, int64_t k, int64_t kblocks, int
 #endif
           scale = quantize_block_scalar(xb, len, qb, sum, bad);
         xscale[r * kblocks + b] = scale;
-        xoffset[r * groups + b / blocks_per_group] += scale * static_cast<float>(sum);
+        if (half_groups) {
+          int32_t first = 0;
+          for (int64_t i = 0; i < kHalfBlock && i < len; ++i) first += qb[i];
+          xoffset[r * groups + 2 * b] += scale * static_cast<float>(first);
+          if (2 * b + 1 < groups) xoffset[r * groups + 2 * b + 1] += scale * static_cast<float>(sum - first);
+        } else {
+          xoffset[r * groups + b / blocks_per_group] += scale * static_cast<float>(sum);
+        }
       }
     }
     if (bad) nonfinite = true;
@@ -65,19 +74,20 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
   const FormatSpec spec = parse_format(fmt, /*symmetric=*/!is_int || fmt == "mxint8");
   const Grid grid = grid_of(spec);
   TORCH_CHECK_VALUE(grid.ok, "alphaquant.", op, ": fmt must be a format int8_act_layout takes (int1..int8, mxint8, ",
-                    "fp4_e2m1, mxfp4_e2m1, fp6_e2m3, mxfp6_e2m3); got ", fmt);
+                    "fp4_e2m1, mxfp4_e2m1, nvfp4, fp6_e2m3, mxfp6_e2m3); got ", fmt);
   const int64_t bits = spec.bits;
   TORCH_CHECK_VALUE(n > 0 && k > 0, "alphaquant.", op, ": n and k must be > 0; got n=", n, ", k=", k);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == k, "alphaquant.", op, ": x must be [..., k=", k, "]; got ",
                     x.sizes());
   TORCH_CHECK_VALUE(group_size >= -1, "alphaquant.", op, ": group_size must be > 0, 0 or -1; got ", group_size);
   const bool one_group = group_size <= 0 || group_size >= k;
-  TORCH_CHECK_VALUE(one_group || group_size % kBlock == 0, "alphaquant.", op, ": group_size must be a multiple of ",
-                    kBlock, ", or 0 / -1; got ", group_size);
+  const bool half_groups = !one_group && group_size == kHalfBlock;
+  TORCH_CHECK_VALUE(one_group || half_groups || group_size % kBlock == 0, "alphaquant.", op,
+                    ": group_size must be a multiple of ", kBlock, ", ", kHalfBlock, ", or 0 / -1; got ", group_size);
   const int sbits = storage_bits(static_cast<int>(bits));
   const int64_t kblocks = ceil_div(k, kBlock), tiles = ceil_div(n, kTileRows);
   const int64_t groups = one_group ? 1 : ceil_div(k, group_size);
-  const int64_t blocks_per_group = one_group ? kblocks : group_size / kBlock;
+  const int64_t blocks_per_group = one_group ? kblocks : group_size / kBlock;  // 0 with half_groups
   TORCH_CHECK_VALUE(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.size(0) == tiles &&
                         codes.size(1) == kblocks && codes.size(2) == tile_block_bytes(sbits),
                     "alphaquant.", op, ": codes must be uint8 [", tiles, ", ", kblocks, ", ", tile_block_bytes(sbits),
@@ -117,8 +127,8 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
   const CpuIsa isa = chosen_cpu_isa();  // once per call: it reads the environment
   const bool avx2 = isa >= CpuIsa::kAvx2;
   const auto quantize_x = [&](const auto* xp) {
-    return quantize_activations(xp, m, k, kblocks, groups, blocks_per_group, avx2, xq.data(), xscale.data(),
-                                xoffset.data());
+    return quantize_activations(xp, m, k, kblocks, groups, blocks_per_group, half_groups, avx2, xq.data(),
+                                xscale.data(), xoffset.data());
   };
   bool finite_x;
   switch (x2d.scalar_type()) {
@@ -148,6 +158,7 @@ at::Tensor linear_int8_act_cpu(const at::Tensor& x, const at::Tensor& codes, con
   p.table16 = needs_table ? table16.data() : nullptr;
   p.y = y.data_ptr<float>();
   p.m = m, p.n = n, p.kblocks = kblocks, p.groups = groups, p.blocks_per_group = blocks_per_group;
+  p.half_groups = half_groups;
   p.sbits = sbits;
   auto kernel = &run_tiles_portable;
 #if defined(__x86_64__)
