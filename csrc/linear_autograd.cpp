@@ -46,6 +46,18 @@ bool wants_grad(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
   return at::GradMode::is_enabled() && (x.requires_grad() || (bias.has_value() && bias->requires_grad()));
 }
 
+// What backward must give: x's gradient, and the bias's (in the bias's dtype) if it needs one.
+void save_grad_needs(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  ctx->saved_data["x_grad"] = x.requires_grad();
+  ctx->saved_data["bias_dtype"] =
+      bias.has_value() && bias->requires_grad() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
+}
+
+std::optional<at::ScalarType> bias_grad_dtype(AutogradContext* ctx) {
+  const int64_t dtype = ctx->saved_data["bias_dtype"].toInt();
+  return dtype >= 0 ? std::optional<at::ScalarType>(static_cast<at::ScalarType>(dtype)) : std::nullopt;
+}
+
 // grad summed over every leading dimension, in float32, returned in the bias's dtype.
 at::Tensor bias_grad(const at::Tensor& grad, at::ScalarType bias_dtype) {
   return grad.reshape({-1, grad.size(-1)}).sum(0, false, at::kFloat).to(bias_dtype);
@@ -61,9 +73,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     ctx->saved_data["symmetric"] = symmetric;
     ctx->saved_data["group_size"] = group_size;
     ctx->saved_data["k"] = k;
-    ctx->saved_data["x_grad"] = x.requires_grad();
-    ctx->saved_data["bias_dtype"] = bias.has_value() && bias->requires_grad() ? static_cast<int64_t>(bias->scalar_type())
-                                                                               : int64_t{-1};
+    save_grad_needs(ctx, x, bias);
     at::AutoDispatchBelowADInplaceOrView guard;
     return linear_op().call(x, packed, scale, zero_point, bias, fmt, symmetric, group_size, k, validate);
   }
@@ -84,8 +94,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
                                      ctx->saved_data["k"].toInt(), grad.scalar_type(), false);
       grad_x = grad.matmul(w);
     }
-    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    if (bias_dtype >= 0) grad_bias = bias_grad(grad, static_cast<at::ScalarType>(bias_dtype));
+    if (const auto dtype = bias_grad_dtype(ctx)) grad_bias = bias_grad(grad, *dtype);
     return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), grad_bias,
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -99,9 +108,7 @@ class LinearCodebookFunction : public torch::autograd::Function<LinearCodebookFu
     ctx->save_for_backward({packed, scale, codebook});
     ctx->saved_data["group_size"] = group_size;
     ctx->saved_data["k"] = k;
-    ctx->saved_data["x_grad"] = x.requires_grad();
-    ctx->saved_data["bias_dtype"] = bias.has_value() && bias->requires_grad() ? static_cast<int64_t>(bias->scalar_type())
-                                                                               : int64_t{-1};
+    save_grad_needs(ctx, x, bias);
     at::AutoDispatchBelowADInplaceOrView guard;
     return linear_codebook_op().call(x, packed, scale, codebook, bias, group_size, k, validate);
   }
@@ -119,8 +126,7 @@ class LinearCodebookFunction : public torch::autograd::Function<LinearCodebookFu
                                      ctx->saved_data["k"].toInt(), grad.scalar_type(), false);
       grad_x = grad.matmul(w);
     }
-    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    if (bias_dtype >= 0) grad_bias = bias_grad(grad, static_cast<at::ScalarType>(bias_dtype));
+    if (const auto dtype = bias_grad_dtype(ctx)) grad_bias = bias_grad(grad, *dtype);
     return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), grad_bias, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -96,7 +96,7 @@ def test_dtypes_byte_zero_points_noncontiguous(isa, monkeypatch):
 
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 70), k=st.integers(1, 300), m=st.integers(1, 20), fmt=st.sampled_from(INT8_ACT_FORMATS),
-       symmetric=st.booleans(), group=st.sampled_from([32, 64, 0, -1]), isa=st.sampled_from(ISAS),
+       symmetric=st.booleans(), group=st.sampled_from([32, 64, 16, 0, -1]), isa=st.sampled_from(ISAS),
        seed=st.integers(0, 2 ** 16))
 def test_random_shapes(n, k, m, fmt, symmetric, group, isa, seed):
     import os
@@ -105,6 +105,8 @@ def test_random_shapes(n, k, m, fmt, symmetric, group, isa, seed):
     symmetric = symmetric and fmt != "int1"  # int1 has no symmetric form
     if fmt.startswith("mx"):
         group = 32  # one scale per block of 32
+    if fmt == "nvfp4":
+        group = 16  # one scale per block of 16
     packed, scale, zero = _weight(n, k, fmt, symmetric, group, seed=seed)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)) * 3
     old = os.environ.get("ALPHAQUANT_CPU_ISA")

@@ -56,7 +56,9 @@ inline void block_words(const uint8_t* wb, int w0, int w1, int64_t b, const int3
   }
 }
 
-template <int SBITS, int R, bool TABLE>
+// Rows [r0, r0 + R) of x times one half (8 rows) of tile t; HALF: groups of 16 values, each half
+// of a block's words summed apart and scaled into its own group (as the AVX-512 kernel).
+template <int SBITS, int R, bool TABLE, bool HALF>
 void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
   constexpr int64_t kBB = tile_block_bytes(SBITS);
   const int64_t kpad = p.kblocks * kBlock;
@@ -71,78 +73,48 @@ void half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
   for (int r = 0; r < R; ++r) xw[r] = reinterpret_cast<const int32_t*>(p.xq + (r0 + r) * kpad);
   __m256 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t b0 = g * p.blocks_per_group;
-    const int64_t b1 = b0 + p.blocks_per_group < p.kblocks ? b0 + p.blocks_per_group : p.kblocks;
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* wb = wt + b * kBB;
+  // block b's weight bytes (this half's 32 bytes of each word), asked for 4 KB ahead
+  auto block = [&](int64_t b) {
+    const uint8_t* wb = wt + b * kBB;
 #pragma GCC unroll 8
-      for (int w = 0; w < SBITS; ++w)  // this half's 32 bytes of each word, 4 KB ahead (see the AVX-512 kernel)
-        _mm_prefetch(reinterpret_cast<const char*>(wb + 4096 + w * kWordBytes), _MM_HINT_T0);
-      __m256i dot[R];
-      for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
-      block_words<SBITS, R, TABLE>(wb, 0, SBITS, b, xw, mask, table, dot);
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(p.xscale[(r0 + r) * p.kblocks + b]),
-                                 acc[r]);
+    for (int w = 0; w < SBITS; ++w) _mm_prefetch(reinterpret_cast<const char*>(wb + 4096 + w * kWordBytes), _MM_HINT_T0);
+    return wb;
+  };
+  // integer sums of words [w0, w1) of block b, scaled by the activation rows' block scales
+  auto block_sums = [&](const uint8_t* wb, int64_t b, int w0, int w1, __m256 (&sums)[R], bool add) {
+    __m256i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
+    block_words<SBITS, R, TABLE>(wb, w0, w1, b, xw, mask, table, dot);
+    for (int r = 0; r < R; ++r) {
+      const __m256 d = _mm256_set1_ps(p.xscale[(r0 + r) * p.kblocks + b]);
+      sums[r] = add ? _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), d, sums[r]) : _mm256_mul_ps(_mm256_cvtepi32_ps(dot[r]), d);
     }
+  };
+  auto add_group = [&](int64_t g, const __m256 (&sums)[R]) {
     const __m256 s = load8(p, p0 + g * pstride);
     const __m256 o = p.pcount == 2 ? load8(p, p0 + g * pstride + kTileRows) : _mm256_mul_ps(s, _mm256_set1_ps(p.qoff));
     for (int r = 0; r < R; ++r) {
-      total[r] = _mm256_fmadd_ps(acc[r], s, total[r]);
+      total[r] = _mm256_fmadd_ps(sums[r], s, total[r]);
       total[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(p.xoffset[(r0 + r) * p.groups + g]), total[r]);
     }
-  }
-  const int64_t first = t * kTileRows + half * 8;
-  const int64_t lanes = p.n - first < 8 ? p.n - first : 8;
-  for (int r = 0; r < R; ++r) {
-    alignas(32) float out[8];
-    _mm256_store_ps(out, total[r]);
-    float* yr = p.y + (r0 + r) * p.n + first;
-    for (int64_t lane = 0; lane < lanes; ++lane)
-      yr[lane] = out[lane] * p.out_scale + (p.bias ? p.bias[first + lane] : 0.0f);
-  }
-}
-
-
-// Groups of 16 values (Problem::half_groups): each half of a block's words summed apart and
-// scaled by its own group's params.
-template <int SBITS, int R, bool TABLE>
-void half_group_half_tile_rows(const Problem& p, int64_t t, int half, int64_t r0) {
-  constexpr int64_t kBB = tile_block_bytes(SBITS);
-  const int64_t kpad = p.kblocks * kBlock;
-  const uint8_t* wt = p.codes + t * p.kblocks * kBB + half * 32;
-  const int64_t pstride = p.pcount * kTileRows;
-  const int64_t p0 = t * p.groups * pstride + half * 8;
-  const __m256i mask = _mm256_set1_epi8(static_cast<char>(SBITS == 8 ? 15 : (1 << SBITS) - 1));
-  const __m256i table =
-      TABLE ? _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.table16))) : mask;
-  const int32_t* xw[R];
-  for (int r = 0; r < R; ++r) xw[r] = reinterpret_cast<const int32_t*>(p.xq + (r0 + r) * kpad);
-  __m256 total[R];
-  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < p.kblocks; ++b) {
-    const uint8_t* wb = wt + b * kBB;
-#pragma GCC unroll 8
-    for (int w = 0; w < SBITS; ++w)
-      _mm_prefetch(reinterpret_cast<const char*>(wb + 4096 + w * kWordBytes), _MM_HINT_T0);
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      const int64_t g = 2 * b + h;
-      if (g >= p.groups) break;
-      __m256i dot[R];
-      for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
-      block_words<SBITS, R, TABLE>(wb, h * SBITS / 2, (h + 1) * SBITS / 2, b, xw, mask, table, dot);
-      const __m256 s = load8(p, p0 + g * pstride);
-      const __m256 o = p.pcount == 2 ? load8(p, p0 + g * pstride + kTileRows) : _mm256_mul_ps(s, _mm256_set1_ps(p.qoff));
-      for (int r = 0; r < R; ++r) {
-        const __m256 sums =
-            _mm256_mul_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(p.xscale[(r0 + r) * p.kblocks + b]));
-        total[r] = _mm256_fmadd_ps(sums, s, total[r]);
-        total[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(p.xoffset[(r0 + r) * p.groups + g]), total[r]);
-      }
+  };
+  __m256 acc[R];
+  if constexpr (HALF) {
+    for (int64_t b = 0; b < p.kblocks; ++b) {
+      const uint8_t* wb = block(b);
+      block_sums(wb, b, 0, SBITS / 2, acc, false);
+      add_group(2 * b, acc);
+      if (2 * b + 1 >= p.groups) break;
+      block_sums(wb, b, SBITS / 2, SBITS, acc, false);
+      add_group(2 * b + 1, acc);
+    }
+  } else {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t b0 = g * p.blocks_per_group;
+      const int64_t b1 = b0 + p.blocks_per_group < p.kblocks ? b0 + p.blocks_per_group : p.kblocks;
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t b = b0; b < b1; ++b) block_sums(block(b), b, 0, SBITS, acc, true);
+      add_group(g, acc);
     }
   }
   const int64_t first = t * kTileRows + half * 8;
@@ -164,9 +136,9 @@ void run_tiles_avx2(const Problem& p, int64_t tile0, int64_t tile1) {
       for (int half = 0; half < 2 && t * kTileRows + half * 8 < p.n; ++half)
         for_row_passes<4>(p.m, [&]<int R>(int64_t r0) {
           if (p.half_groups) {
-            half_group_half_tile_rows<SBITS, R, TABLE>(p, t, half, r0);
+            half_tile_rows<SBITS, R, TABLE, true>(p, t, half, r0);
           } else {
-            half_tile_rows<SBITS, R, TABLE>(p, t, half, r0);
+            half_tile_rows<SBITS, R, TABLE, false>(p, t, half, r0);
           }
         });
   });
