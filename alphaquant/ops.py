@@ -183,6 +183,13 @@ def int8_act_layout(packed: torch.Tensor, scale: torch.Tensor, zero_point: Optio
     return _ops.int8_act_layout(packed, scale, zero_point, fmt, symmetric, group_size, k)
 
 
+def int8_act_unlayout(codes: torch.Tensor, fmt: str, *, n: int, k: int) -> torch.Tensor:
+    """The packed weight uint8 [n, ceil(k*bits/8)] whose :func:`int8_act_layout` codes are ``codes``
+    (the inverse of the layout's codes, so that a layer need not keep both). Exact for every code
+    but E2M3's -0 (fp6_e2m3, mxfp6_e2m3), whose grid value is +0's: it comes back as +0. CPU only."""
+    return _ops.int8_act_unlayout(codes, fmt, n, k)
+
+
 def linear_int8_act(x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, bias: Optional[torch.Tensor], *,
                     fmt: str, group_size: int, n: int, k: int) -> torch.Tensor:
     """``x @ W.T + bias`` with x quantized to int8 per block of 32 values and integer dot products
@@ -629,6 +636,18 @@ def _int8_act_layout_fake(packed, scale, zero_point, fmt, symmetric, group_size,
     codes, params = _int8_act_shapes("int8_act_layout", fmt, group_size, packed.shape[0], k, 2 if zero_points else 1)
     dtype = torch.float16 if scale.dtype == torch.float16 and not zero_points else torch.float32
     return packed.new_empty(codes), packed.new_empty(params, dtype=dtype)
+
+
+@torch.library.register_fake("alphaquant::int8_act_unlayout")
+def _int8_act_unlayout_fake(codes, fmt, n, k):
+    op = "int8_act_unlayout"
+    if n <= 0 or k <= 0:
+        raise _value_error(op, f"n and k must be > 0; got n={n}, k={k}")
+    want, _ = _int8_act_shapes(op, fmt, 0, n, k)
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != want:
+        raise _value_error(op, f"codes must be uint8 {list(want)} (int8_act_layout of a {fmt} weight [{n}, {k}]); "
+                           f"got {codes.dtype} {_shape(codes)}")
+    return codes.new_empty((n, -(-k * format_bits(fmt) // 8)))
 
 
 @torch.library.register_fake("alphaquant::linear_int8_act")

@@ -460,6 +460,28 @@ def linear_int8_act(x, packed, scale, zero_point, bias, fmt, symmetric=True, gro
     y = quantize_activations_int8(x.cpu()).double() @ w.T
     return y if bias is None else y + bias.cpu().double()
 
+def int8_act_unlayout(codes: torch.Tensor, fmt: str, n: int, k: int) -> torch.Tensor:
+    """Reference of torch.ops.alphaquant.int8_act_unlayout: the packed rows of the weight [n, k] whose
+    CPU layout codes (csrc/cpu/int8_act_layout.h) are ``codes`` [tiles, kblocks, 16*32*sbits/8].
+    Byte fields of fp6 E2M3 hold grid values u = 8v + 60, read back to the lowest code of that value."""
+    bits = format_bits(fmt)
+    sbits = 2 if bits <= 2 else 4 if bits <= 4 else 8
+    fields = 8 // sbits
+    tiles, kblocks, _ = codes.shape
+    # byte 4*row + i of word p, field s holds (row, 32*block + 4*(fields*p + s) + i)
+    words = codes.reshape(tiles, kblocks, sbits, 16, 4).to(torch.int64)  # [t, b, p, row, i]
+    shifts = torch.arange(fields) * sbits
+    f = (words.unsqueeze(-1) >> shifts) & ((1 << sbits) - 1)  # [t, b, p, row, i, s]
+    f = f.permute(0, 3, 1, 2, 5, 4)  # [t, row, b, p, s, i]: column 32*b + 4*(fields*p + s) + i
+    rows = f.reshape(tiles * 16, kblocks * 32)[:n, :k]
+    if sbits == 8 and fmt in ("fp6_e2m3", "mxfp6_e2m3"):
+        values = decode_float(torch.arange(1 << bits, dtype=torch.uint8), "fp6_e2m3")
+        code_of = torch.zeros(256, dtype=torch.int64)
+        for c in reversed(range(1 << bits)):  # the lowest code of a value wins
+            code_of[int(values[c] * 8 + 60)] = c
+        rows = code_of[rows]
+    return pack(rows.to(torch.uint8), bits)
+
 # ---------------------------------------------------------------- learned code books (lut4)
 
 def dequantize_codebook(packed, scale, codebook, group_size=64, k=None, dtype=torch.float32):

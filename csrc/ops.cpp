@@ -129,6 +129,9 @@ TORCH_LIBRARY(alphaquant, m) {
   m.def(
       "int8_act_layout(Tensor packed, Tensor scale, Tensor? zero_point, str fmt, bool symmetric, int group_size, "
       "int k) -> (Tensor, Tensor)");
+  // The inverse of int8_act_layout's codes: the packed rows uint8 [n, ceil(k*bits/8)] of the `fmt`
+  // weight [n, k] whose layout codes are given (exact, but for E2M3's -0, which comes back as +0).
+  m.def("int8_act_unlayout(Tensor codes, str fmt, int n, int k) -> Tensor");
   // y = x @ W.T + bias with x [..., k] quantized to int8 per block of 32 values (the quantize op's
   // symmetric "int8", group 32) and integer dot products; W given by int8_act_layout of a `fmt`
   // weight. Returns [..., n] in x's dtype. No gradient (QuantLinear trains through linear).

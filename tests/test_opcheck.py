@@ -109,6 +109,8 @@ def samples(device):
         cf, pf = torch.ops.alphaquant.int8_act_layout(pm, sm, None, "mxfp4_e2m1", True, 32, 40)
         yield "int8_act_layout", (pm, sm, None, "mxfp4_e2m1", True, 32, 40)
         yield "linear_int8_act", (torch.randn(2, 40), cf, pf, None, "mxfp4_e2m1", 32, 24, 40)
+        yield "int8_act_unlayout", (codes, "int4", 24, 40)
+        yield "int8_act_unlayout", (cf, "mxfp4_e2m1", 24, 40)
     # with gradients (x and bias) and without the scale check
     yield "linear", (torch.randn(4, 40, device=device, requires_grad=True), packed, s, z,
                      torch.randn(24, device=device, requires_grad=True), "int4", False, 16, 40, False)

@@ -9,12 +9,13 @@ from torch import nn
 from .. import ops
 from ..formats import LEARNED_FORMATS, int8_act_takes
 from ..packed import PackedTensor
+from .int8_act_weight import Int8ActWeight
 from .packed_weight import PackedWeightModule, _zero_dtype
 from ..quantizers.base import BaseQuantizer
 from ..algorithms.rotation import ATTR as ROTATION_ATTR, set_input_rotation
 
 
-class QuantLinear(PackedWeightModule):
+class QuantLinear(Int8ActWeight, PackedWeightModule):
     """y = quantize_activation(x) @ W.T + b, computed by torch.ops.alphaquant.linear.
 
     Buffers (all of the state_dict): ``weight_packed`` uint8 [out, ceil(in*bits/8)],
@@ -40,7 +41,8 @@ class QuantLinear(PackedWeightModule):
     scales) compute with the activations quantized to int8 per block of 32 values and integer dot
     products
     (torch.ops.alphaquant.linear_int8_act); the weight's CPU layout is built on the first such
-    call and kept beside the packed buffers (as many bytes again; not in the state_dict).
+    call and then holds the codes in place of ``weight_packed``, which is rebuilt from it whenever
+    it is asked for (alphaquant/nn/int8_act_weight.py; the state_dict is unchanged).
     Calls that need a gradient, other devices and other formats take the float-activation path.
     """
 
@@ -57,7 +59,7 @@ class QuantLinear(PackedWeightModule):
         self.act_quantizer = act_quantizer
         self.scheme = scheme
         self.act_int8 = bool(scheme and scheme.get("act_int8"))
-        self._int8_act_weight = None  # the CPU layout (with the buffers it was built from), built when first used
+        self._init_int8_act_weight()  # the CPU layout, built when first used (int8_act_weight.py)
         self._init_packed_weight(out_features, in_features, fmt, symmetric, group_size, device, scale_dtype,
                                  codebook_shape, codebook_dtype, zero_dtype)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
@@ -101,33 +103,11 @@ class QuantLinear(PackedWeightModule):
             return False  # linear_int8_act has no gradient: train through the float-activation path
         return int8_act_takes(self.fmt, self.group_size)
 
-    def _int8_act_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight's CPU layout for linear_int8_act, rebuilt when a weight buffer changed (in
-        place: its version; replaced, e.g. by a move: its address; loaded into: load_state_dict
-        drops it). Buffers made under torch.inference_mode have no version counter: for them
-        only replacement and load_state_dict are seen."""
-        wp, ws, wz = self.weight_packed, self.weight_scale, self.weight_zero_point
-        versions = tuple(-1 if t is None else -2 if t.is_inference() else t._version for t in (wp, ws, wz))
-        cached = self._int8_act_weight
-        if cached is None or cached[0] is not wp or cached[1] is not ws or cached[2] is not wz or cached[3] != versions:
-            codes, params = ops.int8_act_layout(wp, ws, wz, self.fmt, symmetric=self.symmetric,
-                                                group_size=self.group_size, k=self.in_features)
-            cached = self._int8_act_weight = (wp, ws, wz, versions, codes, params)
-        return cached[4], cached[5]
-
-    def _apply(self, fn, recurse=True):
-        self._int8_act_weight = None  # moved or converted buffers: the layout is rebuilt from them
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._int8_act_weight = None  # copied into in place (not seen by a version under inference_mode)
-        return super()._load_from_state_dict(*args, **kwargs)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int8_act_applies(x):
-            cached = self._int8_act_weight
-            if torch.compiler.is_compiling() and cached is not None:
-                codes, params = cached[4], cached[5]  # built by an eager call; no Python checks in a graph
+            if torch.compiler.is_compiling() and self._int8_act_weight is not None:
+                # built by an eager call; no Python checks in a graph
+                codes, params = self._int8_act_weight.codes, self._int8_act_weight.params
             else:
                 codes, params = self._int8_act_layout()
             return ops._ops.linear_int8_act(x, codes, params, self.bias, self.fmt, self.group_size, self.out_features,

@@ -1,11 +1,13 @@
 // int8_act_layout: a packed integer weight [n, k] -> the CPU layout of the int8-activation path
 // (int8_act_layout.h): codes regrouped into 16-row tiles, and per tile and group the 16 rows'
 // scales s and offsets s * (qmin - z). The plain packed format stays what checkpoints hold; this
-// one is built when a layer is loaded for CPU inference.
+// one is built when a layer is loaded for CPU inference. int8_act_unlayout goes back from the
+// layout's codes to the packed rows, so that a layer need not keep both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <vector>
 
@@ -95,7 +97,65 @@ std::tuple<at::Tensor, at::Tensor> int8_act_layout_cpu(const at::Tensor& packed,
   return {codes, params};
 }
 
+// The packed row j of a tile's codes: each code read from its field (byte fields hold grid values:
+// back to the code through `code_of`).
+template <int BITS>
+void read_tile_codes(const uint8_t* tile, const std::array<uint8_t, 256>& code_of, int64_t t, int sbits,
+                     int64_t n, int64_t k, uint8_t* packed, int64_t row_bytes) {
+  const int64_t bb = tile_block_bytes(sbits), kblocks = ceil_div(k, kBlock);
+  const int fields = 8 / sbits;
+  const uint8_t mask = static_cast<uint8_t>((1 << sbits) - 1);
+  std::vector<uint8_t> codes(kblocks * kBlock);
+  for (int lane = 0; lane < kTileRows; ++lane) {
+    const int64_t j = t * kTileRows + lane;
+    if (j >= n) break;
+    for (int64_t b = 0; b < kblocks; ++b)
+      for (int p = 0; p < sbits; ++p)
+        for (int s = 0; s < fields; ++s)
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t field = (tile[b * bb + p * kWordBytes + 4 * lane + i] >> (sbits * s)) & mask;
+            codes[b * kBlock + 4 * (fields * p + s) + i] = sbits == 8 ? code_of[field] : field;
+          }
+    pack_run<BITS>(packed + j * row_bytes, codes.data(), k);
+  }
+}
+
+at::Tensor int8_act_unlayout_cpu(const at::Tensor& codes, const std::string& fmt, int64_t n, int64_t k) {
+  const char* op = "int8_act_unlayout";
+  const bool is_int = fmt.rfind("int", 0) == 0 || fmt == "mxint8";
+  const FormatSpec spec = parse_format(fmt, /*symmetric=*/!is_int || fmt == "mxint8");
+  const Grid grid = grid_of(spec);
+  TORCH_CHECK_VALUE(grid.ok, "alphaquant.", op, ": fmt must be a format int8_act_layout takes (int1..int8, mxint8, ",
+                    "fp4_e2m1, mxfp4_e2m1, nvfp4, fp6_e2m3, mxfp6_e2m3); got ", fmt);
+  TORCH_CHECK_VALUE(n > 0 && k > 0, "alphaquant.", op, ": n and k must be > 0; got n=", n, ", k=", k);
+  const int sbits = storage_bits(spec.bits);
+  const int64_t kblocks = ceil_div(k, kBlock), tiles = ceil_div(n, kTileRows);
+  TORCH_CHECK_VALUE(codes.device().is_cpu(), "alphaquant.", op, ": codes must be on the CPU; got ", codes.device());
+  TORCH_CHECK_VALUE(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.size(0) == tiles &&
+                        codes.size(1) == kblocks && codes.size(2) == tile_block_bytes(sbits),
+                    "alphaquant.", op, ": codes must be uint8 [", tiles, ", ", kblocks, ", ", tile_block_bytes(sbits),
+                    "] (int8_act_layout of a ", fmt, " weight [", n, ", ", k, "]); got ", codes.scalar_type(), " ",
+                    codes.sizes());
+  // Grid value -> code. A grid value two codes share (E2M3's +0 and -0) goes back to the lower code (+0).
+  std::array<uint8_t, 256> code_of{};
+  for (int c = (1 << spec.bits) - 1; c >= 0; --c) code_of[grid.u[c]] = static_cast<uint8_t>(c);
+  const at::Tensor src = codes.contiguous();
+  const int64_t row_bytes = packed_row_bytes(k, spec.bits);
+  at::Tensor packed = at::zeros({n, row_bytes}, codes.options());
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      dispatch_bits(spec.bits, [&]<int BITS>() {
+        read_tile_codes<BITS>(src.data_ptr<uint8_t>() + t * kblocks * src.size(2), code_of, t, sbits, n, k,
+                              packed.data_ptr<uint8_t>(), row_bytes);
+      });
+  });
+  return packed;
+}
+
 }  // namespace
 }  // namespace alphaquant
 
-TORCH_LIBRARY_IMPL(alphaquant, CPU, m) { m.impl("int8_act_layout", &alphaquant::int8_act_layout_cpu); }
+TORCH_LIBRARY_IMPL(alphaquant, CPU, m) {
+  m.impl("int8_act_layout", &alphaquant::int8_act_layout_cpu);
+  m.impl("int8_act_unlayout", &alphaquant::int8_act_unlayout_cpu);
+}
