@@ -65,20 +65,23 @@ def test_bf16_dot_agrees_with_the_float32_path(fmt, symmetric, group_size, monke
     assert torch.allclose(y.float(), y_float.float(), rtol=2.0 ** -7, atol=1e-6)
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "nf4", "int8", "int6", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "nf4", "int8", "int6", "int4",
+                                 "int2", "int1"])
 def test_bf16_dot_every_code(fmt, monkeypatch):
     # one weight row holds every code in turn (subnormals, signs; NaN and Inf codes in FP8), each
     # other row one code: the decoders in registers against the float path's table
-    bits = {"fp8_e4m3": 8, "fp8_e5m2": 8, "int8": 8, "fp6_e3m2": 6, "fp6_e2m3": 6, "int6": 6}.get(fmt, 4)
+    bits = {"fp8_e4m3": 8, "fp8_e5m2": 8, "int8": 8, "fp6_e3m2": 6, "fp6_e2m3": 6, "int6": 6, "int2": 2,
+            "int1": 1}.get(fmt, 4)
     k = 256
     codes = torch.arange(k, dtype=torch.int64) % (2 ** bits)
     rows = torch.stack([codes] + [torch.full((k,), c) for c in range(0, 2 ** bits, max(1, 2 ** bits // 16))])
     packed = ops.pack(rows.to(torch.uint8), bits)
     s = torch.rand(rows.shape[0], 1) + 0.5
     x = torch.eye(k)[:40].to(torch.bfloat16)  # each output is one decoded value times its scale
-    y = ops.linear(x, packed, s, None, None, fmt, group_size=0, k=k)
+    z, symmetric = (torch.zeros_like(s), False) if fmt == "int1" else (None, True)  # int1 has no symmetric form
+    y = ops.linear(x, packed, s, z, None, fmt, symmetric=symmetric, group_size=0, k=k)
     monkeypatch.setenv("ALPHAQUANT_CPU_ISA", "avx2")
-    y_float = ops.linear(x, packed, s, None, None, fmt, group_size=0, k=k)
+    y_float = ops.linear(x, packed, s, z, None, fmt, symmetric=symmetric, group_size=0, k=k)
     torch.testing.assert_close(y, y_float, equal_nan=True, rtol=0, atol=0)
 
 

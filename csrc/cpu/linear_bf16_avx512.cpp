@@ -2,10 +2,10 @@
 // the codes become 32 bf16 values in registers and one `vdpbf16ps` per row of x multiplies them
 // with 32 activations, 2 products summed into each of 16 float32 lanes.
 //
-// Codes of 1, 2, 4 and 6 bits: `vpermb` places the bytes of codes 4q..4q+3 in 64-bit lane q,
-// `vpmultishiftqb` moves each code to the low bits of its 16-bit word, and `vpermw` (`vpermi2w`
-// for 64 entries) looks up the bf16 value, in the codes' own order (LSB-first stream,
-// formats.h): activations are read as they lie. 8-bit codes: integers through float32, FP8
+// Codes of 1, 2, 4 and 6 bits: a broadcast load (1, 2 bits), `vpmovzxwq` (4 bits) or `vpermb`
+// (6 bits) places the bits of codes 4q..4q+3 in 64-bit lane q, `vpmultishiftqb` moves each code
+// to the low bits of its 16-bit word, and `vpermw` (`vpermi2w` for 64 entries) looks up the bf16
+// value, in the codes' own order (LSB-first stream, formats.h): activations are read as they lie. 8-bit codes: integers through float32, FP8
 // through the F16C converter (E5M2 is a float16's high byte; E4M3's bits placed as a float16's
 // are its value times 2^-8, made up by the output scale).
 //
@@ -27,6 +27,10 @@
 #include "cpu/decode_table.h"
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,f16c,fma")
+// GCC 12 sees the undefined pass-through operand of some AVX-512 intrinsics (vpmultishiftqb's) as
+// an uninitialized variable
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 namespace alphaquant {
@@ -64,33 +68,33 @@ struct Weights {
   std::vector<float> xsum;  // integers: sums of x over each group, [m, groups]
   float qmin;
   float out_scale;  // 256 for E4M3 (decoded as value * 2^-8), else 1
-  // kTable: vpermb/vpmultishiftqb controls, and the bf16 parts of the 64 code values.
-  __m512i spread, shifts, code_mask;
+  // kTable: vpermb (6-bit codes) and vpmultishiftqb controls, and the bf16 parts of the 64 code
+  // values (1-4 bit codes: repeated every 2^BITS entries).
+  __m512i spread, shifts;
   std::array<__m512i, 3> table_low, table_high;  // entries 0..31 and 32..63 of each part
 };
 
-// 32 codes of BITS bits (1, 2, 4, 6) at `src` (4 * BITS bytes), one per 16-bit word, in order.
+// 32 codes of BITS bits (1, 2, 4, 6) at `src` (4 * BITS bytes), one per 16-bit word, in order:
+// 64-bit lane q gets the bits of codes 4q..4q+3 and `vpmultishiftqb` moves each code to the low
+// bits of its word. Bits above the code are left as they are: the table lookup reads only the
+// low 5 bits (6 for 6-bit codes), and the tables of 1-4 bit codes repeat every 2^BITS entries.
 template <int BITS>
 inline __m512i load_codes(const Weights& w, const uint8_t* src) {
-  if constexpr (BITS == 4) {
-    // Byte i holds codes 2i (low nibble) and 2i + 1: its 32-bit lane gets the low nibble in bits
-    // 0-3 and the high one in bits 16-19 (word 2i + 1). Bits above 4 in a word are left as they
-    // are: the table lookup reads only the low 5.
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-    return _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0xF), 0xE4);
-  }
-  __m512i raw;
-  if constexpr (BITS == 6) {
-    raw = _mm512_maskz_loadu_epi8(0xFFFFFFull, src);
-  } else if constexpr (BITS == 2) {
-    raw = _mm512_zextsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-  } else {
+  __m512i lanes;
+  if constexpr (BITS == 4) {  // lane q: bits 16q..16q+15 (one 16-bit word each)
+    lanes = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  } else if constexpr (BITS == 2) {  // every lane: all 64 bits (a broadcast load: no shuffle)
+    int64_t v;
+    std::memcpy(&v, src, 8);
+    lanes = _mm512_set1_epi64(v);
+  } else if constexpr (BITS == 1) {  // every lane: the 32 bits, twice
     int32_t v;
     std::memcpy(&v, src, 4);
-    raw = _mm512_zextsi128_si512(_mm_cvtsi32_si128(v));
+    lanes = _mm512_set1_epi32(v);
+  } else {  // 6 bits: lane q gets bytes from 3q on (24 bits of codes from bit 24q)
+    lanes = _mm512_permutexvar_epi8(w.spread, _mm512_maskz_loadu_epi8(0xFFFFFFull, src));
   }
-  const __m512i lanes = _mm512_permutexvar_epi8(w.spread, raw);
-  return _mm512_and_si512(_mm512_multishift_epi64_epi8(w.shifts, lanes), w.code_mask);
+  return _mm512_multishift_epi64_epi8(w.shifts, lanes);
 }
 
 template <int BITS>
@@ -325,6 +329,8 @@ int build_tables(const FormatSpec& f, Weights& w) {
       if (p == 2) return 0;
     }
   }
+  for (int p = 0; p < 3; ++p)  // the lookups read 5 or 6 bits of a word, of which the code is the lowest BITS
+    for (int c = 1 << f.bits; c < 64; ++c) parts[p][c] = parts[p][c % (1 << f.bits)];
   for (int p = 0; p < 3; ++p) {
     w.table_low[p] = _mm512_loadu_si512(parts[p].data());
     w.table_high[p] = _mm512_loadu_si512(parts[p].data() + 32);
@@ -332,20 +338,21 @@ int build_tables(const FormatSpec& f, Weights& w) {
   return needed;
 }
 
+// Controls of load_codes: for word i of lane q (code 4q + i), the bit of its lane where the code starts.
 template <int BITS>
 void set_code_controls(Weights& w) {
   alignas(64) uint8_t spread[64], shifts[64];
   for (int q = 0; q < 8; ++q) {
-    const int bit0 = 4 * q * BITS;  // first bit of codes 4q..4q+3
+    const int bit0 = 4 * q * BITS;  // first bit of codes 4q..4q+3 in the chunk
     for (int b = 0; b < 8; ++b) spread[8 * q + b] = static_cast<uint8_t>(std::min(bit0 / 8 + b, 63));
     for (int i = 0; i < 4; ++i) {
-      shifts[8 * q + 2 * i] = static_cast<uint8_t>(bit0 % 8 + i * BITS);
+      const int lane_bit0 = BITS == 4 ? 0 : BITS == 6 ? bit0 % 8 : bit0;  // where load_codes put bit0
+      shifts[8 * q + 2 * i] = static_cast<uint8_t>(lane_bit0 + i * BITS);
       shifts[8 * q + 2 * i + 1] = 0;
     }
   }
   w.spread = _mm512_load_si512(spread);
   w.shifts = _mm512_load_si512(shifts);
-  w.code_mask = _mm512_set1_epi16((1 << BITS) - 1);
 }
 
 template <int BITS, Decode D>
