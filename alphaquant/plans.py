@@ -62,7 +62,7 @@ from .nn.quant_embedding import QuantEmbedding, TiedQuantLinear
 from .nn.quant_linear import QuantLinear
 from .quantizers import MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver
 from .layout import GRANULARITIES
-from .formats import INT8_ACT_BLOCK, INT8_ACT_FORMATS, MX_BLOCK, NVFP4_BLOCK
+from .formats import INT8_ACT_BLOCK, INT8_ACT_FORMATS, MX_BLOCK, NVFP4_BLOCK, int8_act_takes
 from .quantizers.base import MAX_GROUP_SIZE
 from .quantizers.base import BlockScaledConfig
 from .quantizers.nvfp4 import fused_global_scales
@@ -474,6 +474,14 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
             raise PlanError(f"{head} is tied to the quantized embedding {tied[head]} and asks for act_static; a tied "
                             f"head takes dynamic activation scales only (drop act_static for it, or keep the "
                             f"embedding float)")
+        if head_scheme["act_int8"]:  # it computes with the embedding's table: that must suit the path
+            table_wq, _ = build_quantizers(embeddings[tied[head]])
+            if not int8_act_takes(table_wq.fmt, table_wq.config.op_group_size):
+                raise PlanError(f"{head} is tied to the quantized embedding {tied[head]} and asks for act_int8, which "
+                                f"computes with weights of {', '.join(INT8_ACT_FORMATS)} in groups of 16, a multiple "
+                                f"of 32, or per channel; the embedding is {table_wq.fmt} with group_size "
+                                f"{table_wq.config.op_group_size} (change the embedding's scheme, or drop act_int8 "
+                                f"for {head})")
     static = [n for n, s in layers.items() if s["act_static"] and s["aq"] not in FLOAT_NAMES]
     calibrated = [n for n, s in layers.items() if needs_calibration(s)] if quantize_weights else []
     _check_applicable(model, {**layers, **embeddings}, static if quantize_weights else [], calibration_batches,
@@ -546,8 +554,10 @@ def apply_plan(model: nn.Module, plan: Union[str, os.PathLike, dict],
         return q
 
     def tie_head(name, linear, embedding_name):
-        _, aq = build_quantizers(resolve(plan, name))
-        head = TiedQuantLinear(model.get_submodule(embedding_name), linear.bias, aq, tied_to=embedding_name)
+        head_scheme = resolve(plan, name)
+        _, aq = build_quantizers(head_scheme)
+        head = TiedQuantLinear(model.get_submodule(embedding_name), linear.bias, aq, tied_to=embedding_name,
+                               act_int8=bool(head_scheme["act_int8"]))
         parent_name, _, child = name.rpartition(".")
         replaced.append((model.get_submodule(parent_name) if parent_name else model, child, linear))
         return head

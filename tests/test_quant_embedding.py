@@ -207,3 +207,40 @@ def test_rotated_plans_untie_the_head_and_quantize_the_embedding():
     with torch.no_grad():
         out = model(ids).logits
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_a_tied_head_with_act_int8(tmp_path):
+    from alphaquant import reference as ref
+    from alphaquant.checkpoint_file import load_quantized, save_quantized
+
+    plan = {"default": {"wq": "int4", "group_size": 32, "dtype": "float32", "scale_dtype": "float16",
+                        "act_int8": True},
+            "overrides": [{"pattern": "model.embed_tokens", "act_int8": False}]}
+    model = tiny_lm(tied=True)
+    apply_plan(model, plan)
+    head, emb = model.lm_head, model.model.embed_tokens
+    assert isinstance(head, TiedQuantLinear) and head.act_int8 and "act_int8=True" in repr(head)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y = head(x)
+    p = emb.packed_weight
+    want = ref.linear_int8_act(x, p.data, p.scale, p.zero_point, None, "int4", True, 32, 64)
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(y, ops.linear(x, p.data, p.scale, None, None, "int4", group_size=32, k=64))
+    xg = x.clone().requires_grad_()
+    head(xg).sum().backward()  # a gradient: the float-activation path
+    assert xg.grad is not None
+    with torch.no_grad():
+        emb.weight_scale.mul_(2)  # in place: the layout follows
+        torch.testing.assert_close(head(x), 2 * y, rtol=1e-4, atol=1e-4)
+        ids = torch.randint(0, 96, (1, 7))
+        logits = model(ids).logits
+    path = str(tmp_path / "m.safetensors")
+    save_quantized(model, path, plan)
+    fresh = load_quantized(tiny_lm(tied=True), path)
+    assert fresh.lm_head.act_int8
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, logits)
+    bad = {"default": {**plan["default"]}, "overrides": [{"pattern": "model.embed_tokens", "wq": "nf4", "act_int8": False}]}
+    with pytest.raises(PlanError, match="tied to the quantized embedding model.embed_tokens and asks for act_int8"):
+        apply_plan(tiny_lm(tied=True), bad)

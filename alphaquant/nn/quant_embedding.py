@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..formats import int8_act_takes
 from ..packed import PackedTensor
 from ..quantizers.base import BaseQuantizer
 from .packed_weight import PackedWeightModule, _zero_dtype
@@ -78,24 +79,56 @@ class TiedQuantLinear(nn.Module):
 
     It holds no weight of its own (its state_dict has at most a bias), so the table is stored
     once; the embedding is referenced, not registered as a child, so it is moved, copied and
-    saved once, with the module that owns it.
+    saved once, with the module that owns it. ``act_int8`` (the head's plan scheme): on the CPU,
+    compute with int8 activations as QuantLinear does; the table's CPU layout is then held beside
+    the embedding's packed buffers, which the embedding's lookups read (the table's codes twice).
     """
 
     def __init__(self, embedding: QuantEmbedding, bias: Optional[torch.Tensor] = None,
-                 act_quantizer: Optional[BaseQuantizer] = None, tied_to: str = ""):
+                 act_quantizer: Optional[BaseQuantizer] = None, tied_to: str = "", act_int8: bool = False):
         super().__init__()
         object.__setattr__(self, "_embedding", embedding)  # not a submodule: one owner
         self.tied_to = tied_to  # the embedding's module name, recorded in checkpoints
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
         self.act_quantizer = act_quantizer
+        self.act_int8 = act_int8
+        self._int8_act_weight = None  # (packed, scale, zero point, their versions, codes, params)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @property
     def embedding(self) -> QuantEmbedding:
         return self._embedding
 
+    def _int8_act_applies(self, x: torch.Tensor) -> bool:
+        e = self._embedding
+        if not self.act_int8 or x.device.type != "cpu" or self.act_quantizer is not None:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return False  # linear_int8_act has no gradient
+        return e.weight_codebook is None and int8_act_takes(e.fmt, e.group_size)
+
+    def _int8_act_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table's CPU layout, rebuilt when the embedding's buffers changed (replaced, or in place:
+        their versions; under inference_mode only replacement is seen)."""
+        e = self._embedding
+        wp, ws, wz = e.weight_packed, e.weight_scale, e.weight_zero_point
+        versions = tuple(-1 if t is None else -2 if t.is_inference() else t._version for t in (wp, ws, wz))
+        cached = self._int8_act_weight
+        if cached is None or cached[0] is not wp or cached[1] is not ws or cached[2] is not wz or cached[3] != versions:
+            codes, params = ops.int8_act_layout(wp, ws, wz, e.fmt, symmetric=e.symmetric, group_size=e.group_size,
+                                                k=self.in_features)
+            cached = self._int8_act_weight = (wp, ws, wz, versions, codes, params)
+        return cached[4], cached[5]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self._embedding
+        if self._int8_act_applies(x):
+            if torch.compiler.is_compiling() and self._int8_act_weight is not None:
+                codes, params = self._int8_act_weight[4], self._int8_act_weight[5]  # built by an eager call
+            else:
+                codes, params = self._int8_act_layout()
+            return ops._ops.linear_int8_act(x, codes, params, self.bias, e.fmt, e.group_size, self.out_features,
+                                            self.in_features)
         xq = self.act_quantizer.quantize_activation(x) if self.act_quantizer is not None else x
         if e.weight_codebook is not None:
             y = ops.linear_codebook(xq, e.weight_packed, e.weight_scale, e.weight_codebook, self.bias,
@@ -105,5 +138,14 @@ class TiedQuantLinear(nn.Module):
                            symmetric=e.symmetric, group_size=e.group_size, k=self.in_features, validate=False)
         return y.to(x.dtype)
 
+    def _apply(self, fn, recurse=True):
+        self._int8_act_weight = None  # the embedding may have moved: rebuilt from its buffers
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._int8_act_weight = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, tied_to={self.tied_to!r}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, tied_to={self.tied_to!r}"
+                f"{', act_int8=True' if self.act_int8 else ''}")
