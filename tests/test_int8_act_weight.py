@@ -37,7 +37,10 @@ def _held_bytes(layer):
 @pytest.mark.parametrize("fmt,group_size,scheme", [("int4", 32, {}), ("int4", 32, {"symmetric": False}),
                                                    ("int2", 64, {"symmetric": False}), ("int8", 32, {}),
                                                    ("fp4_e2m1", 32, {}), ("nvfp4", 16, {}), ("mxfp6_e2m3", 32, {}),
-                                                   ("int6", 0, {"granularity": "per_channel"})])
+                                                   ("int6", 0, {"granularity": "per_channel"}),
+                                                   ("int8", 0, {"granularity": "per_tensor"}),
+                                                   ("int4", 32, {"scale_dtype": "float16"}),
+                                                   ("int4", 64, {"scale_dtype": "bfloat16", "symmetric": False})])
 def test_codes_are_held_once(fmt, group_size, scheme):
     model = _model(fmt, group_size, **scheme)
     layer = model[0]
@@ -45,17 +48,22 @@ def test_codes_are_held_once(fmt, group_size, scheme):
     packed, state = layer.weight_packed.clone(), copy.deepcopy(model.state_dict())
     x = torch.randn(3, 64)
     y = _run(model, x)
-    assert "weight_packed" not in layer._buffers and layer._packed_in_layout
+    assert "weight_packed" not in layer._buffers and "weight_packed" in layer._in_layout
     layout = layer._int8_act_weight
-    # the layout's codes and params (and the patch's codes) in place of the packed bytes
-    assert _held_bytes(layer) == before - packed.nbytes + sum(t.nbytes for t in (layout.codes, layout.params)
-                                                              + (layout.patch or ()))
+    # float scales are the params' first entries: let go too (MX and nvfp4 scale bytes are not)
+    assert ("weight_scale" in layer._in_layout) == (fmt not in ("mxfp6_e2m3", "nvfp4"))
+    dropped = sum(state[f"0.{name}"].nbytes for name in layer._in_layout)
+    # the layout's codes and params (and the patch's codes) in place of the buffers let go
+    assert _held_bytes(layer) == before - dropped + sum(t.nbytes for t in (layout.codes, layout.params)
+                                                        + (layout.patch or ()))
     after = model.state_dict()
     assert list(after) == list(state)
     for key in state:
         assert torch.equal(after[key], state[key]), key
     assert torch.equal(layer.weight_packed, packed)  # rebuilt exactly when asked for
+    assert [n for n, t in layer._buffers.items() if t is not None] == [k[2:] for k in state if k.startswith("0.")]
     assert torch.equal(_run(model, x), y)
+    assert list(model.state_dict()) == list(state)
 
 
 def test_writes_through_the_rebuilt_buffer_reach_the_weight():
@@ -91,7 +99,7 @@ def test_assigning_a_new_packed_tensor():
     layer, x = model[0], torch.randn(3, 64)
     _run(model, x)
     layer.weight_packed = torch.full_like(layer.weight_packed, 0x88)
-    assert "weight_packed" in layer._buffers and not layer._packed_in_layout
+    assert "weight_packed" in layer._buffers and "weight_packed" not in layer._in_layout
     torch.testing.assert_close(_run(layer, x), layer.bias.expand(3, -1))
 
 
@@ -102,11 +110,11 @@ def test_float_path_moves_copies_and_loads_after_the_buffer_is_let_go():
     float_y = model(x.clone().requires_grad_())  # a gradient: the float-activation path reads weight_packed
     assert float_y.requires_grad and not torch.equal(float_y.detach(), y)
     _run(model, x)
-    assert not model[0]._packed_in_layout  # the autograd graph holds the packed tensor
+    assert "weight_packed" not in model[0]._in_layout  # the autograd graph holds the packed tensor
     del float_y
     _run(model, x)
     clone = copy.deepcopy(model)
-    assert clone[0]._packed_in_layout and torch.equal(_run(clone, x), y)
+    assert "weight_packed" in clone[0]._in_layout and torch.equal(_run(clone, x), y)
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
@@ -126,7 +134,7 @@ def test_scale_changes_rebuild_the_params():
     model = _model()
     layer, x = model[2], torch.randn(3, 96)
     before = _run(layer, x)
-    assert layer._packed_in_layout
+    assert "weight_packed" in layer._in_layout
     with torch.no_grad():
         layer.weight_scale.mul_(2)
     torch.testing.assert_close(_run(layer, x) - layer.bias, 2 * (before - layer.bias), rtol=1e-5, atol=1e-5)
@@ -149,7 +157,7 @@ def test_negative_zero_codes(fmt):
     layer.weight_packed.copy_(ops.pack(codes, 6))
     want = layer.weight_packed.clone()
     _run(model, x)
-    assert layer._packed_in_layout and torch.equal(layer.weight_packed, want)
+    assert "weight_packed" in layer._in_layout and torch.equal(layer.weight_packed, want)
     assert torch.equal(model.state_dict()["0.weight_packed"], want)
     codes[:, ::2] = 0b100000
     layer.weight_packed = ops.pack(codes, 6)
@@ -163,7 +171,7 @@ def test_set_padding_bits_keep_the_packed_buffer():
         lin.weight_scale.fill_(0.1)
         lin.weight_packed.copy_(torch.randint(0, 256, lin.weight_packed.shape, dtype=torch.uint8))
     _run(lin, torch.randn(2, 60))
-    assert lin._packed_in_layout  # 45 bytes hold 60 codes exactly: nothing to pad
+    assert "weight_packed" in lin._in_layout  # 45 bytes hold 60 codes exactly: nothing to pad
     lin = QuantLinear(61, 16, False, "int6", True, 0, scheme={"act_int8": True})  # 366 bits: 2 bits of padding
     with torch.no_grad():
         lin.weight_scale.fill_(0.1)
@@ -186,7 +194,19 @@ def test_inference_mode_then_load():
     x = torch.randn(3, 64)
     with torch.inference_mode():
         model2(x)
-    assert model2[0]._packed_in_layout
+    assert "weight_packed" in model2[0]._in_layout
     model2.load_state_dict(other.state_dict())  # outside inference mode: the rebuilt buffer takes writes
     torch.testing.assert_close(_run(model2, x), _run(other, x))
     del model
+
+
+def test_each_buffer_is_judged_alone():
+    model = _model()
+    layer, x = model[0], torch.randn(3, 64)
+    scale = layer.weight_scale  # held: stays a buffer; the packed codes still go
+    _run(model, x)
+    assert layer._in_layout == ("weight_packed",) and layer.weight_scale is scale
+    with torch.no_grad():
+        scale.mul_(2)  # through the held tensor: the layout follows
+    torch.testing.assert_close(_run(layer, x) - layer.bias, 2 * (_run(_model()[0], x) - layer.bias),
+                               rtol=1e-5, atol=1e-5)
