@@ -1,6 +1,6 @@
 """Memory of a quantized model on the CPU's int8-activation path: the bytes its QuantLinear layers
 hold and the process's resident memory, before and after the first forward (which builds each
-layer's CPU layout), with the layout held in place of the packed codes (the default) and beside
+layer's CPU layout), with the layout held in place of the packed buffers (the default) and beside
 them (``keep_packed_beside_layout``). Each setting runs in a fresh process.
 
     python benchmarks/bench_model_memory.py [--model smollm2|random-1b] [--preset cpu_q4_0]
@@ -86,7 +86,7 @@ def main() -> None:
     print("| quantized linears hold | MB before the first forward | MB after | resident MB before | resident MB after "
           "| first forward s (layouts built) | second forward s |")
     print("|---|---|---|---|---|---|---|")
-    for setting, label in (("layout", "the layout in place of the packed codes (default)"),
+    for setting, label in (("layout", "the layout in place of the packed buffers (default)"),
                            ("keep", "the layout beside the packed codes")):
         r = rows[setting]
         print(f"| {label} | {r['held_before'] / mb:.0f} | {r['held_after'] / mb:.0f} | {r['rss_before'] / mb:.0f} | "
