@@ -101,7 +101,7 @@ class Int8ActWeight:
         """(patch, rebuilds_packed, rebuilds_scale) for Int8ActLayout."""
         if self.keep_packed_beside_layout or wp.device.type != "cpu":
             return None, False, False
-        rebuilds_scale = ws.is_floating_point() and self.fmt != NVFP4 and torch.equal(
+        rebuilds_scale = ws.is_floating_point() and ws.dim() == 2 and self.fmt != NVFP4 and torch.equal(
             self._scale_from_params(params, ws.shape, ws.dtype), ws)
         back = self._unlayout(codes, None)
         if torch.equal(back, wp):
