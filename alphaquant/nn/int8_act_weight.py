@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import NVFP4, format_bits
+from ..formats import NVFP4, format_bits, int8_act_takes
 
 _PACKED, _SCALE = "weight_packed", "weight_scale"
 _MAX_PATCHED = 1 / 64  # codes the layout cannot give back, as a share of the weight's, beyond which both are kept
@@ -43,7 +43,8 @@ class Int8ActLayout(NamedTuple):
     rebuilds_scale: bool  # the params' scales give the scale buffer back exactly
 
 
-def _versions(*tensors) -> tuple:
+def buffer_versions(*tensors) -> tuple:
+    """Version counters of tensors (-1: None; -2: made under inference_mode, which has none)."""
     return tuple(-1 if t is None else -2 if t.is_inference() else t._version for t in tensors)
 
 
@@ -55,6 +56,17 @@ def _held_elsewhere(buffers: dict, name: str) -> bool:
     # references: the dict and getrefcount's argument; storage users: the tensor and the storage
     # object made here to ask
     return sys.getrefcount(buffers[name]) > 2 or use_count(buffers[name].untyped_storage()._cdata) > 2
+
+
+def int8_act_call_applies(module: nn.Module, x: torch.Tensor, fmt: str, group_size: int) -> bool:
+    """Whether a call of ``module`` (QuantLinear, TiedQuantLinear: act_int8, act_quantizer, bias) on
+    ``x`` takes the int8-activation path: CPU, no gradient needed (linear_int8_act has none), a
+    format and group size the path takes."""
+    if not module.act_int8 or x.device.type != "cpu" or module.act_quantizer is not None:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (module.bias is not None and module.bias.requires_grad)):
+        return False
+    return int8_act_takes(fmt, group_size)
 
 
 class Int8ActWeight:
@@ -78,13 +90,13 @@ class Int8ActWeight:
         if self._in_layout:
             wz = self.weight_zero_point
             scale_same = _SCALE in self._in_layout or (layout.scale is self.weight_scale
-                                                       and layout.versions[1] == _versions(self.weight_scale)[0])
-            if scale_same and layout.zero_point is wz and layout.versions[2] == _versions(wz)[0]:
+                                                       and layout.versions[1] == buffer_versions(self.weight_scale)[0])
+            if scale_same and layout.zero_point is wz and layout.versions[2] == buffer_versions(wz)[0]:
                 return layout.codes, layout.params
             self._restore_buffers()  # a scale or zero point changed: params are rebuilt from the buffers
             layout = self._int8_act_weight
         wp, ws, wz = self.weight_packed, self.weight_scale, self.weight_zero_point
-        versions = _versions(wp, ws, wz)
+        versions = buffer_versions(wp, ws, wz)
         if (layout is None or layout.packed is not wp or layout.scale is not ws or layout.zero_point is not wz
                 or layout.versions != versions):
             codes, params = ops.int8_act_layout(wp, ws, wz, self.fmt, symmetric=self.symmetric,
@@ -172,7 +184,7 @@ class Int8ActWeight:
         layout = self._int8_act_weight
         wp, ws = self._buffers[_PACKED], self._buffers[_SCALE]
         # the rebuilt tensors' versions; a buffer that stayed keeps the version the layout was built from
-        versions = tuple(_versions(t)[0] if name in rebuilt else v
+        versions = tuple(buffer_versions(t)[0] if name in rebuilt else v
                          for name, t, v in zip((_PACKED, _SCALE), (wp, ws), layout.versions)) + layout.versions[2:]
         self._int8_act_weight = layout._replace(packed=wp, scale=ws, versions=versions)
 

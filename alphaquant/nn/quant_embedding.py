@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import int8_act_takes
 from ..packed import PackedTensor
 from ..quantizers.base import BaseQuantizer
+from .int8_act_weight import buffer_versions, int8_act_call_applies
 from .packed_weight import PackedWeightModule, _zero_dtype
 
 
@@ -101,18 +101,14 @@ class TiedQuantLinear(nn.Module):
 
     def _int8_act_applies(self, x: torch.Tensor) -> bool:
         e = self._embedding
-        if not self.act_int8 or x.device.type != "cpu" or self.act_quantizer is not None:
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
-            return False  # linear_int8_act has no gradient
-        return e.weight_codebook is None and int8_act_takes(e.fmt, e.group_size)
+        return e.weight_codebook is None and int8_act_call_applies(self, x, e.fmt, e.group_size)
 
     def _int8_act_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The table's CPU layout, rebuilt when the embedding's buffers changed (replaced, or in place:
         their versions; under inference_mode only replacement is seen)."""
         e = self._embedding
         wp, ws, wz = e.weight_packed, e.weight_scale, e.weight_zero_point
-        versions = tuple(-1 if t is None else -2 if t.is_inference() else t._version for t in (wp, ws, wz))
+        versions = buffer_versions(wp, ws, wz)
         cached = self._int8_act_weight
         if cached is None or cached[0] is not wp or cached[1] is not ws or cached[2] is not wz or cached[3] != versions:
             codes, params = ops.int8_act_layout(wp, ws, wz, e.fmt, symmetric=e.symmetric, group_size=e.group_size,

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..formats import LEARNED_FORMATS, int8_act_takes
+from ..formats import LEARNED_FORMATS
 from ..packed import PackedTensor
-from .int8_act_weight import Int8ActWeight
+from .int8_act_weight import Int8ActWeight, int8_act_call_applies
 from .packed_weight import PackedWeightModule, _zero_dtype
 from ..quantizers.base import BaseQuantizer
 from ..algorithms.rotation import ATTR as ROTATION_ATTR, set_input_rotation
@@ -97,11 +97,7 @@ class QuantLinear(Int8ActWeight, PackedWeightModule):
         return f"QuantLinear({self.in_features} -> {self.out_features})"
 
     def _int8_act_applies(self, x: torch.Tensor) -> bool:
-        if not self.act_int8 or x.device.type != "cpu" or self.act_quantizer is not None:
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
-            return False  # linear_int8_act has no gradient: train through the float-activation path
-        return int8_act_takes(self.fmt, self.group_size)
+        return int8_act_call_applies(self, x, self.fmt, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int8_act_applies(x):
